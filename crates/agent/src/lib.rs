@@ -1,0 +1,1 @@
+//! gangplank-agent library: config, launchers, boot files and the onboarding loop.

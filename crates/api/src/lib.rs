@@ -1,0 +1,32 @@
+//! Gangplank's shared API.
+//!
+//! - [`istio`]: the Istio resources Gangplank reads and writes (WorkloadGroup, WorkloadEntry);
+//! - [`policy`]: our own `OnboardingPolicy` resource;
+//! - [`meta`]: what every resource has (metadata, label selectors);
+//! - [`names`]: deterministic WorkloadEntry names and the annotations Gangplank records;
+//! - [`proto`]: the gRPC contract between agent and endpoint (`proto/` in the repository).
+
+pub mod istio;
+pub mod meta;
+pub mod names;
+pub mod policy;
+pub mod token;
+
+/// The agent/endpoint protocol, generated from `proto/gangplank/onboarding/v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("gangplank.onboarding.v1");
+}
+
+pub use meta::{NamespacedName, Resource};
+
+/// The agent's and endpoint's version, recorded on every WorkloadEntry.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Credential kinds as they travel in [`proto::Credential::kind`].
+pub mod kind {
+    /// A join token created with `gangplank token create`.
+    pub const JOIN_TOKEN: &str = "join-token";
+    /// An OIDC JWT issued by a configured issuer.
+    pub const JWT: &str = "jwt";
+}

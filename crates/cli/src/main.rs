@@ -1,0 +1,52 @@
+//! `gangplank`: the admin CLI.
+//!
+//! `quickstart` runs the whole pull flow locally; `workload entry configure` renders the
+//! sidecar's boot files like `istioctl x workload entry configure`; `token create` makes
+//! join tokens; `policy explain` answers "would this identity be allowed?" offline.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod policy;
+mod quickstart;
+mod token;
+mod workload;
+
+/// Bring VMs and bare-metal servers into an Istio service mesh.
+#[derive(Debug, Parser)]
+#[command(name = "gangplank", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole onboarding flow locally: endpoint, agent and a stand-in sidecar.
+    Quickstart(quickstart::Args),
+    /// WorkloadEntry and WorkloadGroup tools (istioctl-compatible).
+    Workload(workload::Args),
+    /// Join tokens.
+    Token(token::Args),
+    /// OnboardingPolicy tools.
+    Policy(policy::Args),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Quickstart(args) => quickstart::run(args).await,
+        Command::Workload(args) => workload::run(args).await,
+        Command::Token(args) => token::run(args).await,
+        Command::Policy(args) => policy::run(args).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

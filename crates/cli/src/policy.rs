@@ -1,0 +1,12 @@
+//! `gangplank policy` (being built).
+
+use std::process::ExitCode;
+
+/// Arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+/// Runs the command.
+pub async fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("gangplank policy is not built yet")
+}

@@ -1,0 +1,1 @@
+//! gangplank-endpoint library: the onboarding service.

@@ -1,0 +1,149 @@
+//! Platform identities.
+//!
+//! Each platform has one module holding both halves, so the pair is read and changed
+//! together: how the agent obtains a credential ([`Provider`]) and how the endpoint verifies
+//! it ([`Verifier`]). A verifier turns a credential into an [`Identity`]: facts the endpoint
+//! has checked, which policy evaluation, WorkloadEntry naming and labels rely on.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+use gangplank_api::proto;
+
+pub mod jwt;
+pub mod token;
+
+/// What an agent proves itself against: the plane it talks to and a fresh nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// The onboarding plane's id; credentials are bound to it (JWT audience).
+    pub plane_id: String,
+    /// A single-use nonce from Discover.
+    pub nonce: String,
+}
+
+/// Verified facts about a workload, by platform.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Facts {
+    /// A join token created for a WorkloadGroup.
+    JoinToken(token::Facts),
+    /// An OIDC JWT from a configured issuer.
+    Jwt(jwt::Facts),
+}
+
+/// A verified identity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    /// The platform facts.
+    pub facts: Facts,
+    /// An address the platform vouches for (e.g. an EC2 private IP); `None` when the
+    /// platform says nothing about addresses and the agent's reported address is used.
+    pub address: Option<IpAddr>,
+}
+
+impl Identity {
+    /// The credential kind, as in [`gangplank_api::kind`].
+    pub fn kind(&self) -> &'static str {
+        match &self.facts {
+            Facts::JoinToken(_) => gangplank_api::kind::JOIN_TOKEN,
+            Facts::Jwt(_) => gangplank_api::kind::JWT,
+        }
+    }
+
+    /// The short kind used in WorkloadEntry names (`token`, `jwt`).
+    pub fn name_kind(&self) -> &'static str {
+        match &self.facts {
+            Facts::JoinToken(_) => "token",
+            Facts::Jwt(_) => "jwt",
+        }
+    }
+
+    /// The parts of the identity that make the WorkloadEntry name unique.
+    pub fn name_parts(&self) -> Vec<String> {
+        match &self.facts {
+            Facts::JoinToken(f) => vec![f.id.clone()],
+            Facts::Jwt(f) => vec![f.issuer.clone(), f.subject.clone()],
+        }
+    }
+
+    /// A one-line record for the `identity` annotation and logs (never secret).
+    pub fn annotation(&self) -> String {
+        match &self.facts {
+            Facts::JoinToken(f) => format!("join-token:{}/{}", f.namespace, f.id),
+            Facts::Jwt(f) => format!("jwt:{}#{}", f.issuer, f.subject),
+        }
+    }
+
+    /// Short, label-safe identity facts to put on the WorkloadEntry's labels.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+}
+
+impl fmt::Display for Identity {
+    /// How a person reads the identity in an error: `jwt subject "vm-7" (issuer https://idp.example)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.facts {
+            Facts::JoinToken(t) => write!(
+                f,
+                "join token {:?} (for WorkloadGroup {}/{})",
+                t.id, t.namespace, t.workload_group
+            ),
+            Facts::Jwt(j) => write!(f, "jwt subject {:?} (issuer {})", j.subject, j.issuer),
+        }
+    }
+}
+
+/// Why a credential could not be obtained or was refused. Messages say what to change;
+/// they never contain the credential itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The credential is malformed, forged, expired or otherwise not acceptable.
+    #[error("{0}")]
+    Rejected(String),
+    /// The credential's kind is not configured on this endpoint.
+    #[error("credential kind {0:?} is not accepted by this endpoint")]
+    UnsupportedKind(String),
+    /// The agent could not obtain a credential (file missing, command failed, metadata down).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A store the verifier needs failed.
+    #[error(transparent)]
+    Registry(#[from] gangplank_registry::Error),
+}
+
+/// A verifier's or provider's result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The agent half: obtains this platform's credential.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// The credential kind it produces.
+    fn kind(&self) -> &'static str;
+    /// A credential bound to `challenge`.
+    async fn credential(&self, challenge: &Challenge) -> Result<proto::Credential>;
+}
+
+/// The endpoint half: verifies this platform's credential.
+#[async_trait]
+pub trait Verifier: Send + Sync {
+    /// The credential kind it verifies.
+    fn kind(&self) -> &'static str;
+    /// Checks `credential` (signature, audience, expiry, replay) for an onboarding into
+    /// `group`, and returns the verified identity. Must not change any state.
+    async fn verify(
+        &self,
+        credential: &proto::Credential,
+        challenge: &Challenge,
+        group: &gangplank_api::NamespacedName,
+    ) -> Result<Identity>;
+    /// Called once policy allowed the identity, just before the WorkloadEntry is written:
+    /// consumes whatever is single-use (a join token's use). Fails, changing nothing, if
+    /// that is no longer possible.
+    async fn commit(&self, identity: &Identity, credential: &proto::Credential) -> Result<()> {
+        let _ = (identity, credential);
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! OnboardingPolicy evaluation: which verified identities may join which WorkloadGroups.

@@ -1,0 +1,1 @@
+//! Test kit: CRD schema validation, fixtures and helpers shared by Gangplank's tests.

@@ -1,0 +1,1 @@
+//! TLS for Gangplank: rustls server and client configs, certificate reload, a dev CA.
