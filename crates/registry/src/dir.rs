@@ -1,1 +1,758 @@
-//! The directory registry.
+//! The directory registry: every object is a Kubernetes-style YAML file under one folder.
+//!
+//! Layout: `<root>/<namespace>/<plural>/<name>.yaml`, one object per file (`apiVersion`, `kind`,
+//! `metadata`, `spec`, `status`). istiod can use `<root>` as an `fs://<root>` config source: it
+//! watches `*.yaml`/`*.yml` recursively and refuses a whole reload when one file is invalid,
+//! so only complete, valid objects are ever visible under a `.yaml` name:
+//!
+//! - every write goes to a hidden temp file in the same folder (`.<name>.tmp-<random>`, not a
+//!   YAML name), is fsynced, renamed over the target and the folder is fsynced; a crash leaves
+//!   either the old or the new file, plus at worst a hidden temp file that every reader ignores;
+//! - entries, groups and policies are mode 0644, join tokens 0600;
+//! - every read-modify-write (apply, annotate, status, token use, delete) holds an exclusive
+//!   `flock` on `<root>/.lock`, so several endpoint processes sharing a folder never lose an
+//!   update and a join token is never used more often than allowed. (`nix`'s `Flock` rather than
+//!   `std::fs::File::lock`, which is newer than the workspace's minimum Rust version.) Plain
+//!   reads take no lock: a rename is atomic, so a reader sees the old or the new object.
+//!
+//! Reading: hidden files, files not ending in `.yaml` and empty files are ignored (as istiod
+//! ignores empty files). A malformed file, or one whose kind, namespace or name does not match
+//! where it lies, is an error ([`Error::Invalid`] naming the file) for every read and listing
+//! that reaches it, never silently skipped: istiod stops reloading the folder because of it
+//! too, and an OnboardingPolicy that silently disappeared would change who may join.
+//!
+//! Names are checked before any path is built: namespaces must be DNS-1123 labels and names
+//! DNS-1123 subdomains, so `../x` never reaches the file system. Linux file names stop at 255
+//! bytes, so a name longer than 250 characters (Kubernetes allows 253) is stored as
+//! `<first 233 characters>-<16 hex digits of its SHA-256>.yaml`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use gangplank_api::istio::{WorkloadEntry, WorkloadGroup};
+use gangplank_api::meta::{is_dns1123_label, is_dns1123_subdomain};
+use gangplank_api::names::label;
+use gangplank_api::policy::OnboardingPolicy;
+use gangplank_api::token::JoinToken;
+use gangplank_api::{NamespacedName, Resource};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::{AnnotationPatch, Error, Result};
+
+/// The lock file every writer holds while it reads, changes and writes an object.
+const LOCK_FILE: &str = ".lock";
+/// Longest name stored as-is: `<name>.yaml` must fit in 255 bytes.
+const MAX_PLAIN_NAME: usize = 250;
+/// How much of a long name is kept before its hash.
+const LONG_NAME_PREFIX: usize = 233;
+/// How much of the file stem goes into a temp file's name (temp names must fit too).
+const TEMP_PREFIX: usize = 200;
+
+/// A [`crate::Registry`] over a folder that istiod can also read as `fs://<root>`.
+///
+/// Cheap to clone; clones share the folder. See the [module docs](self) for the layout and
+/// the guarantees.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    store: Arc<Store>,
+}
+
+impl Registry {
+    /// Opens the registry in `root`, creating the folder if needed.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(|source| Error::Io {
+            context: format!(
+                "creating registry folder {}: check the path and its permissions",
+                root.display()
+            ),
+            source,
+        })?;
+        let store = Store { root };
+        // Fail now, not on the first write, if the lock cannot be taken.
+        drop(store.lock()?);
+        Ok(Self {
+            store: Arc::new(store),
+        })
+    }
+
+    /// The folder this registry keeps its objects in.
+    pub fn root(&self) -> &Path {
+        &self.store.root
+    }
+
+    /// The file that holds (or would hold) the object `key` of kind `T`.
+    pub fn path_of<T: Resource>(&self, key: &NamespacedName) -> Result<PathBuf> {
+        self.store.path::<T>(key)
+    }
+
+    /// The object `key` of kind `T`, or `None` if it does not exist.
+    pub async fn get<T: Resource + 'static>(&self, key: &NamespacedName) -> Result<Option<T>> {
+        let key = key.clone();
+        self.run(move |s| s.read::<T>(&key)).await
+    }
+
+    /// Every object of kind `T` in `namespace`, or in all namespaces for `None`, sorted by
+    /// namespace and name.
+    pub async fn list<T: Resource + 'static>(&self, namespace: Option<&str>) -> Result<Vec<T>> {
+        let namespace = namespace.map(str::to_owned);
+        self.run(move |s| s.list::<T>(namespace.as_deref())).await
+    }
+
+    /// Creates or replaces `obj` exactly as given (status included), e.g. a WorkloadGroup or an
+    /// OnboardingPolicy from the CLI; returns what was stored.
+    ///
+    /// Stamps `apiVersion` and `kind`, keeps `uid` and `creationTimestamp` of an existing
+    /// object (new ones get both), bumps `resourceVersion` and, when the spec changed,
+    /// `generation`.
+    pub async fn put<T: Resource + 'static>(&self, obj: &T) -> Result<T> {
+        let obj = obj.clone();
+        self.run(move |s| {
+            let _lock = s.lock()?;
+            s.replace(obj, |_, _| Ok(()))
+        })
+        .await
+    }
+
+    /// Deletes the object `key` of kind `T`; `Ok(false)` if it was already gone.
+    pub async fn delete<T: Resource + 'static>(&self, key: &NamespacedName) -> Result<bool> {
+        let key = key.clone();
+        self.run(move |s| {
+            let _lock = s.lock()?;
+            s.remove::<T>(&key)
+        })
+        .await
+    }
+
+    /// Runs blocking file-system work (including waiting for the lock) off the async runtime.
+    async fn run<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Store) -> Result<R> + Send + 'static,
+    {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Error::Backend(format!("directory registry task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl crate::Registry for Registry {
+    async fn workload_group(&self, key: &NamespacedName) -> Result<Option<WorkloadGroup>> {
+        self.get(key).await
+    }
+
+    async fn policies(&self, namespace: &str) -> Result<Vec<OnboardingPolicy>> {
+        self.list(Some(namespace)).await
+    }
+
+    async fn entry(&self, key: &NamespacedName) -> Result<Option<WorkloadEntry>> {
+        self.get(key).await
+    }
+
+    async fn managed_entries(&self) -> Result<Vec<WorkloadEntry>> {
+        let mut entries = self.list::<WorkloadEntry>(None).await?;
+        entries.retain(|e| {
+            e.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(label::MANAGED_BY))
+                .is_some_and(|v| v == label::MANAGED_BY_VALUE)
+        });
+        Ok(entries)
+    }
+
+    /// Status is a subresource, as in Kubernetes: applying keeps the stored status and ignores
+    /// the one given (use [`crate::Registry::set_entry_status`]).
+    async fn apply_entry(&self, entry: &WorkloadEntry) -> Result<WorkloadEntry> {
+        let entry = entry.clone();
+        self.run(move |s| {
+            let _lock = s.lock()?;
+            s.replace(entry, |new, old| {
+                new.status = old.and_then(|o| o.status.clone());
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn annotate_entry(&self, key: &NamespacedName, patch: &AnnotationPatch) -> Result<()> {
+        let key = key.clone();
+        let patch = patch.clone();
+        self.run(move |s| {
+            let _lock = s.lock()?;
+            s.modify::<WorkloadEntry>(&key, |e| {
+                let annotations = e.metadata.annotations.get_or_insert_default();
+                for k in &patch.remove {
+                    annotations.remove(k);
+                }
+                annotations.extend(patch.set.clone());
+                if annotations.is_empty() {
+                    e.metadata.annotations = None;
+                }
+                Ok(())
+            })
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn set_entry_status(&self, key: &NamespacedName, status: &serde_json::Value) -> Result<()> {
+        let key = key.clone();
+        let status = status.clone();
+        self.run(move |s| {
+            let _lock = s.lock()?;
+            s.modify::<WorkloadEntry>(&key, |e| {
+                e.status = Some(status);
+                Ok(())
+            })
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn delete_entry(&self, key: &NamespacedName) -> Result<bool> {
+        self.delete::<WorkloadEntry>(key).await
+    }
+
+    async fn create_join_token(&self, token: &JoinToken) -> Result<()> {
+        let token = token.clone();
+        self.run(move |s| {
+            let _lock = s.lock()?;
+            let key = token.key();
+            if s.read::<JoinToken>(&key)?.is_some() {
+                return Err(Error::Conflict {
+                    kind: JoinToken::KIND,
+                    key,
+                    detail: "a join token with this id already exists: create it under a new id".into(),
+                });
+            }
+            s.replace(token, |_, _| Ok(())).map(drop)
+        })
+        .await
+    }
+
+    async fn join_token(&self, key: &NamespacedName) -> Result<Option<JoinToken>> {
+        self.get(key).await
+    }
+
+    async fn consume_join_token(
+        &self,
+        key: &NamespacedName,
+        secret_sha256: &str,
+        now: OffsetDateTime,
+    ) -> Result<JoinToken> {
+        let key = key.clone();
+        let given = secret_sha256.to_ascii_lowercase();
+        self.run(move |s| {
+            let _lock = s.lock()?;
+            s.consume(&key, &given, now)
+        })
+        .await
+    }
+}
+
+/// The synchronous part: paths, atomic files and the lock.
+#[derive(Debug)]
+struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Takes the folder-wide exclusive lock; released when the guard is dropped.
+    fn lock(&self) -> Result<Flock<File>> {
+        let path = self.root.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .map_err(|source| Error::Io {
+                context: format!(
+                    "opening lock file {}: the registry folder must be writable",
+                    path.display()
+                ),
+                source,
+            })?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| Error::Io {
+            context: format!("locking {}", path.display()),
+            source: io::Error::from(errno),
+        })
+    }
+
+    /// `<root>/<namespace>/<plural>`, after checking the namespace.
+    fn dir<T: Resource>(&self, namespace: &str) -> Result<PathBuf> {
+        if !is_dns1123_label(namespace) {
+            return Err(Error::Invalid {
+                path: format!("{} namespace {namespace:?}", T::KIND),
+                message: "a namespace must be a DNS-1123 label (at most 63 characters of a-z, 0-9 \
+                          and '-', starting and ending with a letter or digit)"
+                    .into(),
+            });
+        }
+        Ok(self.root.join(namespace).join(T::PLURAL))
+    }
+
+    /// The object's file, after checking namespace and name.
+    fn path<T: Resource>(&self, key: &NamespacedName) -> Result<PathBuf> {
+        let dir = self.dir::<T>(&key.namespace)?;
+        if !is_dns1123_subdomain(&key.name) || key.name.is_empty() {
+            return Err(Error::Invalid {
+                path: format!("{} {key}", T::KIND),
+                message: format!(
+                    "name {:?} is not a DNS-1123 subdomain (at most 253 characters of a-z, 0-9, \
+                     '-' and '.', each dot-separated part starting and ending with a letter or \
+                     digit)",
+                    key.name
+                ),
+            });
+        }
+        Ok(dir.join(format!("{}.yaml", file_stem(&key.name))))
+    }
+
+    /// Reads one object; `None` if its file is absent or empty.
+    fn read<T: Resource>(&self, key: &NamespacedName) -> Result<Option<T>> {
+        let path = self.path::<T>(key)?;
+        read_file::<T>(&path, key)
+    }
+
+    /// Every object of kind `T` in one or all namespaces, sorted by namespace and name.
+    fn list<T: Resource>(&self, namespace: Option<&str>) -> Result<Vec<T>> {
+        let namespaces = match namespace {
+            Some(ns) => {
+                self.dir::<T>(ns)?;
+                vec![ns.to_owned()]
+            }
+            None => {
+                let mut all: Vec<String> = read_dir(&self.root)?
+                    .into_iter()
+                    .filter(|name| is_dns1123_label(name))
+                    .collect();
+                all.sort();
+                all
+            }
+        };
+        let mut out = Vec::new();
+        for ns in namespaces {
+            let dir = self.dir::<T>(&ns)?;
+            let mut files: Vec<String> = read_dir(&dir)?
+                .into_iter()
+                .filter(|f| !f.starts_with('.') && f.ends_with(".yaml"))
+                .collect();
+            files.sort();
+            for file in files {
+                let path = dir.join(&file);
+                if !path.is_file() {
+                    continue;
+                }
+                let stem = file.trim_end_matches(".yaml");
+                let Some(obj) = read_file::<T>(&path, &NamespacedName::new(&ns, stem))? else {
+                    continue;
+                };
+                out.push(obj);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `new`, keeping the identity of the stored object it replaces; `adjust` may
+    /// change `new` knowing the stored object first. Call with the lock held.
+    fn replace<T: Resource>(
+        &self,
+        mut new: T,
+        adjust: impl FnOnce(&mut T, Option<&T>) -> Result<()>,
+    ) -> Result<T> {
+        let key = new.key();
+        let path = self.path::<T>(&key)?;
+        let old = read_file::<T>(&path, &key)?;
+        adjust(&mut new, old.as_ref())?;
+        let new = stamp(new, old.as_ref())?;
+        write_atomic(&path, &new)?;
+        Ok(new)
+    }
+
+    /// Read-modify-write of an existing object; [`Error::NotFound`] if absent. Call with the
+    /// lock held.
+    fn modify<T: Resource>(
+        &self,
+        key: &NamespacedName,
+        change: impl FnOnce(&mut T) -> Result<()>,
+    ) -> Result<T> {
+        let path = self.path::<T>(key)?;
+        let Some(old) = read_file::<T>(&path, key)? else {
+            return Err(Error::NotFound {
+                kind: T::KIND,
+                key: key.clone(),
+            });
+        };
+        let mut new = old.clone();
+        change(&mut new)?;
+        let new = stamp(new, Some(&old))?;
+        write_atomic(&path, &new)?;
+        Ok(new)
+    }
+
+    /// Removes an object's file; `false` if it was not there. Call with the lock held.
+    fn remove<T: Resource>(&self, key: &NamespacedName) -> Result<bool> {
+        let path = self.path::<T>(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                sync_dir(parent(&path)?)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(Error::Io {
+                context: format!("deleting {}", path.display()),
+                source,
+            }),
+        }
+    }
+
+    /// Takes one use of a join token. Call with the lock held.
+    fn consume(&self, key: &NamespacedName, given: &str, now: OffsetDateTime) -> Result<JoinToken> {
+        let unusable = |reason: String| Error::TokenUnusable {
+            namespace: key.namespace.clone(),
+            id: key.name.clone(),
+            reason,
+        };
+        let path = self.path::<JoinToken>(key)?;
+        let Some(old) = read_file::<JoinToken>(&path, key)? else {
+            return Err(unusable(
+                "does not exist: check the token id, or create a new one with gangplank token \
+                 create"
+                    .into(),
+            ));
+        };
+        let stored = old.spec.secret_sha256.to_ascii_lowercase();
+        if stored.len() != 64 || !stored.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::Invalid {
+                path: path.display().to_string(),
+                message: "spec.secretSha256 must be 64 hex digits: recreate the token with \
+                          gangplank token create"
+                    .into(),
+            });
+        }
+        // Check the secret first, so that nothing about the token leaks to a caller without it.
+        if !bool::from(stored.as_bytes().ct_eq(given.as_bytes())) {
+            return Err(unusable(
+                "does not match: check that the whole token <id>.<secret> was copied".into(),
+            ));
+        }
+        let expires_at =
+            OffsetDateTime::parse(&old.spec.expires_at, &Rfc3339).map_err(|e| Error::Invalid {
+                path: path.display().to_string(),
+                message: format!(
+                    "spec.expiresAt {:?} is not an RFC 3339 time ({e}): recreate the token with \
+                     gangplank token create",
+                    old.spec.expires_at
+                ),
+            })?;
+        if now >= expires_at {
+            return Err(unusable(format!(
+                "expired at {}: create a new one with gangplank token create",
+                old.spec.expires_at
+            )));
+        }
+        if old.status.used >= old.spec.uses {
+            return Err(unusable(format!(
+                "has no uses left (used {} of {}): create a new one with gangplank token create",
+                old.status.used, old.spec.uses
+            )));
+        }
+        let mut new = old.clone();
+        new.status.used += 1;
+        let new = stamp(new, Some(&old))?;
+        write_atomic(&path, &new)?;
+        Ok(new)
+    }
+}
+
+/// The file stem for `name` (which is a valid DNS-1123 subdomain, so ASCII).
+fn file_stem(name: &str) -> String {
+    if name.len() <= MAX_PLAIN_NAME {
+        return name.to_owned();
+    }
+    let digest = Sha256::digest(name.as_bytes());
+    let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let head = name.get(..LONG_NAME_PREFIX).unwrap_or(name);
+    format!("{head}-{hash}")
+}
+
+/// Names of the entries of a folder; empty if the folder does not exist.
+fn read_dir(dir: &Path) -> Result<Vec<String>> {
+    let io_err = |source| Error::Io {
+        context: format!("listing {}", dir.display()),
+        source,
+    };
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err)?;
+        // Names that are not UTF-8 cannot be ours (nor valid Kubernetes names).
+        if let Ok(name) = entry.file_name().into_string() {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+/// Reads and checks the object that should be `key` at `path`; `None` if absent or empty.
+fn read_file<T: Resource>(path: &Path, key: &NamespacedName) -> Result<Option<T>> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(Error::Io {
+                context: format!("reading {}", path.display()),
+                source,
+            });
+        }
+    };
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let invalid = |message: String| Error::Invalid {
+        path: path.display().to_string(),
+        message,
+    };
+    let obj: T = serde_saphyr::from_str(&text)
+        .map_err(|e| invalid(format!("not a valid {}: {e}; fix or remove the file", T::KIND)))?;
+    let header =
+        serde_json::to_value(&obj).map_err(|e| invalid(format!("cannot be represented as JSON: {e}")))?;
+    let kind = header.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+    if kind != T::KIND {
+        return Err(invalid(format!(
+            "kind is {kind:?} but files under {}/ must be {}: fix kind or move the file",
+            T::PLURAL,
+            T::KIND
+        )));
+    }
+    let api_version = header.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
+    if group_of(api_version) != group_of(T::API_VERSION) {
+        return Err(invalid(format!(
+            "apiVersion {api_version:?} is not in API group {}: set apiVersion: {}",
+            group_of(T::API_VERSION),
+            T::API_VERSION
+        )));
+    }
+    let meta = obj.meta();
+    if meta.namespace.as_deref() != Some(key.namespace.as_str()) {
+        return Err(invalid(format!(
+            "metadata.namespace is {:?} but the file lies in folder {}: set metadata.namespace: {}",
+            meta.namespace.as_deref().unwrap_or(""),
+            key.namespace,
+            key.namespace
+        )));
+    }
+    let name = meta.name.as_deref().unwrap_or("");
+    if !is_dns1123_subdomain(name) || name.is_empty() || file_stem(name) != file_stem(&key.name) {
+        return Err(invalid(format!(
+            "metadata.name {name:?} does not match the file name: name the file \
+             <metadata.name>.yaml (a DNS-1123 subdomain)"
+        )));
+    }
+    Ok(Some(obj))
+}
+
+/// The API group of `group/version` (empty for the core group's bare `v1`).
+fn group_of(api_version: &str) -> &str {
+    api_version.rsplit_once('/').map_or("", |(g, _)| g)
+}
+
+/// Fills in what the store owns: apiVersion/kind, uid, creationTimestamp, resourceVersion and
+/// generation, from the stored object `old` when there is one.
+fn stamp<T: Resource>(new: T, old: Option<&T>) -> Result<T> {
+    let key = new.key();
+    let backend = |what: &str, e: serde_json::Error| Error::Backend(format!("{what} {} {key}: {e}", T::KIND));
+    let mut value = serde_json::to_value(&new).map_err(|e| backend("encoding", e))?;
+    let old_value = old
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(|e| backend("encoding", e))?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("apiVersion".into(), T::API_VERSION.into());
+        obj.insert("kind".into(), T::KIND.into());
+    }
+    let spec_changed = old_value
+        .as_ref()
+        .is_none_or(|o| o.get("spec") != value.get("spec"));
+    let mut new: T = serde_json::from_value(value).map_err(|e| backend("decoding", e))?;
+
+    let meta = new.meta_mut();
+    match old.map(Resource::meta) {
+        Some(old) => {
+            meta.uid.clone_from(&old.uid);
+            meta.creation_timestamp.clone_from(&old.creation_timestamp);
+            let version = old
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            meta.resource_version = Some((version + 1).to_string());
+            let generation = old.generation.unwrap_or(0);
+            meta.generation = Some(if spec_changed {
+                generation + 1
+            } else {
+                generation.max(1)
+            });
+        }
+        None => {
+            meta.uid = Some(new_uid());
+            meta.creation_timestamp = Some(now_time()?);
+            meta.resource_version = Some("1".into());
+            meta.generation = Some(1);
+        }
+    }
+    if meta.uid.is_none() {
+        meta.uid = Some(new_uid());
+    }
+    if meta.creation_timestamp.is_none() {
+        meta.creation_timestamp = Some(now_time()?);
+    }
+    Ok(new)
+}
+
+/// A random version-4 UUID, as Kubernetes gives every object.
+fn new_uid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// The current time at second precision, as Kubernetes stores timestamps.
+fn now_time() -> Result<Time> {
+    let seconds = OffsetDateTime::now_utc().unix_timestamp();
+    k8s_openapi::jiff::Timestamp::from_second(seconds)
+        .map(Time)
+        .map_err(|e| Error::Backend(format!("the system clock is out of range: {e}")))
+}
+
+/// The parent folder of an object file.
+fn parent(path: &Path) -> Result<&Path> {
+    path.parent().ok_or_else(|| Error::Invalid {
+        path: path.display().to_string(),
+        message: "has no parent folder".into(),
+    })
+}
+
+/// Writes `obj` to `path` atomically: temp file, fsync, rename, fsync of the folder.
+fn write_atomic<T: Resource>(path: &Path, obj: &T) -> Result<()> {
+    let yaml = serde_saphyr::to_string(obj)
+        .map_err(|e| Error::Backend(format!("encoding {} {} as YAML: {e}", T::KIND, obj.key())))?;
+    let dir = parent(path)?;
+    create_dirs(dir)?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let stem = stem.get(..TEMP_PREFIX).unwrap_or(stem);
+    let tmp = dir.join(format!(".{stem}.tmp-{:016x}", rand::random::<u64>()));
+    let mode = if T::KIND == JoinToken::KIND { 0o600 } else { 0o644 };
+    let io_err = |what: &str, source| Error::Io {
+        context: format!("{what} {}", tmp.display()),
+        source,
+    };
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| io_err("creating", e))?;
+        // The umask may have narrowed the mode; set it exactly.
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| io_err("setting the mode of", e))?;
+        file.write_all(yaml.as_bytes())
+            .map_err(|e| io_err("writing", e))?;
+        file.sync_all().map_err(|e| io_err("syncing", e))?;
+        drop(file);
+        fs::rename(&tmp, path).map_err(|source| Error::Io {
+            context: format!("renaming {} to {}", tmp.display(), path.display()),
+            source,
+        })?;
+        sync_dir(dir)
+    })();
+    if written.is_err() {
+        // Best effort: a leftover temp file is hidden and ignored by every reader anyway.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Creates `dir` and any missing parents, fsyncing each parent that got a new child so the
+/// new folders survive a crash.
+fn create_dirs(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent_dir = parent(dir)?;
+    create_dirs(parent_dir)?;
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent_dir),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(Error::Io {
+            context: format!("creating folder {}", dir.display()),
+            source,
+        }),
+    }
+}
+
+/// Fsyncs a folder, making renames and removals in it durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::Io {
+            context: format!("syncing folder {}", dir.display()),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_names_fit_in_a_file_name() {
+        let name = format!("{}.b", "a".repeat(251));
+        let stem = file_stem(&name);
+        assert!(format!("{stem}.yaml").len() <= 255, "{stem}");
+        assert!(format!(".{}.tmp-{:016x}", &stem[..TEMP_PREFIX], 0u64).len() <= 255);
+        assert_ne!(stem, file_stem(&format!("{}.c", "a".repeat(251))));
+        assert_eq!(file_stem("short"), "short");
+    }
+
+    #[test]
+    fn uids_look_like_uuids() {
+        let a = new_uid();
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert_ne!(a, new_uid());
+    }
+
+    #[test]
+    fn groups_of_api_versions() {
+        assert_eq!(group_of("networking.istio.io/v1"), "networking.istio.io");
+        assert_eq!(group_of("v1"), "");
+    }
+}
