@@ -365,9 +365,7 @@ impl Verifier {
                 ),
                 K::InvalidAudience => format!(
                     "wrong audience {} (expected the plane id {:?}): request the token with audience {:?}",
-                    claims
-                        .get("aud")
-                        .map_or("(none)".into(), |a| shown(&a.to_string())),
+                    claims.get("aud").map_or("(none)".into(), json_text),
                     self.audience,
                     self.audience
                 ),
@@ -414,6 +412,16 @@ fn shown(s: &str) -> String {
         out.push('…');
     }
     format!("{out:?}")
+}
+
+/// An untrusted JSON value as short text (strings quoted once).
+fn json_text(v: &Value) -> String {
+    let text = v.to_string();
+    let mut out: String = text.chars().take(120).collect();
+    if text.chars().count() > 120 {
+        out.push('…');
+    }
+    out
 }
 
 fn time_claim(claims: &Value, name: &str) -> String {

@@ -249,20 +249,21 @@ impl Verifier {
                 group.namespace
             ))
         })?;
-        if stored.spec.workload_group != group.name {
-            return Err(rejected(format!(
-                "join token was created for WorkloadGroup {}, not {}: use a token created for {group}",
-                stored.spec.workload_group, group.name
-            )));
-        }
+        // The secret first, so a caller without it learns nothing about the token.
         let presented = secret_sha256(parsed.secret);
         let matches: bool = presented
             .as_bytes()
-            .ct_eq(stored.spec.secret_sha256.as_bytes())
+            .ct_eq(stored.spec.secret_sha256.to_ascii_lowercase().as_bytes())
             .into();
         if !matches {
             return Err(rejected(format!(
                 "secret does not match: copy the whole token, or {CREATE_HINT}"
+            )));
+        }
+        if stored.spec.workload_group != group.name {
+            return Err(Error::Rejected(format!(
+                "join token {} was created for WorkloadGroup {}, not {}: use a token created for {group}",
+                parsed.id, stored.spec.workload_group, group.name
             )));
         }
         let expires = OffsetDateTime::parse(&stored.spec.expires_at, &Rfc3339).map_err(|_| {

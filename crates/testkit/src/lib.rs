@@ -1,1 +1,3 @@
 //! Test kit: CRD schema validation, fixtures and helpers shared by Gangplank's tests.
+
+pub mod oidc;
