@@ -9,8 +9,8 @@ use gangplank_api::istio::WorkloadEntry;
 use serde_json::{Map, Value};
 
 use crate::{
-    Error, MeshConfig, PROXY_CONFIG_ANNOTATION, canonical_service, drop_nulls,
-    drop_proto_zero_values, gojson, istiod_addr, parse_yaml, str_field, string_map,
+    Error, MeshConfig, PROXY_CONFIG_ANNOTATION, canonical_service, drop_nulls, drop_proto_zero_values,
+    gojson, istiod_addr, parse_yaml, str_field, string_map,
 };
 
 /// Where the container finds its certificates (`PROV_CERT` and `OUTPUT_CERTS`).
@@ -74,7 +74,7 @@ pub fn render_docker_env(inputs: &DockerInputs<'_>) -> Result<String, Error> {
         let overlay = parse_yaml(text).map_err(|source| Error::AnnotationYaml {
             place: "metadata.annotations",
             group: format!("(workload entry) {entry_key}"),
-            source,
+            source: Box::new(source),
         })?;
         match overlay {
             Value::Null => {}
@@ -165,9 +165,7 @@ pub fn render_docker_env(inputs: &DockerInputs<'_>) -> Result<String, Error> {
         ("ISTIO_META_WORKLOAD_NAME", workload_name.clone()),
         (
             "ISTIO_META_OWNER",
-            format!(
-                "kubernetes://apis/networking.istio.io/v1/namespaces/{namespace}/workloadentries/{name}"
-            ),
+            format!("kubernetes://apis/networking.istio.io/v1/namespaces/{namespace}/workloadentries/{name}"),
         ),
     ];
     lines.extend(fixed.into_iter().map(|(k, v)| (k.to_string(), v)));

@@ -14,8 +14,11 @@ use std::net::IpAddr;
 use gangplank_api::istio::{WorkloadEntrySpec, WorkloadGroup};
 use serde_json::{Map, Value};
 
+pub mod docker;
 mod gojson;
 pub mod goyaml;
+
+pub use docker::{DockerInputs, render_docker_env};
 
 /// The namespace istiod runs in unless told otherwise.
 pub const DEFAULT_ISTIO_NAMESPACE: &str = "istio-system";
@@ -113,6 +116,14 @@ pub enum Error {
     )]
     BadEnvKey {
         /// The offending key.
+        key: String,
+    },
+    /// A `sidecar.env` value spans lines, which a Docker env-file cannot hold.
+    #[error(
+        "sidecar.env value of {key} contains a line break, which a Docker env-file cannot hold: fix the WorkloadEntry or mesh config field it comes from"
+    )]
+    EnvFileValue {
+        /// The variable.
         key: String,
     },
 }
