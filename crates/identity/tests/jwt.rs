@@ -322,8 +322,7 @@ fn unreadable_ca_bundle_fails_at_startup() {
         ca_bundle: Some("/nonexistent/ca.pem".into()),
     };
     let err = Verifier::new(vec![config], PLANE.into())
-        .err()
-        .expect("fails")
+        .expect_err("fails")
         .to_string();
     assert!(err.contains("cannot read caBundle /nonexistent/ca.pem"), "{err}");
 }
