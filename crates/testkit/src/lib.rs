@@ -1,3 +1,4 @@
 //! Test kit: CRD schema validation, fixtures and helpers shared by Gangplank's tests.
 
+pub mod crd;
 pub mod oidc;
