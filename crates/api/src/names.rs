@@ -19,6 +19,8 @@ pub mod annotation {
     pub const CONNECTED_AT: &str = "onboarding.gangplank.dev/connected-at";
     /// When the agent's stream was lost (RFC 3339); absent while connected.
     pub const DISCONNECTED_AT: &str = "onboarding.gangplank.dev/disconnected-at";
+    /// The current session id (the `jti` of the agent's session token); older sessions are refused.
+    pub const SESSION: &str = "onboarding.gangplank.dev/session";
     /// The endpoint replica that holds the agent's stream.
     pub const ENDPOINT_REPLICA: &str = "onboarding.gangplank.dev/endpoint-replica";
 }

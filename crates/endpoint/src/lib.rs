@@ -1,1 +1,23 @@
-//! gangplank-endpoint library: the onboarding service.
+//! gangplank-endpoint: verifies VM credentials, authorises them against OnboardingPolicy,
+//! registers WorkloadEntries and serves the sidecar's boot files.
+//!
+//! - [`config`]: the configuration file (parse, then validate);
+//! - [`keys`]: what the endpoint signs (sidecar tokens, sessions, nonces);
+//! - [`mesh`]: where the sidecar's token, root certificate and mesh config come from;
+//! - [`plane`]: the shared state of the onboarding plane;
+//! - [`service`]: the gRPC `Onboarding` service;
+//! - [`sweep`]: removal of entries whose agents vanished;
+//! - [`server`]: listeners, TLS and shutdown;
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod config;
+pub mod keys;
+pub mod mesh;
+pub mod metrics;
+pub mod plane;
+pub mod server;
+pub mod service;
+pub mod sweep;
+
+pub use config::Config;
+pub use server::{Endpoint, plane, start};

@@ -1,1 +1,80 @@
-fn main() {}
+//! `gangplank-endpoint`: the onboarding endpoint VMs connect to on :15443.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// The Gangplank onboarding endpoint.
+#[derive(Debug, Parser)]
+#[command(name = "gangplank-endpoint", version, about)]
+struct Cli {
+    /// The EndpointConfiguration file.
+    #[arg(
+        long,
+        short = 'c',
+        env = "GANGPLANK_ENDPOINT_CONFIG",
+        default_value = "/etc/gangplank/endpoint.yaml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run,
+    /// Print the configuration with every default filled in, then exit.
+    ConfigPrint,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match gangplank_endpoint::Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::ConfigPrint) = cli.command {
+        match serde_saphyr::to_string(&config.file) {
+            Ok(text) => {
+                print!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match serve(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: gangplank_endpoint::Config) -> anyhow::Result<()> {
+    let plane = gangplank_endpoint::plane(config)?;
+    let endpoint = gangplank_endpoint::start(plane).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    endpoint.shutdown().await;
+    Ok(())
+}

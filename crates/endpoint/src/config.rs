@@ -1,0 +1,328 @@
+//! The endpoint's configuration: parsed from YAML, then validated into [`Config`], which the
+//! rest of the endpoint trusts. Defaults live here and nowhere else (`gangplank-endpoint config print`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gangplank_identity::jwt::IssuerConfig;
+use serde::{Deserialize, Serialize};
+
+/// The endpoint configuration file, as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct File {
+    /// `onboarding.gangplank.dev/v1alpha1`.
+    pub api_version: String,
+    /// `EndpointConfiguration`.
+    pub kind: String,
+    /// Identifies this onboarding plane; credentials must be bound to it (JWT audience).
+    pub plane_id: String,
+    /// gRPC + HTTPS listen address.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// Health and Prometheus metrics listen address (plain HTTP).
+    #[serde(default = "defaults::monitoring")]
+    pub monitoring_listen: SocketAddr,
+    /// The serving certificate.
+    pub tls: Tls,
+    /// Where resources live.
+    pub registry: Registry,
+    /// Where the endpoint keeps its signing key (sidecar tokens, sessions, nonces).
+    pub state_dir: PathBuf,
+    /// This replica's name, recorded on the entries whose agents it serves.
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// Istio control plane facts used to render the sidecar's boot files.
+    #[serde(default)]
+    pub mesh: Mesh,
+    /// The `istio-token` the endpoint mints for sidecars.
+    #[serde(default)]
+    pub sidecar_token: SidecarToken,
+    /// Which credentials the endpoint accepts.
+    #[serde(default)]
+    pub identities: Identities,
+    /// Registration lifecycle.
+    #[serde(default)]
+    pub workloads: Workloads,
+}
+
+/// `tls`: certificate files (reloaded on change), or a dev certificate generated at start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Generate a self-signed dev CA and certificate into the state dir. Never for production.
+    #[serde(default)]
+    pub dev: bool,
+    /// Names the dev certificate is valid for (besides `localhost` and 127.0.0.1).
+    #[serde(default)]
+    pub dev_names: Vec<String>,
+}
+
+/// `registry`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Registry {
+    /// A folder of Kubernetes-style YAML files (readable by istiod as `fs://`).
+    pub directory: PathBuf,
+}
+
+/// `mesh`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mesh {
+    /// Istio's namespace.
+    #[serde(default = "defaults::istio_namespace")]
+    pub istio_namespace: String,
+    /// istiod's revision ("" for the default).
+    #[serde(default)]
+    pub revision: String,
+    /// The cluster ID istiod runs as (`ISTIO_META_CLUSTER_ID`).
+    #[serde(default = "defaults::cluster_id")]
+    pub cluster_id: String,
+    /// A MeshConfig YAML (the `mesh` key of the `istio` ConfigMap); empty when absent.
+    #[serde(default)]
+    pub mesh_config_file: Option<PathBuf>,
+    /// The mesh's root certificate (`istio-ca-root-cert`), PEM.
+    #[serde(default)]
+    pub root_cert_file: Option<PathBuf>,
+    /// The address VMs reach istiod at (east-west gateway), written to `hosts`.
+    #[serde(default)]
+    pub istiod_ip: Option<IpAddr>,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Self {
+            istio_namespace: defaults::istio_namespace(),
+            revision: String::new(),
+            cluster_id: defaults::cluster_id(),
+            mesh_config_file: None,
+            root_cert_file: None,
+            istiod_ip: None,
+        }
+    }
+}
+
+/// `sidecarToken`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarToken {
+    /// Lifetime of each `istio-token`.
+    #[serde(default = "defaults::token_lifetime", with = "humantime_serde")]
+    pub lifetime: Duration,
+    /// The `iss` of minted tokens; istiod is told to trust it (JWT_RULE). Defaults to
+    /// `https://<first dev name or localhost>:<port>`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+}
+
+impl Default for SidecarToken {
+    fn default() -> Self {
+        Self {
+            lifetime: defaults::token_lifetime(),
+            issuer: None,
+        }
+    }
+}
+
+/// `identities`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Identities {
+    /// Accept join tokens (`gangplank token create`).
+    #[serde(default)]
+    pub join_tokens: bool,
+    /// Accept OIDC JWTs from these issuers.
+    #[serde(default)]
+    pub jwt: Jwt,
+}
+
+/// `identities.jwt`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Jwt {
+    /// Trusted issuers.
+    #[serde(default)]
+    pub issuers: Vec<IssuerConfig>,
+}
+
+/// `workloads`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workloads {
+    /// How long an agent may stay disconnected before its entry is removed.
+    #[serde(default = "defaults::grace_period", with = "humantime_serde")]
+    pub grace_period: Duration,
+    /// How long a leaving agent waits before stopping its sidecar (traffic drains).
+    #[serde(default = "defaults::propagation_delay", with = "humantime_serde")]
+    pub propagation_delay: Duration,
+    /// How often agents send a heartbeat.
+    #[serde(default = "defaults::heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl Default for Workloads {
+    fn default() -> Self {
+        Self {
+            grace_period: defaults::grace_period(),
+            propagation_delay: defaults::propagation_delay(),
+            heartbeat: defaults::heartbeat(),
+        }
+    }
+}
+
+/// Every default, in one place.
+pub mod defaults {
+    use super::*;
+
+    /// `0.0.0.0:15443`.
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 15443))
+    }
+    /// `0.0.0.0:15014`.
+    pub fn monitoring() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 15014))
+    }
+    /// `istio-system`.
+    pub fn istio_namespace() -> String {
+        "istio-system".into()
+    }
+    /// `Kubernetes`, istiod's default cluster ID.
+    pub fn cluster_id() -> String {
+        "Kubernetes".into()
+    }
+    /// One hour, like `istioctl x workload entry configure`.
+    pub fn token_lifetime() -> Duration {
+        Duration::from_secs(3600)
+    }
+    /// Five minutes.
+    pub fn grace_period() -> Duration {
+        Duration::from_secs(300)
+    }
+    /// Ten seconds.
+    pub fn propagation_delay() -> Duration {
+        Duration::from_secs(10)
+    }
+    /// Ten seconds.
+    pub fn heartbeat() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+/// Why the configuration cannot be used. Names the file, the field and what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct Error {
+    /// The configuration file.
+    pub file: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file as written, with every default applied.
+    pub file: File,
+    /// This replica's name.
+    pub replica: String,
+    /// The `iss` of minted sidecar tokens.
+    pub token_issuer: String,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let err = |message: String| Error {
+            file: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let file: File = serde_saphyr::from_str(&text).map_err(|e| err(e.to_string()))?;
+        Self::validate(file).map_err(err)
+    }
+
+    /// Validates a parsed file.
+    pub fn validate(file: File) -> Result<Self, String> {
+        const API: &str = "onboarding.gangplank.dev/v1alpha1";
+        if file.api_version != API {
+            return Err(format!(
+                "apiVersion: {:?} is not supported, use {API}",
+                file.api_version
+            ));
+        }
+        if file.kind != "EndpointConfiguration" {
+            return Err(format!(
+                "kind: {:?} is not supported, use EndpointConfiguration",
+                file.kind
+            ));
+        }
+        if file.plane_id.trim().is_empty() {
+            return Err("planeId: must not be empty (agents bind their credentials to it)".into());
+        }
+        match (&file.tls.cert_file, &file.tls.key_file, file.tls.dev) {
+            (Some(_), Some(_), false) | (None, None, true) => {}
+            (Some(_), Some(_), true) => {
+                return Err("tls: set either certFile+keyFile or dev: true, not both".into());
+            }
+            _ => {
+                return Err(
+                    "tls: set certFile and keyFile (PEM), or dev: true for a generated dev certificate"
+                        .into(),
+                );
+            }
+        }
+        if !file.identities.join_tokens && file.identities.jwt.issuers.is_empty() {
+            return Err(
+                "identities: no credential kind is enabled: set joinTokens: true or add jwt.issuers".into(),
+            );
+        }
+        let w = &file.workloads;
+        if w.grace_period.is_zero() || w.heartbeat.is_zero() {
+            return Err("workloads: gracePeriod and heartbeat must be longer than 0s".into());
+        }
+        if w.heartbeat >= w.grace_period {
+            return Err(format!(
+                "workloads.heartbeat ({}) must be shorter than workloads.gracePeriod ({})",
+                humantime::format_duration(w.heartbeat),
+                humantime::format_duration(w.grace_period)
+            ));
+        }
+        if file.sidecar_token.lifetime < Duration::from_secs(10) {
+            return Err("sidecarToken.lifetime: must be at least 10s (istioctl's default is 1h)".into());
+        }
+        let replica = match &file.replica {
+            Some(r) if !r.is_empty() => r.clone(),
+            _ => hostname(),
+        };
+        let token_issuer = file.sidecar_token.issuer.clone().unwrap_or_else(|| {
+            let host = file.tls.dev_names.first().map_or("localhost", String::as_str);
+            format!("https://{host}:{}", file.listen.port())
+        });
+        Ok(Self {
+            file,
+            replica,
+            token_issuer,
+        })
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gangplank-endpoint".into())
+}

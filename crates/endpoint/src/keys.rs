@@ -1,0 +1,400 @@
+//! The endpoint's signing keys and what it signs with them.
+//!
+//! One ES256 key, kept in the state dir (so restarts and replicas sharing the dir agree),
+//! signs two kinds of JWT with different audiences:
+//! - **sidecar tokens** (`istio-token`): a Kubernetes-style service-account token with
+//!   audience `istio-ca`, which istiod is told to trust through its JWKS (served at
+//!   `/.well-known/openid-configuration` and `/openid/v1/jwks`);
+//! - **sessions**: the bearer an agent presents on `Session` and `Leave`.
+//!
+//! Nonces are stateless: random bytes and an expiry, MAC'd with a key from the state dir.
+
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use aws_lc_rs::hmac;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The audience of sidecar tokens, as istiod expects.
+pub const ISTIO_CA_AUDIENCE: &str = "istio-ca";
+const SESSION_AUDIENCE: &str = "gangplank-agent-session";
+/// How long a Discover nonce stays valid.
+pub const NONCE_TTL: Duration = Duration::from_secs(300);
+
+/// Why keys could not be loaded or a token not minted/verified.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The state dir could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key is malformed.
+    #[error("{0}")]
+    Key(String),
+    /// A token is not valid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The endpoint's keys.
+pub struct Keys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    kid: String,
+    x: String,
+    y: String,
+    nonce_key: hmac::Key,
+    issuer: String,
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keys")
+            .field("kid", &self.kid)
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A minted sidecar token.
+#[derive(Clone)]
+pub struct SidecarToken {
+    /// The JWT (secret).
+    pub jwt: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+impl fmt::Debug for SidecarToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SidecarToken")
+            .field("jwt", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// What a session token says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// `<namespace>/<entry name>`.
+    pub sub: String,
+    /// Unique per onboarding; recorded on the entry, so an older session of the same VM is refused.
+    pub jti: String,
+    /// Audience.
+    pub aud: String,
+    /// Issued at.
+    pub iat: i64,
+    /// Expiry.
+    pub exp: i64,
+}
+
+#[derive(Serialize)]
+struct SidecarClaims<'a> {
+    iss: &'a str,
+    sub: String,
+    aud: [&'a str; 1],
+    iat: i64,
+    nbf: i64,
+    exp: i64,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: serde_json::Value,
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn random(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    rand::rng().fill_bytes(&mut b);
+    b
+}
+
+/// Writes a secret file atomically with mode 0600.
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+fn load_or_create(path: &Path, create: impl FnOnce() -> Result<Vec<u8>, Error>) -> Result<Vec<u8>, Error> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let bytes = create()?;
+            write_secret(path, &bytes)?;
+            Ok(bytes)
+        }
+        Err(source) => Err(Error::Io {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+impl Keys {
+    /// Loads the keys from `state_dir`, creating them on first start.
+    pub fn load(state_dir: &Path, issuer: &str) -> Result<Self, Error> {
+        std::fs::create_dir_all(state_dir).map_err(|source| Error::Io {
+            path: state_dir.display().to_string(),
+            source,
+        })?;
+        let pem = load_or_create(&state_dir.join("signing-key.pem"), || {
+            let key = rcgen::KeyPair::generate().map_err(|e| Error::Key(e.to_string()))?;
+            Ok(key.serialize_pem().into_bytes())
+        })?;
+        let pem = String::from_utf8(pem).map_err(|_| Error::Key("signing-key.pem is not PEM text".into()))?;
+        let pair = rcgen::KeyPair::from_pem(&pem).map_err(|e| Error::Key(format!("signing-key.pem: {e}")))?;
+        let raw = pair.public_key_raw();
+        if raw.len() != 65 || raw[0] != 4 {
+            return Err(Error::Key("signing-key.pem: expected an ECDSA P-256 key".into()));
+        }
+        let (x, y) = (B64.encode(&raw[1..33]), B64.encode(&raw[33..65]));
+        let kid = B64.encode(&Sha256::digest(raw)[..12]);
+        let encoding = EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| Error::Key(e.to_string()))?;
+        let decoding = DecodingKey::from_ec_components(&x, &y).map_err(|e| Error::Key(e.to_string()))?;
+        let nonce_secret = load_or_create(&state_dir.join("nonce-key"), || Ok(random(32)))?;
+        let nonce_key = hmac::Key::new(hmac::HMAC_SHA256, &nonce_secret);
+        Ok(Self {
+            encoding,
+            decoding,
+            kid,
+            x,
+            y,
+            nonce_key,
+            issuer: issuer.to_string(),
+        })
+    }
+
+    fn header(&self) -> Header {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(self.kid.clone());
+        h
+    }
+
+    /// The `iss` of sidecar tokens.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Mints an `istio-token` for `namespace/service_account`.
+    pub fn sidecar_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        lifetime: Duration,
+    ) -> Result<SidecarToken, Error> {
+        let iat = now();
+        let exp = iat + lifetime.as_secs() as i64;
+        let claims = SidecarClaims {
+            iss: &self.issuer,
+            sub: format!("system:serviceaccount:{namespace}:{service_account}"),
+            aud: [ISTIO_CA_AUDIENCE],
+            iat,
+            nbf: iat,
+            exp,
+            kubernetes: serde_json::json!({
+                "namespace": namespace,
+                "serviceaccount": { "name": service_account },
+            }),
+        };
+        let jwt = jsonwebtoken::encode(&self.header(), &claims, &self.encoding)
+            .map_err(|e| Error::Key(e.to_string()))?;
+        Ok(SidecarToken {
+            jwt,
+            issued_at: iat,
+            expires_at: exp,
+        })
+    }
+
+    /// The JWKS document of the sidecar-token issuer.
+    pub fn jwks(&self) -> serde_json::Value {
+        serde_json::json!({ "keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig",
+            "kid": self.kid, "x": self.x, "y": self.y,
+        }]})
+    }
+
+    /// The OIDC discovery document of the sidecar-token issuer.
+    pub fn openid_configuration(&self) -> serde_json::Value {
+        serde_json::json!({
+            "issuer": self.issuer,
+            "jwks_uri": format!("{}/openid/v1/jwks", self.issuer),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+        })
+    }
+
+    /// A session token for the entry `sub` (`namespace/name`), identified by `jti`.
+    pub fn session(&self, sub: &str, jti: &str, lifetime: Duration) -> Result<String, Error> {
+        let iat = now();
+        let claims = Session {
+            sub: sub.into(),
+            jti: jti.into(),
+            aud: SESSION_AUDIENCE.into(),
+            iat,
+            exp: iat + lifetime.as_secs() as i64,
+        };
+        jsonwebtoken::encode(&self.header(), &claims, &self.encoding).map_err(|e| Error::Key(e.to_string()))
+    }
+
+    /// Verifies a session token.
+    pub fn verify_session(&self, token: &str) -> Result<Session, Error> {
+        let mut v = Validation::new(Algorithm::ES256);
+        v.set_audience(&[SESSION_AUDIENCE]);
+        v.set_required_spec_claims(&["exp", "aud", "sub"]);
+        v.leeway = 30;
+        jsonwebtoken::decode::<Session>(token, &self.decoding, &v)
+            .map(|d| d.claims)
+            .map_err(|e| Error::Invalid(format!("session token is not valid ({e}): onboard again")))
+    }
+
+    /// A fresh nonce, valid for [`NONCE_TTL`].
+    pub fn nonce(&self) -> String {
+        let expires = (now() + NONCE_TTL.as_secs() as i64).to_be_bytes();
+        let mut body = random(16);
+        body.extend_from_slice(&expires);
+        let tag = hmac::sign(&self.nonce_key, &body);
+        body.extend_from_slice(&tag.as_ref()[..16]);
+        B64.encode(body)
+    }
+
+    /// Checks that `nonce` was issued by this plane and has not expired.
+    pub fn check_nonce(&self, nonce: &str) -> Result<(), Error> {
+        let bytes = B64
+            .decode(nonce)
+            .map_err(|_| Error::Invalid("nonce is malformed: call Discover for a new one".into()))?;
+        if bytes.len() != 40 {
+            return Err(Error::Invalid(
+                "nonce is malformed: call Discover for a new one".into(),
+            ));
+        }
+        let (body, tag) = bytes.split_at(24);
+        let expected = hmac::sign(&self.nonce_key, body);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&expected.as_ref()[..16], tag)) {
+            return Err(Error::Invalid(
+                "nonce was not issued by this onboarding plane: call Discover again".into(),
+            ));
+        }
+        let mut exp = [0u8; 8];
+        exp.copy_from_slice(&body[16..24]);
+        if i64::from_be_bytes(exp) < now() {
+            return Err(Error::Invalid(
+                "nonce has expired: call Discover for a new one".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A random identifier (session ids).
+    pub fn random_id() -> String {
+        B64.encode(random(12))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (tempfile::TempDir, Keys) {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::load(dir.path(), "https://endpoint.test:15443").unwrap();
+        (dir, keys)
+    }
+
+    #[test]
+    fn sidecar_tokens_verify_against_the_published_jwks() {
+        let (_dir, keys) = keys();
+        let token = keys
+            .sidecar_token("bookinfo", "ratings-sa", Duration::from_secs(600))
+            .unwrap();
+        let jwk: jsonwebtoken::jwk::JwkSet = serde_json::from_value(keys.jwks()).unwrap();
+        let key = DecodingKey::from_jwk(&jwk.keys[0]).unwrap();
+        let mut v = Validation::new(Algorithm::ES256);
+        v.set_audience(&["istio-ca"]);
+        v.set_issuer(&["https://endpoint.test:15443"]);
+        let claims = jsonwebtoken::decode::<serde_json::Value>(&token.jwt, &key, &v)
+            .unwrap()
+            .claims;
+        assert_eq!(claims["sub"], "system:serviceaccount:bookinfo:ratings-sa");
+        assert_eq!(token.expires_at - token.issued_at, 600);
+        // A sidecar token is not a session.
+        assert!(keys.verify_session(&token.jwt).is_err());
+    }
+
+    #[test]
+    fn keys_survive_a_restart() {
+        let (dir, keys) = keys();
+        let session = keys.session("bookinfo/x", "j1", Duration::from_secs(60)).unwrap();
+        let nonce = keys.nonce();
+        let again = Keys::load(dir.path(), "https://endpoint.test:15443").unwrap();
+        assert_eq!(again.verify_session(&session).unwrap().sub, "bookinfo/x");
+        again.check_nonce(&nonce).unwrap();
+        let mode = std::fs::metadata(dir.path().join("signing-key.pem"))
+            .unwrap()
+            .permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    }
+
+    #[test]
+    fn forged_nonces_and_sessions_are_refused() {
+        let (_dir, keys) = keys();
+        let (_other_dir, other) = keys_other();
+        assert!(
+            keys.check_nonce(&other.nonce())
+                .unwrap_err()
+                .to_string()
+                .contains("not issued by this")
+        );
+        assert!(keys.check_nonce("garbage").is_err());
+        let forged = other
+            .session("bookinfo/x", "j1", Duration::from_secs(60))
+            .unwrap();
+        assert!(keys.verify_session(&forged).is_err());
+        let expired = keys.session("bookinfo/x", "j1", Duration::ZERO).unwrap();
+        // Expired beyond the leeway: re-sign with a past expiry.
+        let past = Session {
+            sub: "bookinfo/x".into(),
+            jti: "j".into(),
+            aud: SESSION_AUDIENCE.into(),
+            iat: 0,
+            exp: 1,
+        };
+        let old = jsonwebtoken::encode(&keys.header(), &past, &keys.encoding).unwrap();
+        assert!(keys.verify_session(&old).is_err());
+        assert!(keys.verify_session(&expired).is_ok(), "within leeway");
+    }
+
+    fn keys_other() -> (tempfile::TempDir, Keys) {
+        keys()
+    }
+}

@@ -1,0 +1,69 @@
+//! Prometheus metrics, served on the monitoring port with the health checks.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Result {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+/// The endpoint's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    onboardings: Family<Result, Counter>,
+    deletions: Family<Reason, Counter>,
+    /// Agent streams held by this replica.
+    pub sessions: Gauge,
+    /// Sidecar tokens renewed.
+    pub renewals: Counter,
+}
+
+impl Metrics {
+    /// Counts an onboarding by result (`allowed`, `denied`, `refused`).
+    pub fn onboard(&self, result: &str) {
+        self.onboardings
+            .get_or_create(&Result {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a removed entry by reason (`leave`, `grace-period`).
+    pub fn deleted(&self, reason: &str) {
+        self.deletions
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Registers every metric under `gangplank_endpoint_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("gangplank_endpoint");
+        r.register(
+            "onboardings",
+            "Onboarding requests by result",
+            self.onboardings.clone(),
+        );
+        r.register(
+            "entry_deletions",
+            "WorkloadEntries removed, by reason",
+            self.deletions.clone(),
+        );
+        r.register(
+            "sessions",
+            "Agent streams held by this replica",
+            self.sessions.clone(),
+        );
+        r.register("token_renewals", "Sidecar tokens renewed", self.renewals.clone());
+    }
+}

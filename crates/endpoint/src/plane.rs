@@ -1,0 +1,235 @@
+//! The onboarding plane: everything an Onboard needs, shared by every request.
+//!
+//! Stateless by design: what must survive a restart lives in the registry (entries, tokens)
+//! or the state dir (keys). The only in-memory state is which agents hold a stream to this
+//! replica right now.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use gangplank_api::istio::{WorkloadEntry, WorkloadEntrySpec, WorkloadGroup};
+use gangplank_api::meta::{ObjectMeta, OwnerReference, Resource};
+use gangplank_api::names::{annotation, entry_name, label};
+use gangplank_api::{NamespacedName, proto};
+use gangplank_bootstrap as bootstrap;
+use gangplank_identity::{Identity, Verifier};
+use gangplank_registry::Registry;
+use tonic::Status;
+
+use crate::config::Config;
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+
+/// One agent stream held by this replica.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// Which stream (a reconnect replaces it).
+    pub generation: u64,
+    /// Last reported health (`None` until the agent reports).
+    pub healthy: Option<bool>,
+}
+
+/// The plane.
+pub struct Plane {
+    /// Validated configuration.
+    pub config: Config,
+    /// Signing keys (sessions, nonces).
+    pub keys: Arc<Keys>,
+    /// Where resources live.
+    pub registry: Arc<dyn Registry>,
+    /// Credential verifiers by kind.
+    pub verifiers: BTreeMap<&'static str, Arc<dyn Verifier>>,
+    /// Where the sidecar's token, root certificate and mesh config come from.
+    pub mesh: Arc<dyn crate::mesh::Source>,
+    /// Streams held by this replica.
+    pub live: Mutex<HashMap<NamespacedName, Live>>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// RFC 3339 for now.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Maps a registry failure to the gRPC status an agent can act on.
+pub fn registry_status(err: gangplank_registry::Error) -> Status {
+    use gangplank_registry::Error as E;
+    match err {
+        E::NotFound { .. } => Status::not_found(err.to_string()),
+        E::Conflict { .. } => Status::aborted(format!("{err}; retry")),
+        E::TokenUnusable { .. } => Status::unauthenticated(err.to_string()),
+        E::Invalid { .. } => Status::failed_precondition(err.to_string()),
+        E::Io { .. } | E::Backend(_) => {
+            tracing::error!(%err, "registry failure");
+            Status::unavailable(format!("the endpoint cannot reach its registry: {err}"))
+        }
+    }
+}
+
+impl Plane {
+    /// The credential kinds this plane accepts.
+    pub fn kinds(&self) -> Vec<String> {
+        self.verifiers.keys().map(|k| k.to_string()).collect()
+    }
+
+    /// The address to register: the verified one, else the one the agent reports for how it
+    /// connects (first address; the agent orders them by preference).
+    pub fn address(identity: &Identity, host: &proto::HostFacts) -> Result<IpAddr, Status> {
+        if let Some(ip) = identity.address {
+            return Ok(ip);
+        }
+        host.addresses
+            .iter()
+            .find_map(|a| a.parse::<IpAddr>().ok())
+            .ok_or_else(|| {
+                Status::invalid_argument("host.addresses: the agent reported no IP address for this VM")
+            })
+    }
+
+    /// The WorkloadEntry for `identity` joining `group`.
+    pub fn entry(
+        &self,
+        group: &WorkloadGroup,
+        identity: &Identity,
+        host: &proto::HostFacts,
+        session_id: &str,
+    ) -> Result<WorkloadEntry, Status> {
+        let key = group.key();
+        let parts = identity.name_parts();
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let name = entry_name(&key.name, identity.name_kind(), &parts);
+        let address = Self::address(identity, host)?;
+
+        let group_labels = group.entry_labels();
+        let mut labels = group_labels.clone();
+        for (k, v) in &host.labels {
+            match group_labels.get(k) {
+                Some(existing) if existing != v => {
+                    return Err(Status::invalid_argument(format!(
+                        "workload.labels.{k}: {v:?} would override the WorkloadGroup {key}'s label {k}={existing:?}; agents may add labels but never override the group's"
+                    )));
+                }
+                _ => {
+                    labels.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        labels.extend(identity.labels());
+        labels.insert(label::MANAGED_BY.into(), label::MANAGED_BY_VALUE.into());
+        labels.insert(label::WORKLOAD_GROUP.into(), key.name.clone());
+        labels.insert(label::CREDENTIAL_KIND.into(), identity.kind().into());
+
+        let mut annotations: BTreeMap<String, String> = group
+            .spec
+            .metadata
+            .as_ref()
+            .map(|m| m.annotations.clone())
+            .unwrap_or_default();
+        let now = now_rfc3339();
+        annotations.insert(annotation::IDENTITY.into(), identity.annotation());
+        annotations.insert(annotation::CREDENTIAL_KIND.into(), identity.kind().into());
+        annotations.insert(annotation::AGENT_VERSION.into(), host.agent_version.clone());
+        if !host.hostname.is_empty() {
+            annotations.insert(annotation::HOSTNAME.into(), host.hostname.clone());
+        }
+        annotations.insert(annotation::CONNECTED_AT.into(), now);
+        annotations.insert(annotation::ENDPOINT_REPLICA.into(), self.config.replica.clone());
+        annotations.insert(annotation::SESSION.into(), session_id.into());
+
+        let template = group.spec.template.clone().unwrap_or_default();
+        let spec = WorkloadEntrySpec {
+            address: address.to_string(),
+            labels: labels.clone(),
+            ports: template.ports,
+            network: template.network,
+            locality: template.locality,
+            weight: template.weight,
+            service_account: group.service_account().to_string(),
+        };
+        let owner = OwnerReference {
+            api_version: WorkloadGroup::API_VERSION.into(),
+            kind: WorkloadGroup::KIND.into(),
+            name: key.name.clone(),
+            uid: group.metadata.uid.clone().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        };
+        let metadata = ObjectMeta {
+            name: Some(name),
+            namespace: Some(key.namespace.clone()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        };
+        Ok(WorkloadEntry::new(metadata, spec))
+    }
+
+    /// Renders the sidecar's boot files for `entry` of `group`, with a fresh token.
+    pub async fn boot_files(
+        &self,
+        group: &WorkloadGroup,
+        entry: &WorkloadEntry,
+    ) -> Result<(Vec<proto::BootFile>, crate::keys::SidecarToken), Status> {
+        let key = group.key();
+        let unavailable =
+            |e: crate::mesh::Error| Status::unavailable(format!("boot inputs for WorkloadGroup {key}: {e}"));
+        let token = self
+            .mesh
+            .token(
+                &key.namespace,
+                group.service_account(),
+                self.config.file.sidecar_token.lifetime,
+            )
+            .await
+            .map_err(unavailable)?;
+        let root_cert = self.mesh.root_cert(&key.namespace).await.map_err(unavailable)?;
+        let mesh_config = self.mesh.mesh_config().await.map_err(unavailable)?;
+        let group_labels = group.entry_labels();
+        let extra_labels = entry
+            .spec
+            .labels
+            .iter()
+            .filter(|(k, _)| !group_labels.contains_key(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let address: IpAddr = entry
+            .spec
+            .address
+            .parse()
+            .map_err(|_| Status::internal("registered address is not an IP"))?;
+        let mesh = &self.config.file.mesh;
+        let inputs = bootstrap::Inputs {
+            group: group.clone(),
+            mesh_config,
+            root_cert,
+            token: token.jwt.clone().into_bytes(),
+            cluster_id: mesh.cluster_id.clone(),
+            revision: mesh.revision.clone(),
+            istio_namespace: mesh.istio_namespace.clone(),
+            ingress_ip: mesh.istiod_ip,
+            instance_ip: Some(bootstrap::InstanceIp::Internal(address)),
+            capture_dns: true,
+            autoregister: false,
+            workload_entry: entry.metadata.name.clone(),
+            extra_labels,
+        };
+        let files = bootstrap::render(&inputs).map_err(|e| {
+            Status::failed_precondition(format!("rendering boot files for WorkloadGroup {key}: {e}"))
+        })?;
+        let files = files
+            .entries()
+            .into_iter()
+            .map(|f| proto::BootFile {
+                name: f.name.to_string(),
+                content: f.content,
+                mode: f.mode,
+            })
+            .collect();
+        Ok((files, token))
+    }
+}

@@ -1,0 +1,403 @@
+//! The `Onboarding` gRPC service: Discover, Onboard, Session, Leave.
+//!
+//! Every refusal is a gRPC status whose message says what to change; credentials never
+//! appear in a message or a log line.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::Stream;
+use gangplank_api::names::annotation;
+use gangplank_api::proto::onboarding_server::Onboarding;
+use gangplank_api::proto::{self, agent_message, endpoint_message};
+use gangplank_api::{NamespacedName, Resource};
+use gangplank_identity::Challenge;
+use gangplank_registry::AnnotationPatch;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::keys::{Keys, NONCE_TTL};
+use crate::plane::{Live, Plane, now_rfc3339, registry_status};
+
+/// Largest credential payload accepted (a JWT or a signed document is far smaller).
+const MAX_CREDENTIAL: usize = 64 * 1024;
+/// Lifetime of an agent session token; the entry's session annotation is what really ends it.
+const SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// The service.
+#[derive(Clone)]
+pub struct Service {
+    plane: Arc<Plane>,
+    generation: Arc<AtomicU64>,
+}
+
+impl Service {
+    /// A service over `plane`.
+    pub fn new(plane: Arc<Plane>) -> Self {
+        Self {
+            plane,
+            generation: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Checks the bearer session of a Session or Leave call and that it is the entry's
+    /// current session.
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<NamespacedName, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <session>`: onboard first")
+            })?;
+        let session = self
+            .plane
+            .keys
+            .verify_session(header)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let key: NamespacedName = session
+            .sub
+            .parse()
+            .map_err(|_| Status::unauthenticated("session names no WorkloadEntry: onboard again"))?;
+        let entry = self.plane.registry.entry(&key).await.map_err(registry_status)?.ok_or_else(|| {
+            Status::not_found(format!("WorkloadEntry {key} no longer exists (removed after a disconnect or by an admin): onboard again"))
+        })?;
+        let current = entry
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(annotation::SESSION));
+        if current.map(String::as_str) != Some(session.jti.as_str()) {
+            return Err(Status::unauthenticated(format!(
+                "WorkloadEntry {key} was onboarded again by a newer session; this session is over: onboard again"
+            )));
+        }
+        Ok(key)
+    }
+
+    async fn onboard_inner(&self, req: proto::OnboardRequest) -> Result<proto::OnboardResponse, Status> {
+        let plane = &self.plane;
+        let group_ref = req.workload_group.ok_or_else(|| {
+            Status::invalid_argument(
+                "workload_group is required: set workloadGroup.namespace and .name in the agent config",
+            )
+        })?;
+        let group_key = NamespacedName::new(group_ref.namespace, group_ref.name);
+        if !gangplank_api::meta::is_dns1123_label(&group_key.namespace)
+            || !gangplank_api::meta::is_dns1123_subdomain(&group_key.name)
+        {
+            return Err(Status::invalid_argument(format!(
+                "workload group {group_key:?} is not a valid namespace/name (lower-case DNS names)"
+            )));
+        }
+        let credential = req
+            .credential
+            .ok_or_else(|| Status::invalid_argument("credential is required"))?;
+        if credential.payload.len() + credential.proof.len() + credential.public_key.len() > MAX_CREDENTIAL {
+            return Err(Status::invalid_argument(format!(
+                "credential is larger than {MAX_CREDENTIAL} bytes"
+            )));
+        }
+        let host = req.host.unwrap_or_default();
+        plane
+            .keys
+            .check_nonce(&req.nonce)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let verifier = plane.verifiers.get(credential.kind.as_str()).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "credential kind {:?} is not accepted by this endpoint (accepted: {})",
+                credential.kind,
+                plane.kinds().join(", ")
+            ))
+        })?;
+
+        // Verify before anything else, so an unauthenticated caller learns nothing about groups.
+        let challenge = Challenge {
+            plane_id: plane.config.file.plane_id.clone(),
+            nonce: req.nonce.clone(),
+        };
+        let identity = verifier
+            .verify(&credential, &challenge, &group_key)
+            .await
+            .map_err(|e| match e {
+                gangplank_identity::Error::Registry(e) => registry_status(e),
+                gangplank_identity::Error::UnsupportedKind(_) => Status::invalid_argument(e.to_string()),
+                other => Status::unauthenticated(other.to_string()),
+            })?;
+
+        let group = plane.registry.workload_group(&group_key).await.map_err(registry_status)?.ok_or_else(|| {
+            Status::not_found(format!(
+                "WorkloadGroup {group_key} not found: create it, or fix workloadGroup in the agent's onboarding config"
+            ))
+        })?;
+        let policies = plane
+            .registry
+            .policies(&group_key.namespace)
+            .await
+            .map_err(registry_status)?;
+        let decision = gangplank_policy::evaluate(&policies, &group, &identity);
+        if !decision.is_allowed() {
+            plane.metrics.onboard("denied");
+            tracing::warn!(group = %group_key, identity = %identity, "onboarding denied: {decision}");
+            return Err(Status::permission_denied(decision.to_string()));
+        }
+
+        let session_id = Keys::random_id();
+        let entry = plane.entry(&group, &identity, &host, &session_id)?;
+        let (files, token) = plane.boot_files(&group, &entry).await?;
+        verifier
+            .commit(&identity, &credential)
+            .await
+            .map_err(|e| match e {
+                gangplank_identity::Error::Registry(e) => registry_status(e),
+                other => Status::unauthenticated(other.to_string()),
+            })?;
+        let stored = plane
+            .registry
+            .apply_entry(&entry)
+            .await
+            .map_err(registry_status)?;
+        let key = stored.key();
+        let session = plane
+            .keys
+            .session(&key.to_string(), &session_id, SESSION_LIFETIME)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        plane.metrics.onboard("allowed");
+        tracing::info!(entry = %key, identity = %identity, address = %stored.spec.address, "onboarded");
+        Ok(proto::OnboardResponse {
+            registration: Some(proto::Registration {
+                namespace: key.namespace,
+                name: key.name,
+                address: stored.spec.address.clone(),
+                labels: stored.spec.labels.clone().into_iter().collect(),
+                session,
+                identity: identity.to_string(),
+            }),
+            files,
+            token_expires_at: token.expires_at,
+            token_issued_at: token.issued_at,
+        })
+    }
+
+    /// Records a stream's end on the entry, unless a newer stream of the same agent took over.
+    async fn disconnected(plane: &Plane, key: &NamespacedName, generation: u64) {
+        let mine = {
+            let mut live = plane.live.lock().unwrap_or_else(|p| p.into_inner());
+            match live.get(key) {
+                Some(l) if l.generation == generation => {
+                    live.remove(key);
+                    true
+                }
+                _ => false,
+            }
+        };
+        plane
+            .metrics
+            .sessions
+            .set(plane.live.lock().map(|l| l.len() as i64).unwrap_or(0));
+        if !mine {
+            return;
+        }
+        let patch = AnnotationPatch {
+            set: [(annotation::DISCONNECTED_AT.to_string(), now_rfc3339())].into(),
+            remove: vec![annotation::CONNECTED_AT.into()],
+        };
+        match plane.registry.annotate_entry(key, &patch).await {
+            Ok(()) => tracing::info!(entry = %key, "agent disconnected"),
+            Err(gangplank_registry::Error::NotFound { .. }) => {}
+            Err(err) => tracing::warn!(entry = %key, %err, "could not record the disconnect"),
+        }
+    }
+}
+
+type EndpointStream = Pin<Box<dyn Stream<Item = Result<proto::EndpointMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Onboarding for Service {
+    async fn discover(
+        &self,
+        _: Request<proto::DiscoverRequest>,
+    ) -> Result<Response<proto::DiscoverResponse>, Status> {
+        Ok(Response::new(proto::DiscoverResponse {
+            plane_id: self.plane.config.file.plane_id.clone(),
+            credential_kinds: self.plane.kinds(),
+            nonce: self.plane.keys.nonce(),
+            nonce_ttl_seconds: NONCE_TTL.as_secs() as u32,
+        }))
+    }
+
+    async fn onboard(
+        &self,
+        request: Request<proto::OnboardRequest>,
+    ) -> Result<Response<proto::OnboardResponse>, Status> {
+        match self.onboard_inner(request.into_inner()).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(status) => {
+                if status.code() != tonic::Code::PermissionDenied {
+                    self.plane.metrics.onboard("refused");
+                    tracing::warn!(code = ?status.code(), "onboarding refused: {}", status.message());
+                }
+                Err(status)
+            }
+        }
+    }
+
+    type SessionStream = EndpointStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<proto::AgentMessage>>,
+    ) -> Result<Response<EndpointStream>, Status> {
+        let key = self.authenticate(&request).await?;
+        let plane = self.plane.clone();
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let patch = AnnotationPatch {
+            set: [
+                (annotation::CONNECTED_AT.to_string(), now_rfc3339()),
+                (
+                    annotation::ENDPOINT_REPLICA.to_string(),
+                    plane.config.replica.clone(),
+                ),
+            ]
+            .into(),
+            remove: vec![annotation::DISCONNECTED_AT.into()],
+        };
+        plane
+            .registry
+            .annotate_entry(&key, &patch)
+            .await
+            .map_err(registry_status)?;
+        plane.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            key.clone(),
+            Live {
+                generation,
+                healthy: None,
+            },
+        );
+        plane
+            .metrics
+            .sessions
+            .set(plane.live.lock().map(|l| l.len() as i64).unwrap_or(0));
+        tracing::info!(entry = %key, "agent connected");
+
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let welcome = proto::Welcome {
+            replica: plane.config.replica.clone(),
+            heartbeat_seconds: plane.config.file.workloads.heartbeat.as_secs().max(1) as u32,
+        };
+        let _ = tx
+            .send(Ok(message(endpoint_message::Kind::Welcome(welcome))))
+            .await;
+        let mut inbound = request.into_inner();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let Ok(msg) = msg else { break };
+                match msg.kind {
+                    Some(agent_message::Kind::Heartbeat(_)) | None => {}
+                    Some(agent_message::Kind::Health(h)) => Self::health(&plane, &key, h).await,
+                    Some(agent_message::Kind::RenewToken(_)) => {
+                        let reply = Self::renew(&plane, &key).await;
+                        if tx.send(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            Self::disconnected(&plane, &key, generation).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<proto::LeaveRequest>,
+    ) -> Result<Response<proto::LeaveResponse>, Status> {
+        let key = self.authenticate(&request).await?;
+        self.plane
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        self.plane
+            .registry
+            .delete_entry(&key)
+            .await
+            .map_err(registry_status)?;
+        self.plane.metrics.deleted("leave");
+        tracing::info!(entry = %key, "agent left; entry removed");
+        Ok(Response::new(proto::LeaveResponse {
+            propagation_delay_seconds: self.plane.config.file.workloads.propagation_delay.as_secs() as u32,
+        }))
+    }
+}
+
+fn message(kind: endpoint_message::Kind) -> proto::EndpointMessage {
+    proto::EndpointMessage { kind: Some(kind) }
+}
+
+impl Service {
+    async fn renew(plane: &Plane, key: &NamespacedName) -> Result<proto::EndpointMessage, Status> {
+        let entry = plane
+            .registry
+            .entry(key)
+            .await
+            .map_err(registry_status)?
+            .ok_or_else(|| {
+                Status::not_found(format!("WorkloadEntry {key} no longer exists: onboard again"))
+            })?;
+        let sa = if entry.spec.service_account.is_empty() {
+            "default"
+        } else {
+            entry.spec.service_account.as_str()
+        };
+        let token = plane
+            .mesh
+            .token(&key.namespace, sa, plane.config.file.sidecar_token.lifetime)
+            .await
+            .map_err(|e| Status::unavailable(format!("renewing the sidecar token of {key}: {e}")))?;
+        plane.metrics.renewals.inc();
+        tracing::info!(entry = %key, "renewed the sidecar token");
+        Ok(message(endpoint_message::Kind::TokenRenewed(
+            proto::TokenRenewed {
+                token: Some(proto::BootFile {
+                    name: "istio-token".into(),
+                    content: token.jwt.into_bytes(),
+                    mode: 0o600,
+                }),
+                expires_at: token.expires_at,
+                issued_at: token.issued_at,
+            },
+        )))
+    }
+
+    /// Records the sidecar's health as the entry's `Healthy` condition, only when it changes.
+    async fn health(plane: &Plane, key: &NamespacedName, health: proto::Health) {
+        let changed = {
+            let mut live = plane.live.lock().unwrap_or_else(|p| p.into_inner());
+            match live.get_mut(key) {
+                Some(l) if l.healthy != Some(health.healthy) => {
+                    l.healthy = Some(health.healthy);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !changed {
+            return;
+        }
+        let now = now_rfc3339();
+        let status = serde_json::json!({ "conditions": [{
+            "type": "Healthy",
+            "status": if health.healthy { "True" } else { "False" },
+            "message": health.message,
+            "lastProbeTime": now,
+            "lastTransitionTime": now,
+        }]});
+        if let Err(err) = plane.registry.set_entry_status(key, &status).await {
+            tracing::warn!(entry = %key, %err, "could not record the sidecar's health");
+        }
+    }
+}
