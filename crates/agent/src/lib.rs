@@ -1,1 +1,38 @@
-//! gangplank-agent library: config, launchers, boot files and the onboarding loop.
+//! gangplank-agent: onboards a VM into the mesh, writes the sidecar's boot files, starts
+//! and supervises the sidecar, renews its token and deregisters on shutdown.
+//!
+//! - [`config`]: the `OnboardingConfiguration` and `AgentConfiguration` files;
+//! - [`files`]: atomic boot-file writing and the hosts-file block;
+//! - [`launcher`]: starting the sidecar (systemd, docker or a supervised process);
+//! - [`host`]: the facts the agent reports about its host;
+//! - [`backoff`]: retry delays;
+//! - [`run`]: the onboarding loop.
+//!
+//! Embedding the agent (tests, `gangplank quickstart`):
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! use std::path::Path;
+//! let config = gangplank_agent::Config::load(
+//!     Path::new("/etc/gangplank/onboarding.yaml"),
+//!     Path::new("/etc/gangplank/agent.yaml"),
+//!     true,
+//! )?;
+//! let agent = gangplank_agent::Agent::new(&config)?;
+//! let mut status = agent.status();
+//! let run = tokio::spawn(agent.run(async { let _ = tokio::signal::ctrl_c().await; }));
+//! status.wait_for(|s| matches!(s, gangplank_agent::Status::Registered { connected: true, .. })).await?;
+//! run.await??;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod backoff;
+pub mod config;
+pub mod files;
+pub mod host;
+pub mod launcher;
+pub mod run;
+
+pub use config::Config;
+pub use run::{Agent, Status, run};

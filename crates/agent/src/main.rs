@@ -1,1 +1,148 @@
-fn main() {}
+//! `gangplank-agent`: onboards this host into the mesh and keeps its sidecar running.
+//!
+//! Exit codes: 0 after a clean shutdown, 1 when the agent failed (e.g. it could not
+//! deregister), 2 when a configuration file is invalid (nothing was contacted).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gangplank_agent::config::{self, DEFAULT_AGENT_PATH, DEFAULT_ONBOARDING_PATH};
+
+/// Onboards this VM into an Istio mesh through a Gangplank onboarding endpoint, writes the
+/// sidecar's boot files, starts the sidecar, keeps its token fresh and deregisters on
+/// SIGTERM/SIGINT. Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more.
+#[derive(Debug, Parser)]
+#[command(name = "gangplank-agent", version)]
+struct Cli {
+    /// The OnboardingConfiguration: which endpoint, which WorkloadGroup.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_ONBOARDING_PATH)]
+    onboarding_config: PathBuf,
+    /// The AgentConfiguration: identity, sidecar launcher, file locations, timings
+    /// [default: /etc/gangplank/agent.yaml; defaults apply when that file is absent].
+    #[arg(long, value_name = "PATH")]
+    agent_config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Onboard and keep the sidecar running (the default).
+    Run,
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Print the effective AgentConfiguration, every default filled in.
+    Print,
+    /// Validate both configuration files and exit (0 when valid, 2 when not).
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+
+    let (agent_path, agent_missing_ok) = match &cli.agent_config {
+        Some(p) => (p.clone(), false),
+        None => (PathBuf::from(DEFAULT_AGENT_PATH), true),
+    };
+
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Config {
+            action: ConfigAction::Print,
+        } => match config::Agent::load(&agent_path, agent_missing_ok) {
+            Ok(agent) => {
+                print!("{}", agent.to_yaml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&e),
+        },
+        Command::Config {
+            action: ConfigAction::Check,
+        } => match config::Config::load(&cli.onboarding_config, &agent_path, agent_missing_ok) {
+            Ok(_) => {
+                println!("configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&e),
+        },
+        Command::Run => {
+            let config = match config::Config::load(&cli.onboarding_config, &agent_path, agent_missing_ok) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            run(config)
+        }
+    }
+}
+
+fn run(config: config::Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gangplank-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let agent = match gangplank_agent::Agent::new(&config) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM/SIGINT: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match agent.run(shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; leaving the mesh"),
+            _ = int.recv() => tracing::info!("SIGINT received; leaving the mesh"),
+        }
+    })
+}
+
+fn config_error(e: &config::Error) -> ExitCode {
+    eprintln!("gangplank-agent: invalid configuration: {e}");
+    ExitCode::from(2)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

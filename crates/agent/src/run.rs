@@ -1,0 +1,740 @@
+//! The onboarding loop.
+//!
+//! Discover → credential → Onboard → write boot files → start the sidecar → Session stream
+//! (heartbeats, health, token renewal, config changes) for as long as the agent lives;
+//! on shutdown, Leave → wait the propagation delay → stop the sidecar.
+//!
+//! Every failure is retried with capped exponential backoff and full jitter: the endpoint
+//! may be down, the WorkloadGroup or an allowing OnboardingPolicy may not exist yet. A
+//! broken Session stream is reopened with the same session; a session the endpoint no
+//! longer knows (UNAUTHENTICATED, NOT_FOUND) means onboarding again from scratch.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use gangplank_api::NamespacedName;
+use gangplank_api::proto::{self, onboarding_client::OnboardingClient};
+use gangplank_identity::{Challenge, Provider};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::backoff::Backoff;
+use crate::config;
+use crate::files::{self, Changed, Name};
+use crate::host;
+use crate::launcher::{self, Health, Launcher};
+
+/// Heartbeat interval when neither the endpoint nor the config gives one.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+/// How often the sidecar's health is checked for changes to report.
+pub const HEALTH_POLL: Duration = Duration::from_secs(1);
+/// How long Leave may take before the agent gives up on it.
+pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the agent stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The TLS client for the endpoint could not be set up (CA bundle, SNI).
+    #[error(
+        "cannot set up TLS to the onboarding endpoint {endpoint}: {source}; check onboardingEndpoint.transportSecurity in the onboarding configuration"
+    )]
+    Tls {
+        /// `host:port`.
+        endpoint: String,
+        /// What failed.
+        source: gangplank_tls::Error,
+    },
+    /// Leave failed; the sidecar was stopped anyway.
+    #[error(
+        "cannot deregister from the onboarding endpoint {endpoint}: {message}; the sidecar was stopped, and the endpoint removes this VM's WorkloadEntry after its grace period"
+    )]
+    Leave {
+        /// `host:port`.
+        endpoint: String,
+        /// What failed.
+        message: String,
+    },
+    /// The sidecar could not be stopped.
+    #[error("cannot stop the sidecar: {0}")]
+    Stop(#[source] launcher::Error),
+}
+
+/// A result of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the agent is doing, for whoever embeds it (tests, `gangplank quickstart`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Not registered yet; `last_error` says why the last attempt failed.
+    Onboarding {
+        /// The last attempt's failure.
+        last_error: Option<String>,
+    },
+    /// Registered as a WorkloadEntry; `connected` while the Session stream is open.
+    Registered {
+        /// The WorkloadEntry.
+        entry: NamespacedName,
+        /// The address it was registered with.
+        address: String,
+        /// Whether the Session stream is open.
+        connected: bool,
+    },
+    /// Shutting down: deregistering and stopping the sidecar.
+    Leaving,
+}
+
+/// The session bearer credential. Never printed.
+#[derive(Clone)]
+struct Session(String);
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Session(<redacted>)")
+    }
+}
+
+/// How the agent obtains its credential.
+enum Identity {
+    /// Built from the configuration on every attempt, so a join token file placed (or a
+    /// JWT rotated) after the agent started is picked up.
+    Config(config::Identity),
+    /// A provider given by the embedder.
+    Fixed(Arc<dyn Provider>),
+}
+
+/// Builds the credential provider the configuration names.
+pub fn provider(identity: &config::Identity) -> gangplank_identity::Result<Box<dyn Provider>> {
+    Ok(match identity {
+        config::Identity::JoinToken { file } => {
+            Box::new(gangplank_identity::token::Provider::from_file(file)?)
+        }
+        config::Identity::JwtFile { file } => {
+            Box::new(gangplank_identity::jwt::Provider::from_file(file.clone())?)
+        }
+        config::Identity::JwtCommand { command } => {
+            Box::new(gangplank_identity::jwt::Provider::from_command(command.clone())?)
+        }
+    })
+}
+
+/// The TLS options of the configured endpoint.
+pub fn tls_options(endpoint: &config::Endpoint) -> gangplank_tls::ClientOptions {
+    gangplank_tls::ClientOptions {
+        ca_bundle: endpoint.ca_bundle.clone(),
+        sni: endpoint.sni.clone(),
+        insecure_skip_verify: endpoint.insecure_skip_verify,
+    }
+}
+
+/// When to renew a token issued at `issued_at` that expires at `expires_at` (Unix
+/// seconds): after `fraction` of its lifetime, counted from `now`. `None` when the
+/// endpoint gave no usable lifetime; zero when the renewal time has passed.
+pub fn renewal_delay(issued_at: i64, expires_at: i64, now: SystemTime, fraction: f64) -> Option<Duration> {
+    if issued_at <= 0 || expires_at <= issued_at {
+        return None;
+    }
+    let renew_at = issued_at as f64 + fraction * (expires_at - issued_at) as f64;
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let delay = renew_at - now;
+    Some(if delay > 0.0 {
+        Duration::from_secs_f64(delay)
+    } else {
+        Duration::ZERO
+    })
+}
+
+/// The onboarding agent.
+pub struct Agent {
+    onboarding: config::Onboarding,
+    settings: config::Settings,
+    channel: Channel,
+    identity: Identity,
+    launcher: Box<dyn Launcher>,
+    writer: files::Writer,
+    status: watch::Sender<Status>,
+}
+
+impl fmt::Debug for Agent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Agent")
+            .field("endpoint", &self.onboarding.endpoint.to_string())
+            .field("workload_group", &self.onboarding.workload_group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything one life of the agent remembers across reconnects.
+#[derive(Debug, Default)]
+struct State {
+    session: Option<Session>,
+    renew_at: Option<Instant>,
+    /// The sidecar was started (or an attempt was made) by this agent.
+    launched: bool,
+    /// The last start or restart failed; retried on every heartbeat.
+    launch_pending: bool,
+}
+
+/// How a Session stream ended.
+enum SessionEnd {
+    /// The endpoint no longer knows the session: onboard again.
+    Reonboard(String),
+    /// The stream broke: reopen it with the same session.
+    Broken(String),
+}
+
+impl Agent {
+    /// An agent for `config`, talking TLS to the configured endpoint (connects lazily:
+    /// nothing is contacted until [`Agent::run`]).
+    pub fn new(config: &config::Config) -> Result<Self> {
+        let ep = &config.onboarding.endpoint;
+        let channel =
+            gangplank_tls::channel(&ep.host, ep.port, &tls_options(ep)).map_err(|source| Error::Tls {
+                endpoint: ep.to_string(),
+                source,
+            })?;
+        Ok(Self::with_channel(config, channel))
+    }
+
+    /// An agent for `config` that reaches the endpoint over `channel` (e.g. plain TCP in
+    /// tests). Identity, launcher and file writer come from the configuration.
+    pub fn with_channel(config: &config::Config, channel: Channel) -> Self {
+        let agent = &config.agent;
+        Agent {
+            onboarding: config.onboarding.clone(),
+            settings: agent.settings,
+            channel,
+            identity: Identity::Config(agent.identity.clone()),
+            launcher: launcher::from_config(agent),
+            writer: files::Writer::new(agent.files.clone(), &agent.sidecar.proxy_user),
+            status: watch::channel(Status::Onboarding { last_error: None }).0,
+        }
+    }
+
+    /// Uses `provider` for credentials instead of the configured identity.
+    pub fn with_provider(mut self, provider: Arc<dyn Provider>) -> Self {
+        self.identity = Identity::Fixed(provider);
+        self
+    }
+
+    /// Uses `launcher` instead of the configured one.
+    pub fn with_launcher(mut self, launcher: Box<dyn Launcher>) -> Self {
+        self.launcher = launcher;
+        self
+    }
+
+    /// Uses `writer` instead of the configured one.
+    pub fn with_writer(mut self, writer: files::Writer) -> Self {
+        self.writer = writer;
+        self
+    }
+
+    /// Follows what the agent is doing.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    /// Runs until `shutdown` completes, then deregisters (Leave), waits the propagation
+    /// delay, and stops the sidecar. `Ok` only when that all succeeded.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let mut state = State::default();
+        tracing::info!(
+            endpoint = %self.onboarding.endpoint,
+            workload_group = %self.onboarding.workload_group,
+            version = gangplank_api::VERSION,
+            "gangplank-agent starting"
+        );
+        tokio::select! {
+            biased;
+            () = shutdown => {}
+            never = self.serve(&mut state) => match never {},
+        }
+        self.leave(state).await
+    }
+
+    async fn serve(&mut self, state: &mut State) -> std::convert::Infallible {
+        loop {
+            self.onboard(state).await;
+            self.sessions(state).await;
+        }
+    }
+
+    /// Onboards, retrying until it succeeds.
+    async fn onboard(&mut self, state: &mut State) {
+        let mut backoff = Backoff::new(self.settings.retry);
+        loop {
+            match self.onboard_once(state).await {
+                Ok(()) => return,
+                Err(message) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(retry_in = ?delay, "onboarding failed: {message}");
+                    self.status.send_replace(Status::Onboarding {
+                        last_error: Some(message),
+                    });
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn onboard_once(&mut self, state: &mut State) -> std::result::Result<(), String> {
+        let endpoint = self.onboarding.endpoint.to_string();
+        let group = &self.onboarding.workload_group;
+        let mut client = OnboardingClient::new(self.channel.clone());
+
+        let discovered = client
+            .discover(proto::DiscoverRequest {})
+            .await
+            .map_err(|s| {
+                format!(
+                    "cannot reach the onboarding endpoint {endpoint}: {}",
+                    describe(&s)
+                )
+            })?
+            .into_inner();
+        tracing::debug!(plane = %discovered.plane_id, kinds = ?discovered.credential_kinds, "discovered the onboarding plane");
+        let challenge = Challenge {
+            plane_id: discovered.plane_id,
+            nonce: discovered.nonce,
+        };
+
+        let credential = match &self.identity {
+            Identity::Fixed(p) => p.credential(&challenge).await,
+            Identity::Config(c) => match provider(c) {
+                Ok(p) => p.credential(&challenge).await,
+                Err(e) => Err(e),
+            },
+        }
+        .map_err(|e| format!("cannot obtain this host's credential: {e}"))?;
+        if !discovered.credential_kinds.is_empty() && !discovered.credential_kinds.contains(&credential.kind)
+        {
+            tracing::warn!(
+                kind = %credential.kind,
+                accepted = ?discovered.credential_kinds,
+                "the endpoint does not list this credential kind; trying anyway"
+            );
+        }
+
+        let facts = host::facts(&self.onboarding).await;
+        tracing::debug!(hostname = %facts.hostname, addresses = ?facts.addresses, "host facts");
+        let response = client
+            .onboard(proto::OnboardRequest {
+                workload_group: Some(proto::WorkloadGroupRef {
+                    namespace: group.namespace.clone(),
+                    name: group.name.clone(),
+                }),
+                credential: Some(credential),
+                nonce: challenge.nonce.clone(),
+                host: Some(facts),
+            })
+            .await
+            .map_err(|s| onboard_refused(&s, group, &endpoint))?
+            .into_inner();
+        let registration = response.registration.ok_or_else(|| {
+            format!("the endpoint {endpoint} returned no registration: this is an endpoint bug")
+        })?;
+        if registration.session.is_empty() {
+            return Err(format!(
+                "the endpoint {endpoint} returned no session: this is an endpoint bug"
+            ));
+        }
+        let entry = NamespacedName::new(registration.namespace.clone(), registration.name.clone());
+        tracing::info!(
+            workload_entry = %entry,
+            address = %registration.address,
+            identity = %registration.identity,
+            "onboarded"
+        );
+
+        // Registered: from here on, shutdown deregisters even if the files fail below.
+        state.session = Some(Session(registration.session));
+        state.renew_at = self.renewal(response.token_issued_at, response.token_expires_at);
+        self.status.send_replace(Status::Registered {
+            entry,
+            address: registration.address,
+            connected: false,
+        });
+
+        let changed = self.write(response.files).await?;
+        self.launch(state, &changed).await;
+        Ok(())
+    }
+
+    async fn write(&self, boot: Vec<proto::BootFile>) -> std::result::Result<Changed, String> {
+        let writer = self.writer.clone();
+        let changed = tokio::task::spawn_blocking(move || writer.write(&boot))
+            .await
+            .map_err(|e| format!("writing the boot files panicked: {e}"))?
+            .map_err(|e| format!("cannot write the sidecar's boot files: {e}"))?;
+        if !changed.is_empty() {
+            tracing::info!(changed = %changed, "boot files written");
+        }
+        Ok(changed)
+    }
+
+    /// Starts the sidecar the first time, restarts it when its files changed (or the last
+    /// attempt failed). A failure is reported as health and retried on the next heartbeat.
+    async fn launch(&mut self, state: &mut State, changed: &Changed) {
+        let result = if !state.launched {
+            state.launched = true;
+            if changed.needs_restart() {
+                self.launcher.restart().await
+            } else {
+                self.launcher.start().await
+            }
+        } else if changed.needs_restart() || state.launch_pending {
+            self.launcher.restart().await
+        } else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                state.launch_pending = false;
+                tracing::info!("sidecar started");
+            }
+            Err(e) => {
+                state.launch_pending = true;
+                tracing::error!(error = %e, "cannot start the sidecar; retrying on the next heartbeat");
+            }
+        }
+    }
+
+    fn renewal(&self, issued_at: i64, expires_at: i64) -> Option<Instant> {
+        let delay = renewal_delay(
+            issued_at,
+            expires_at,
+            SystemTime::now(),
+            self.settings.token_renewal,
+        );
+        match delay {
+            Some(d) => tracing::debug!(renew_in = ?d, "token renewal scheduled"),
+            None => tracing::debug!("the endpoint gave no token lifetime; no renewal scheduled"),
+        }
+        delay.map(|d| Instant::now() + d)
+    }
+
+    /// Keeps a Session stream open until the endpoint forgets the session.
+    async fn sessions(&mut self, state: &mut State) {
+        let mut backoff = Backoff::new(self.settings.retry);
+        loop {
+            match self.session(state, &mut backoff).await {
+                SessionEnd::Reonboard(why) => {
+                    tracing::warn!(
+                        "the endpoint no longer knows this agent's session ({why}); onboarding again"
+                    );
+                    state.session = None;
+                    self.set_connected(false);
+                    return;
+                }
+                SessionEnd::Broken(why) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(retry_in = ?delay, "session with the onboarding endpoint lost: {why}");
+                    self.set_connected(false);
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.status.send_if_modified(|s| match s {
+            Status::Registered { connected: c, .. } if *c != connected => {
+                *c = connected;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    async fn session(&mut self, state: &mut State, backoff: &mut Backoff) -> SessionEnd {
+        let Some(session) = state.session.clone() else {
+            return SessionEnd::Reonboard("no session".to_owned());
+        };
+        let mut client = OnboardingClient::new(self.channel.clone());
+        let (tx, rx) = mpsc::channel::<proto::AgentMessage>(16);
+        let request = match authorized(ReceiverStream::new(rx), &session) {
+            Ok(r) => r,
+            Err(why) => return SessionEnd::Reonboard(why),
+        };
+        let mut inbound = match client.session(request).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return session_end(&status),
+        };
+
+        let configured = self.settings.heartbeat;
+        let heartbeat_every = move |seconds: u32| {
+            configured.unwrap_or(if seconds > 0 {
+                Duration::from_secs(u64::from(seconds))
+            } else {
+                DEFAULT_HEARTBEAT
+            })
+        };
+        let every = heartbeat_every(0);
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + every, every);
+        let mut health_poll = tokio::time::interval(HEALTH_POLL);
+        let mut reported: Option<Health> = None;
+
+        loop {
+            let renew_at = state.renew_at;
+            let renew = async move {
+                match renew_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(m)) => {
+                        let Some(kind) = m.kind else { continue };
+                        match kind {
+                            proto::endpoint_message::Kind::Welcome(w) => {
+                                let every = heartbeat_every(w.heartbeat_seconds);
+                                heartbeat = tokio::time::interval_at(Instant::now() + every, every);
+                                backoff.reset();
+                                self.set_connected(true);
+                                tracing::info!(replica = %w.replica, heartbeat = ?every, "session open");
+                            }
+                            proto::endpoint_message::Kind::TokenRenewed(t) => self.token_renewed(state, t).await,
+                            proto::endpoint_message::Kind::ConfigChanged(c) => {
+                                tracing::info!("the endpoint sent new boot configuration");
+                                match self.write(c.files).await {
+                                    Ok(changed) => self.launch(state, &changed).await,
+                                    Err(e) => tracing::error!("{e}"),
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) => return SessionEnd::Broken("the endpoint closed the stream".to_owned()),
+                    Err(status) => return session_end(&status),
+                },
+                _ = heartbeat.tick() => {
+                    if state.launch_pending {
+                        self.launch(state, &Changed::default()).await;
+                    }
+                    if send(&tx, proto::agent_message::Kind::Heartbeat(proto::Heartbeat {})).await.is_err() {
+                        return SessionEnd::Broken("the stream to the endpoint closed".to_owned());
+                    }
+                }
+                () = renew => {
+                    tracing::info!("renewing the sidecar token");
+                    // Ask again later if no TokenRenewed arrives.
+                    state.renew_at = Some(Instant::now() + self.settings.retry.max);
+                    if send(&tx, proto::agent_message::Kind::RenewToken(proto::RenewToken {})).await.is_err() {
+                        return SessionEnd::Broken("the stream to the endpoint closed".to_owned());
+                    }
+                }
+                _ = health_poll.tick() => {
+                    let health = self.launcher.health();
+                    if reported.as_ref() != Some(&health) {
+                        tracing::info!(healthy = health.is_healthy(), "sidecar health: {}", health.message());
+                        let message = proto::Health { healthy: health.is_healthy(), message: health.message() };
+                        if send(&tx, proto::agent_message::Kind::Health(message)).await.is_err() {
+                            return SessionEnd::Broken("the stream to the endpoint closed".to_owned());
+                        }
+                        reported = Some(health);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn token_renewed(&mut self, state: &mut State, renewed: proto::TokenRenewed) {
+        let Some(token) = renewed.token else {
+            tracing::warn!("the endpoint sent TokenRenewed without a token; asking again later");
+            return;
+        };
+        if Name::parse(&token.name) != Some(Name::Token) {
+            tracing::warn!(name = %token.name, "the endpoint sent TokenRenewed with a file that is not istio-token; ignored");
+            return;
+        }
+        match self.write(vec![token]).await {
+            Ok(_) => {
+                tracing::info!("sidecar token renewed");
+                state.renew_at = self.renewal(renewed.issued_at, renewed.expires_at);
+            }
+            Err(e) => tracing::error!("{e}; asking again later"),
+        }
+    }
+
+    async fn leave(mut self, state: State) -> Result<()> {
+        self.status.send_replace(Status::Leaving);
+        let endpoint = self.onboarding.endpoint.to_string();
+        let mut failure = None;
+        if let Some(session) = &state.session {
+            tracing::info!("deregistering from the mesh");
+            let mut client = OnboardingClient::new(self.channel.clone());
+            match authorized(proto::LeaveRequest {}, session) {
+                Err(why) => failure = Some(why),
+                Ok(request) => match tokio::time::timeout(LEAVE_TIMEOUT, client.leave(request)).await {
+                    Ok(Ok(response)) => {
+                        let delay =
+                            Duration::from_secs(u64::from(response.into_inner().propagation_delay_seconds));
+                        tracing::info!(
+                            ?delay,
+                            "deregistered; waiting for the change to reach the mesh before stopping the sidecar"
+                        );
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok(Err(status)) => failure = Some(describe(&status)),
+                    Err(_) => failure = Some(format!("no answer within {LEAVE_TIMEOUT:?}")),
+                },
+            }
+        }
+        let stopped = if state.launched {
+            self.launcher.stop().await
+        } else {
+            Ok(())
+        };
+        if let Some(message) = failure {
+            if let Err(e) = &stopped {
+                tracing::error!(error = %e, "cannot stop the sidecar");
+            }
+            return Err(Error::Leave { endpoint, message });
+        }
+        stopped.map_err(Error::Stop)?;
+        tracing::info!("sidecar stopped; goodbye");
+        Ok(())
+    }
+}
+
+/// Runs the agent for `config` until `shutdown` completes (see [`Agent::run`]).
+pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    Agent::new(&config)?.run(shutdown).await
+}
+
+async fn send(
+    tx: &mpsc::Sender<proto::AgentMessage>,
+    kind: proto::agent_message::Kind,
+) -> std::result::Result<(), ()> {
+    tx.send(proto::AgentMessage { kind: Some(kind) })
+        .await
+        .map_err(|_| ())
+}
+
+fn authorized<T>(message: T, session: &Session) -> std::result::Result<tonic::Request<T>, String> {
+    let mut request = tonic::Request::new(message);
+    let value = tonic::metadata::MetadataValue::try_from(format!("Bearer {}", session.0))
+        .map_err(|_| "the endpoint's session is not a valid header value".to_owned())?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+fn describe(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// Why an Onboard was refused, for the log. Every code is retried: the group, a policy or
+/// the endpoint itself may be fixed while the agent waits.
+fn onboard_refused(status: &tonic::Status, group: &NamespacedName, endpoint: &str) -> String {
+    use tonic::Code;
+    let hint = match status.code() {
+        Code::PermissionDenied => "no OnboardingPolicy allows this host yet; retrying until one does",
+        Code::NotFound => "retrying until the WorkloadGroup exists",
+        Code::FailedPrecondition => "retrying until the endpoint's precondition holds",
+        Code::InvalidArgument => "retrying in case the endpoint is fixed; check the onboarding configuration",
+        Code::Unauthenticated => "the credential was refused; check identity in the agent configuration",
+        Code::Unavailable => "the endpoint is unreachable",
+        _ => "retrying",
+    };
+    format!(
+        "onboarding into WorkloadGroup {group} at {endpoint} refused: {} ({hint})",
+        describe(status)
+    )
+}
+
+fn session_end(status: &tonic::Status) -> SessionEnd {
+    match status.code() {
+        tonic::Code::Unauthenticated | tonic::Code::NotFound => SessionEnd::Reonboard(describe(status)),
+        _ => SessionEnd::Broken(describe(status)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn renewal_happens_at_the_configured_fraction_of_the_lifetime() {
+        // Issued at 1000, expires at 4600 (1h): 70% is 2520 s after issue.
+        assert_eq!(
+            renewal_delay(1000, 4600, at(1000), 0.7),
+            Some(Duration::from_secs(2520))
+        );
+        // Counted from now, not from the issue time.
+        assert_eq!(
+            renewal_delay(1000, 4600, at(1520), 0.7),
+            Some(Duration::from_secs(2000))
+        );
+        assert_eq!(
+            renewal_delay(1000, 1100, at(1000), 0.5),
+            Some(Duration::from_secs(50))
+        );
+        let fraction = renewal_delay(
+            1000,
+            1100,
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_000_250),
+            0.7,
+        )
+        .expect("scheduled");
+        assert_eq!(fraction, Duration::from_millis(69_750));
+    }
+
+    #[test]
+    fn overdue_renewal_is_immediate_and_missing_lifetime_is_none() {
+        assert_eq!(renewal_delay(1000, 1100, at(1090), 0.7), Some(Duration::ZERO));
+        assert_eq!(renewal_delay(1000, 1100, at(5000), 0.7), Some(Duration::ZERO));
+        assert_eq!(renewal_delay(0, 0, at(5000), 0.7), None);
+        assert_eq!(renewal_delay(1000, 1000, at(1000), 0.7), None);
+        assert_eq!(renewal_delay(1000, 900, at(1000), 0.7), None);
+    }
+
+    #[test]
+    fn session_is_never_printed() {
+        let s = Session("secret-session-token".into());
+        assert!(!format!("{s:?}").contains("secret"));
+        let request = authorized((), &s).expect("header");
+        assert_eq!(
+            request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok()),
+            Some("Bearer secret-session-token")
+        );
+        assert!(authorized((), &Session("bad\nvalue".into())).is_err());
+    }
+
+    #[test]
+    fn session_errors_are_classified() {
+        assert!(matches!(
+            session_end(&tonic::Status::unauthenticated("expired")),
+            SessionEnd::Reonboard(_)
+        ));
+        assert!(matches!(
+            session_end(&tonic::Status::not_found("gone")),
+            SessionEnd::Reonboard(_)
+        ));
+        assert!(matches!(
+            session_end(&tonic::Status::unavailable("down")),
+            SessionEnd::Broken(_)
+        ));
+        let m = onboard_refused(
+            &tonic::Status::permission_denied("no OnboardingPolicy in bookinfo allows jwt subject \"vm-7\""),
+            &NamespacedName::new("bookinfo", "ratings"),
+            "h:15443",
+        );
+        assert!(
+            m.contains("bookinfo/ratings") && m.contains("vm-7") && m.contains("PermissionDenied"),
+            "{m}"
+        );
+    }
+}
