@@ -2,3 +2,4 @@
 
 pub mod crd;
 pub mod oidc;
+pub mod sshd;

@@ -1,0 +1,224 @@
+//! The push against real OpenSSH `sshd`s on loopback (testkit::sshd): exact files, modes
+//! and commands on each VM; host keys; one failing host never stops the others.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gangplank_api::istio::{WorkloadEntry, WorkloadEntrySpec};
+use gangplank_api::meta::ObjectMeta;
+use gangplank_bootstrap::MeshConfig;
+use gangplank_push::fleet::{self, Observer, Outcome};
+use gangplank_push::plan::{Material, Runtime, Token};
+use gangplank_push::target::{Overrides, annotation};
+use gangplank_push::{jobs, ssh};
+use gangplank_testkit::sshd::{Fleet, Vm};
+
+const TOKEN: &[u8] = b"eyJhbGciOiJSUzI1NiJ9.secret-token.sig";
+const ROOT_CERT: &[u8] = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+fn entry(vm: &Vm, name: &str) -> WorkloadEntry {
+    WorkloadEntry::new(
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("bookinfo".into()),
+            annotations: Some(BTreeMap::from([
+                (annotation::SSH_HOST.to_string(), vm.addr.to_string()),
+                (annotation::SSH_PORT.to_string(), vm.port.to_string()),
+                (
+                    annotation::PROXY_CONFIG_DIR.to_string(),
+                    vm.root.join("etc/istio-proxy").display().to_string(),
+                ),
+                (annotation::PROXY_IMAGE_HUB.to_string(), "docker.io/tetrate".to_string()),
+                (annotation::PROXY_INSTANCE_IP.to_string(), "10.128.0.2".to_string()),
+            ])),
+            ..Default::default()
+        },
+        WorkloadEntrySpec {
+            address: "35.194.38.142".into(),
+            labels: BTreeMap::from([("app".to_string(), "ratings".to_string())]),
+            service_account: "bookinfo-ratings".into(),
+            ..Default::default()
+        },
+    )
+}
+
+fn material(runtime: Runtime, remote_root: &str) -> Material {
+    Material {
+        mesh_config: MeshConfig::from_yaml("trustDomain: cluster.local\n").expect("mesh"),
+        root_cert: ROOT_CERT.to_vec(),
+        cluster_id: String::new(),
+        istio_namespace: "istio-system".into(),
+        revision: String::new(),
+        proxy_tag: Some("1.27.1".into()),
+        remote_root: remote_root.into(),
+        runtime,
+        start: true,
+    }
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<String>>);
+
+impl Observer for Recorder {
+    fn line(&self, entry: &str, line: &str) {
+        if let Ok(mut l) = self.0.lock() {
+            l.push(format!("{entry}: {line}"));
+        }
+    }
+    fn finished(&self, _: &Outcome) {}
+}
+
+fn options(fleet: &Fleet) -> fleet::Options {
+    fleet::Options {
+        concurrency: 4,
+        timeout: Duration::from_secs(30),
+        ssh: ssh::Options {
+            key: None,
+            config_file: Some(fleet.ssh_config()),
+            ignore_host_keys: false,
+            connect_timeout: Some(Duration::from_secs(10)),
+        },
+    }
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).expect("stat").permissions().mode() & 0o7777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_bundle_and_commands_arrive_on_every_vm() {
+    let fleet = Fleet::start(3).expect("fleet");
+    let entries: Vec<WorkloadEntry> = fleet
+        .vms
+        .iter()
+        .enumerate()
+        .map(|(i, vm)| entry(vm, &format!("vm-{i}")))
+        .collect();
+    let jobs = jobs(&entries, &Overrides::default(), &material(Runtime::Docker, "/"), &|_| {
+        Ok(Token::new(TOKEN.to_vec()))
+    });
+    let recorder = Arc::new(Recorder::default());
+    let outcomes = fleet::run(jobs, &options(&fleet), recorder.clone()).await;
+    for o in &outcomes {
+        assert!(o.ok, "{o:?}");
+    }
+    for vm in &fleet.vms {
+        let dir = vm.root.join("etc/istio-proxy");
+        let env = std::fs::read_to_string(dir.join("sidecar.env")).expect("sidecar.env");
+        assert!(env.starts_with("JWT_POLICY=third-party-jwt\n"), "{env}");
+        assert!(env.contains("\nINSTANCE_IP=10.128.0.2\n"), "{env}");
+        assert_eq!(std::fs::read(dir.join("istio-ca.pem")).expect("ca"), ROOT_CERT);
+        assert_eq!(std::fs::read(dir.join("istio-token")).expect("token"), TOKEN);
+        assert_eq!(mode(&dir.join("istio-token")), 0o600);
+        assert_eq!(mode(&dir.join("sidecar.env")), 0o644);
+        assert_eq!(mode(&dir.join("istio-ca.pem")), 0o644);
+        // Nothing but the three files: no temporaries left behind.
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["istio-ca.pem", "istio-token", "sidecar.env"]);
+        let d = dir.display().to_string();
+        let run = format!(
+            "docker run -d --name istio-proxy --restart unless-stopped --network host \
+             -v {d}/istio-ca.pem:/var/run/secrets/istio/root-cert.pem \
+             -v {d}/istio-token:/var/run/secrets/tokens/istio-token \
+             --env-file {d}/sidecar.env docker.io/tetrate/proxyv2:1.27.1 proxy sidecar"
+        );
+        assert_eq!(
+            vm.commands(),
+            vec![argv("docker rm --force istio-proxy"), argv(&run)]
+        );
+        assert_eq!(vm.logins(), 1, "one SSH connection per host:\n{}", vm.log());
+    }
+    let lines = recorder.0.lock().expect("lines").clone();
+    let vm0: Vec<&String> = lines.iter().filter(|l| l.starts_with("bookinfo/vm-0: ")).collect();
+    assert_eq!(
+        vm0.first().map(|s| s.as_str()),
+        Some(format!("bookinfo/vm-0: [SSH client] connecting to {}", fleet.vms[0].endpoint()).as_str())
+    );
+    assert!(vm0.iter().any(|l| l.ends_with("istio-proxy")), "docker rm output is shown: {vm0:?}");
+    assert_eq!(vm0.last().map(|s| s.as_str()), Some("bookinfo/vm-0: [SSH client] closing connection"));
+    assert!(!lines.iter().any(|l| l.contains("secret-token")), "token never printed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_native_layout() {
+    let fleet = Fleet::start(1).expect("fleet");
+    let vm = &fleet.vms[0];
+    let root = vm.root.join("root");
+    let jobs = jobs(
+        &[entry(vm, "ratings-vm")],
+        &Overrides::default(),
+        &material(Runtime::Systemd, &root.display().to_string()),
+        &|_| Ok(Token::new(TOKEN.to_vec())),
+    );
+    let outcomes = fleet::run(jobs, &options(&fleet), Arc::new(Recorder::default())).await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    let env = std::fs::read_to_string(root.join("var/lib/istio/envoy/cluster.env")).expect("env");
+    assert!(env.contains("\nISTIO_SVC_IP='10.128.0.2'\n"), "{env}");
+    assert!(env.contains("\nISTIO_META_WORKLOAD_ENTRY='ratings-vm'\n"), "{env}");
+    assert!(env.contains("\nSERVICE_ACCOUNT='bookinfo-ratings'\n"), "{env}");
+    let mesh = std::fs::read_to_string(root.join("etc/istio/config/mesh")).expect("mesh");
+    assert!(mesh.starts_with("defaultConfig:\n"), "{mesh}");
+    assert_eq!(std::fs::read(root.join("etc/certs/root-cert.pem")).expect("cert"), ROOT_CERT);
+    let token = root.join("var/run/secrets/tokens/istio-token");
+    assert_eq!(std::fs::read(&token).expect("token"), TOKEN);
+    assert_eq!(mode(&token), 0o600);
+    assert_eq!(vm.commands(), vec![argv("systemctl restart istio")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_host_key_is_refused_and_nothing_is_written() {
+    let fleet = Fleet::start(2).expect("fleet");
+    fleet.forge_host_key(1).expect("forge");
+    let entries = vec![entry(&fleet.vms[0], "good"), entry(&fleet.vms[1], "mitm")];
+    let jobs = jobs(&entries, &Overrides::default(), &material(Runtime::Docker, "/"), &|_| {
+        Ok(Token::new(TOKEN.to_vec()))
+    });
+    let outcomes = fleet::run(jobs, &options(&fleet), Arc::new(Recorder::default())).await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    assert!(!outcomes[1].ok);
+    let err = outcomes[1].error.clone().unwrap_or_default();
+    assert!(err.contains("host key"), "{err}");
+    assert!(!fleet.vms[1].root.join("etc/istio-proxy").exists(), "nothing written to the forged host");
+    assert_eq!(fleet.vms[1].logins(), 0);
+    assert!(fleet.vms[1].commands().is_empty());
+
+    // The same host with --ignore-host-keys is accepted (explicitly unsafe).
+    let mut opts = options(&fleet);
+    opts.ssh.ignore_host_keys = true;
+    let jobs = jobs_for(&[entry(&fleet.vms[1], "mitm")]);
+    let outcomes = fleet::run(jobs, &opts, Arc::new(Recorder::default())).await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+}
+
+fn jobs_for(entries: &[WorkloadEntry]) -> Vec<fleet::Job> {
+    jobs(entries, &Overrides::default(), &material(Runtime::Docker, "/"), &|_| {
+        Ok(Token::new(TOKEN.to_vec()))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_command_fails_only_its_host() {
+    let fleet = Fleet::start(2).expect("fleet");
+    fleet.vms[0].break_tool("docker").expect("break");
+    let outcomes = fleet::run(
+        jobs_for(&[entry(&fleet.vms[0], "broken"), entry(&fleet.vms[1], "fine")]),
+        &options(&fleet),
+        Arc::new(Recorder::default()),
+    )
+    .await;
+    assert!(!outcomes[0].ok);
+    let err = outcomes[0].error.clone().unwrap_or_default();
+    assert!(err.contains("docker run -d --name istio-proxy") && err.contains("simulated failure"), "{err}");
+    assert!(outcomes[1].ok, "{outcomes:?}");
+    assert_eq!(fleet.vms[1].commands().len(), 2);
+}
+
+fn argv(line: &str) -> Vec<String> {
+    line.split_whitespace().map(str::to_string).collect()
+}
