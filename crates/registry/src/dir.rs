@@ -337,7 +337,7 @@ impl Store {
             None => {
                 let mut all: Vec<String> = read_dir(&self.root)?
                     .into_iter()
-                    .filter(|name| is_dns1123_label(name))
+                    .filter(|name| is_dns1123_label(name) && self.root.join(name).is_dir())
                     .collect();
                 all.sort();
                 all

@@ -297,6 +297,10 @@ async fn leftovers_of_a_crash_are_ignored() -> anyhow::Result<()> {
     std::fs::write(dir.join("empty.yaml"), "")?;
     // Other files are not ours.
     std::fs::write(dir.join("README.txt"), "not yaml")?;
+    std::fs::write(
+        reg.root().join("notes"),
+        "a file where a namespace folder could be",
+    )?;
 
     assert_eq!(reg.list::<WorkloadEntry>(None).await?, vec![stored.clone()]);
     assert_eq!(reg.entry(&key("bookinfo", "ratings-vm-1")).await?, Some(stored));
