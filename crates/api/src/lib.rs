@@ -29,4 +29,10 @@ pub mod kind {
     pub const JOIN_TOKEN: &str = "join-token";
     /// An OIDC JWT issued by a configured issuer.
     pub const JWT: &str = "jwt";
+    /// An AWS EC2 instance identity document with its RSA-2048 PKCS#7 signature.
+    pub const AWS_EC2: &str = "aws-ec2";
+    /// A GCE metadata server identity token.
+    pub const GCP_GCE: &str = "gcp-gce";
+    /// An Azure IMDS attested document.
+    pub const AZURE_VM: &str = "azure-vm";
 }

@@ -75,6 +75,67 @@ pub struct WorkloadMatcher {
     /// Matches join tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_token: Option<JoinTokenMatcher>,
+    /// Matches AWS EC2 instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsMatcher>,
+    /// Matches Google Compute Engine instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gcp: Option<GcpMatcher>,
+    /// Matches Azure virtual machines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureMatcher>,
+}
+
+/// Matches a verified AWS EC2 instance. Every non-empty list must contain the instance's
+/// value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AwsMatcher {
+    /// Account ids (12 digits). Required.
+    #[serde(default)]
+    pub accounts: Vec<String>,
+    /// Partitions (`aws`, `aws-cn`, `aws-us-gov`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<String>,
+    /// Regions, e.g. `us-east-1`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    /// Availability zones, e.g. `us-east-1a`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<String>,
+    /// Instance ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instance_ids: Vec<String>,
+}
+
+/// Matches a verified GCE instance. Every non-empty list must contain the instance's value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GcpMatcher {
+    /// Project ids. Required.
+    #[serde(default)]
+    pub projects: Vec<String>,
+    /// Zones, e.g. `us-central1-a`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<String>,
+    /// Service account emails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    /// Instance names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instance_names: Vec<String>,
+}
+
+/// Matches a verified Azure VM. Every non-empty list must contain the VM's value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AzureMatcher {
+    /// Subscription ids. Required.
+    #[serde(default)]
+    pub subscriptions: Vec<String>,
+    /// VM ids (`vmId`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vm_ids: Vec<String>,
 }
 
 /// Matches a verified JWT.

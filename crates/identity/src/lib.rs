@@ -12,7 +12,12 @@ use std::net::IpAddr;
 use async_trait::async_trait;
 use gangplank_api::proto;
 
+pub mod aws;
+pub mod azure;
+pub mod detect;
+pub mod gcp;
 pub mod jwt;
+mod pkcs7;
 pub mod token;
 
 /// What an agent proves itself against: the plane it talks to and a fresh nonce.
@@ -31,6 +36,12 @@ pub enum Facts {
     JoinToken(token::Facts),
     /// An OIDC JWT from a configured issuer.
     Jwt(jwt::Facts),
+    /// An AWS EC2 instance identity document.
+    Aws(aws::Facts),
+    /// A GCE instance identity token.
+    Gcp(gcp::Facts),
+    /// An Azure attested document.
+    Azure(azure::Facts),
 }
 
 /// A verified identity.
@@ -49,6 +60,9 @@ impl Identity {
         match &self.facts {
             Facts::JoinToken(_) => gangplank_api::kind::JOIN_TOKEN,
             Facts::Jwt(_) => gangplank_api::kind::JWT,
+            Facts::Aws(_) => gangplank_api::kind::AWS_EC2,
+            Facts::Gcp(_) => gangplank_api::kind::GCP_GCE,
+            Facts::Azure(_) => gangplank_api::kind::AZURE_VM,
         }
     }
 
@@ -57,6 +71,9 @@ impl Identity {
         match &self.facts {
             Facts::JoinToken(_) => "token",
             Facts::Jwt(_) => "jwt",
+            Facts::Aws(_) => "aws",
+            Facts::Gcp(_) => "gcp",
+            Facts::Azure(_) => "azure",
         }
     }
 
@@ -65,6 +82,9 @@ impl Identity {
         match &self.facts {
             Facts::JoinToken(f) => vec![f.id.clone()],
             Facts::Jwt(f) => vec![f.issuer.clone(), f.subject.clone()],
+            Facts::Aws(f) => f.name_parts(),
+            Facts::Gcp(f) => f.name_parts(),
+            Facts::Azure(f) => f.name_parts(),
         }
     }
 
@@ -73,12 +93,32 @@ impl Identity {
         match &self.facts {
             Facts::JoinToken(f) => format!("join-token:{}/{}", f.namespace, f.id),
             Facts::Jwt(f) => format!("jwt:{}#{}", f.issuer, f.subject),
+            Facts::Aws(f) => f.annotation(),
+            Facts::Gcp(f) => f.annotation(),
+            Facts::Azure(f) => f.annotation(),
         }
     }
 
     /// Short, label-safe identity facts to put on the WorkloadEntry's labels.
     pub fn labels(&self) -> BTreeMap<String, String> {
-        BTreeMap::new()
+        match &self.facts {
+            Facts::Aws(f) => f.labels(),
+            Facts::Gcp(f) => f.labels(),
+            Facts::Azure(f) => f.labels(),
+            Facts::JoinToken(_) | Facts::Jwt(_) => BTreeMap::new(),
+        }
+    }
+
+    /// Extra annotations recording the verified facts (and, for AWS, the agent's public
+    /// key, which later onboardings of the instance must prove possession of). The endpoint
+    /// copies them onto the WorkloadEntry.
+    pub fn annotations(&self) -> BTreeMap<String, String> {
+        match &self.facts {
+            Facts::Aws(f) => f.annotations(),
+            Facts::Gcp(f) => f.annotations(),
+            Facts::Azure(f) => f.annotations(),
+            Facts::JoinToken(_) | Facts::Jwt(_) => BTreeMap::new(),
+        }
     }
 }
 
@@ -92,6 +132,30 @@ impl fmt::Display for Identity {
                 t.id, t.namespace, t.workload_group
             ),
             Facts::Jwt(j) => write!(f, "jwt subject {:?} (issuer {})", j.subject, j.issuer),
+            Facts::Aws(a) => write!(
+                f,
+                "aws instance {} (account {}, region {}, zone {})",
+                a.instance_id, a.account, a.region, a.zone
+            ),
+            Facts::Gcp(g) => write!(
+                f,
+                "gcp instance {} (project {}, zone {}, service account {})",
+                g.instance_name,
+                g.project_id,
+                g.zone,
+                if g.service_account.is_empty() {
+                    "none"
+                } else {
+                    &g.service_account
+                }
+            ),
+            Facts::Azure(z) => write!(
+                f,
+                "azure vm {} (subscription {}, sku {})",
+                z.vm_id,
+                z.subscription_id,
+                if z.sku.is_empty() { "none" } else { &z.sku }
+            ),
         }
     }
 }

@@ -18,6 +18,8 @@ use gangplank_api::policy::{ClaimMatcher, JwtMatcher, OnboardingPolicy, Workload
 use gangplank_identity::{Facts, Identity};
 use serde_json::Value;
 
+mod cloud;
+
 /// Checks that a policy is well-formed; lists every problem with its field path.
 pub fn validate(policy: &OnboardingPolicy) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
@@ -38,11 +40,23 @@ pub fn validate(policy: &OnboardingPolicy) -> Result<(), Vec<String>> {
         }
         for (w, matcher) in rule.workloads.iter().enumerate() {
             let at = format!("{at}.workloads[{w}]");
-            match (&matcher.jwt, &matcher.join_token) {
-                (Some(jwt), None) => validate_jwt(jwt, &at, &mut problems),
-                (None, Some(_)) => {}
-                _ => problems.push(format!("{at}: set exactly one of jwt or joinToken")),
+            let set = [
+                matcher.jwt.is_some(),
+                matcher.join_token.is_some(),
+                matcher.aws.is_some(),
+                matcher.gcp.is_some(),
+                matcher.azure.is_some(),
+            ];
+            if set.iter().filter(|s| **s).count() != 1 {
+                problems.push(format!(
+                    "{at}: set exactly one of jwt, joinToken, aws, gcp or azure"
+                ));
+                continue;
             }
+            if let Some(jwt) = &matcher.jwt {
+                validate_jwt(jwt, &at, &mut problems);
+            }
+            cloud::validate(matcher, &at, &mut problems);
         }
         for (o, to) in rule.onboard_to.iter().enumerate() {
             if let Some(p) = selector_problem(&to.workload_group_selector) {
@@ -231,6 +245,9 @@ pub fn explain(policies: &[OnboardingPolicy], group: &WorkloadGroup, identity: &
         let names: Vec<&str> = claims.keys().map(String::as_str).collect();
         let _ = writeln!(out, "  claims: {}", names.join(", "));
     }
+    if let Some(facts) = cloud::facts_line(identity) {
+        let _ = writeln!(out, "  facts: {facts}");
+    }
     let outcomes = assess(policies, group, identity);
     if outcomes.is_empty() {
         let _ = writeln!(out, "no OnboardingPolicy given");
@@ -381,6 +398,9 @@ fn show_selector(s: &LabelSelector) -> String {
 }
 
 fn matcher_result(m: &WorkloadMatcher, group: &WorkloadGroup, identity: &Identity) -> Result<(), String> {
+    if m.aws.is_some() || m.gcp.is_some() || m.azure.is_some() {
+        return cloud::matcher_result(m, identity, identity.name_kind_long());
+    }
     match (&m.jwt, &m.join_token, &identity.facts) {
         (Some(jwt), None, Facts::Jwt(facts)) => {
             if facts.issuer != jwt.issuer {
@@ -431,6 +451,9 @@ impl KindName for Identity {
         match self.facts {
             Facts::JoinToken(_) => "join token",
             Facts::Jwt(_) => "jwt",
+            Facts::Aws(_) => "VM on AWS EC2",
+            Facts::Gcp(_) => "VM on GCP GCE",
+            Facts::Azure(_) => "VM on Azure",
         }
     }
 }

@@ -336,7 +336,7 @@ fn explain_lists_every_policy_and_rule() {
         "policy bookinfo/allow-prod:\n  rule 1: no match: wants a jwt from https://idp.example (got a join token)",
         "policy bookinfo/allow-tokens:\n  rule 1: matched",
         "policy other/sneaky: ignored: policy in namespace other cannot authorise groups in bookinfo",
-        "policy bookinfo/broken: invalid, allows nothing:\n  - spec.allow[0].workloads[0]: set exactly one of jwt or joinToken",
+        "policy bookinfo/broken: invalid, allows nothing:\n  - spec.allow[0].workloads[0]: set exactly one of jwt, joinToken, aws, gcp or azure",
         "ALLOWED: allowed by OnboardingPolicy allow-tokens rule 1",
     ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
@@ -361,13 +361,13 @@ fn validation_table() {
         (ALLOW_CLAIMS, &[]),
         (
             INVALID_ALLOW_ALL,
-            &["spec.allow[0].workloads[0]: set exactly one of jwt or joinToken"],
+            &["spec.allow[0].workloads[0]: set exactly one of jwt, joinToken, aws, gcp or azure"],
         ),
         (
             "metadata: {name: x}\nspec: {allow: [{workloads: [{}], onboardTo: []}]}",
             &[
                 "spec.allow[0].onboardTo is empty: list at least one workloadGroupSelector ({} selects every group)",
-                "spec.allow[0].workloads[0]: set exactly one of jwt or joinToken",
+                "spec.allow[0].workloads[0]: set exactly one of jwt, joinToken, aws, gcp or azure",
             ],
         ),
         (

@@ -1,0 +1,442 @@
+//! Azure virtual machines: IMDS attested data, signed by Azure, bound to the endpoint's nonce.
+//!
+//! Agent half ([`Provider`]): `GET /metadata/attested/document?api-version=2020-09-01&nonce=…`
+//! with header `Metadata: true`. IMDS accepts a 10-digit nonce, so both halves derive it
+//! from the plane id and the endpoint's single-use challenge ([`imds_nonce`]).
+//!
+//! Endpoint half ([`Verifier`]): the response is `{"encoding":"pkcs7","signature":"<base64>"}`.
+//! The PKCS#7 signature and its certificate chain must verify to Microsoft's roots (built
+//! in, see `data/README.md`; overridable), the signer must be `metadata.azure.com` or a
+//! sovereign cloud's name, the signed nonce must equal the expected one and `timeStamp`
+//! must be current. The identity is the subscription id, vmId and sku.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use gangplank_api::{NamespacedName, kind, proto};
+use openssl::nid::Nid;
+use openssl::x509::store::X509Store;
+use openssl::x509::{X509, X509Ref};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::{Challenge, Error, Identity, Result, pkcs7};
+
+/// Where IMDS answers on every Azure VM.
+pub const DEFAULT_IMDS_URL: &str = "http://169.254.169.254";
+/// The IMDS API version requested.
+pub const API_VERSION: &str = "2020-09-01";
+/// Signer names of Azure's public and sovereign clouds.
+pub const SIGNER_NAMES: &[&str] = &[
+    "metadata.azure.com",
+    "metadata.azure.us",
+    "metadata.azure.cn",
+    "metadata.microsoftazure.de",
+];
+/// How old (by `timeStamp.createdOn`) a document may be, unless configured.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(10 * 60);
+/// Microsoft's roots built in.
+const BUILTIN_ROOTS: &str = include_str!("../data/azure/roots.pem");
+const IMDS_TIMEOUT: Duration = Duration::from_secs(5);
+const LEEWAY_SECS: i64 = 60;
+const MAX_PAYLOAD: usize = 64 * 1024;
+
+/// Verified facts of an Azure VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Facts {
+    /// The subscription id.
+    pub subscription_id: String,
+    /// The VM's unique id.
+    pub vm_id: String,
+    /// The image sku.
+    #[serde(default)]
+    pub sku: String,
+}
+
+impl Facts {
+    /// The `identity` annotation value: `azure:<subscription>/<vmId>`.
+    pub fn annotation(&self) -> String {
+        format!("azure:{}/{}", self.subscription_id, self.vm_id)
+    }
+
+    /// Parts of the WorkloadEntry name: subscription and vmId.
+    pub fn name_parts(&self) -> Vec<String> {
+        vec![self.subscription_id.clone(), self.vm_id.clone()]
+    }
+
+    /// Label-safe facts.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        crate::detect::short_labels([
+            ("azure-subscription", &self.subscription_id),
+            ("azure-vm-id", &self.vm_id),
+        ])
+    }
+
+    /// Annotations recording the facts.
+    pub fn annotations(&self) -> BTreeMap<String, String> {
+        serde_json::to_string(self)
+            .map(|json| BTreeMap::from([("onboarding.gangplank.dev/azure-vm".to_string(), json)]))
+            .unwrap_or_default()
+    }
+}
+
+/// The nonce an agent asks IMDS to sign: 10 decimal digits derived from the plane id and
+/// the endpoint's challenge nonce.
+pub fn imds_nonce(challenge: &Challenge) -> String {
+    let mut h = Sha256::new();
+    h.update(b"gangplank azure-vm nonce v1");
+    h.update([0]);
+    h.update(challenge.plane_id.as_bytes());
+    h.update([0]);
+    h.update(challenge.nonce.as_bytes());
+    let d = h.finalize();
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&d[..8]);
+    format!("{:010}", u64::from_be_bytes(n) % 10_000_000_000)
+}
+
+/// What is wrong with the endpoint's Azure configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A configured certificate bundle is unusable.
+    #[error("azureVm.{field}: {message}")]
+    Certificates {
+        /// `roots` or `intermediates`.
+        field: &'static str,
+        /// What is wrong and what to change.
+        message: String,
+    },
+}
+
+/// The endpoint's Azure settings.
+#[derive(Clone, Default)]
+pub struct VerifierConfig {
+    /// Trusted roots (PEM); `None` uses Microsoft's built-in roots.
+    pub roots_pem: Option<Vec<u8>>,
+    /// Extra intermediate certificates (PEM) to build chains with; untrusted.
+    pub intermediates_pem: Option<Vec<u8>>,
+    /// Accepted signer names; empty uses [`SIGNER_NAMES`].
+    pub signer_names: Vec<String>,
+    /// How old a document may be; `None` uses [`DEFAULT_MAX_AGE`].
+    pub max_age: Option<Duration>,
+}
+
+impl fmt::Debug for VerifierConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifierConfig")
+            .field("custom_roots", &self.roots_pem.is_some())
+            .field("signer_names", &self.signer_names)
+            .field("max_age", &self.max_age)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The endpoint half.
+pub struct Verifier {
+    store: X509Store,
+    intermediates: Vec<X509>,
+    signer_names: Vec<String>,
+    max_age: Duration,
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verifier")
+            .field("signer_names", &self.signer_names)
+            .field("max_age", &self.max_age)
+            .finish_non_exhaustive()
+    }
+}
+
+fn reject(why: impl fmt::Display) -> Error {
+    Error::Rejected(format!("azure attested document {why}"))
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    encoding: String,
+    signature: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Attested {
+    nonce: String,
+    subscription_id: String,
+    vm_id: String,
+    #[serde(default)]
+    sku: String,
+    time_stamp: TimeStamp,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TimeStamp {
+    created_on: String,
+    expires_on: String,
+}
+
+/// Parses IMDS's `MM/DD/YY HH:MM:SS -0000` timestamps.
+fn parse_timestamp(s: &str) -> Option<OffsetDateTime> {
+    let (date, rest) = s.trim().split_once(' ')?;
+    let (clock, offset) = rest.split_once(' ')?;
+    let d: Vec<u32> = date.split('/').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+    let c: Vec<u8> = clock.split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+    let (&[month, day, year], &[h, m, sec]) = (&d[..], &c[..]) else {
+        return None;
+    };
+    if offset.trim_start_matches(['-', '+']) != "0000" {
+        return None;
+    }
+    let date = time::Date::from_calendar_date(
+        2000 + i32::try_from(year).ok()?,
+        time::Month::try_from(u8::try_from(month).ok()?).ok()?,
+        u8::try_from(day).ok()?,
+    )
+    .ok()?;
+    Some(date.with_hms(h, m, sec).ok()?.assume_utc())
+}
+
+impl Verifier {
+    /// A verifier with `config`.
+    pub fn new(config: VerifierConfig) -> std::result::Result<Self, ConfigError> {
+        let roots = pkcs7::certs_from_pem(config.roots_pem.as_deref().unwrap_or(BUILTIN_ROOTS.as_bytes()))
+            .map_err(|m| ConfigError::Certificates {
+                field: "roots",
+                message: format!("the bundle {m}"),
+            })?;
+        let intermediates = match &config.intermediates_pem {
+            Some(pem) => pkcs7::certs_from_pem(pem).map_err(|m| ConfigError::Certificates {
+                field: "intermediates",
+                message: format!("the bundle {m}"),
+            })?,
+            None => Vec::new(),
+        };
+        let store = pkcs7::store(&roots).map_err(|message| ConfigError::Certificates {
+            field: "roots",
+            message,
+        })?;
+        let signer_names = if config.signer_names.is_empty() {
+            SIGNER_NAMES.iter().map(|s| s.to_string()).collect()
+        } else {
+            config.signer_names
+        };
+        Ok(Self {
+            store,
+            intermediates,
+            signer_names,
+            max_age: config.max_age.unwrap_or(DEFAULT_MAX_AGE),
+        })
+    }
+
+    /// Verifies an IMDS attested-document response for `challenge`.
+    pub fn verify_document(&self, response: &[u8], challenge: &Challenge) -> Result<Facts> {
+        if response.len() > MAX_PAYLOAD {
+            return Err(reject(format!("is larger than {MAX_PAYLOAD} bytes")));
+        }
+        let envelope: Envelope = serde_json::from_slice(response)
+            .map_err(|_| reject("is not IMDS's {\"encoding\",\"signature\"} response"))?;
+        if envelope.encoding != "pkcs7" {
+            return Err(reject(format!(
+                "has encoding {}, expected pkcs7",
+                crate::detect::shown(&envelope.encoding)
+            )));
+        }
+        let compact: String = envelope
+            .signature
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect();
+        let der = STANDARD
+            .decode(compact.as_bytes())
+            .map_err(|_| reject("signature is not base64"))?;
+        let p7 = pkcs7::parse(&der).map_err(|m| reject(format!("signature {m}")))?;
+        let (content, signer) = pkcs7::verify_chain(&p7, &self.store, &self.intermediates).map_err(|m| {
+            reject(format!(
+                "{m}: it was not signed by Azure (or azureVm.roots/intermediates lack its chain)"
+            ))
+        })?;
+        if !self.signer_allowed(&signer) {
+            return Err(reject(format!(
+                "was signed by {}, not by one of {}",
+                subject_name(&signer),
+                self.signer_names.join(", ")
+            )));
+        }
+        let doc: Attested = serde_json::from_slice(&content)
+            .map_err(|e| reject(format!("signed content lacks a field Gangplank needs: {e}")))?;
+        let expected = imds_nonce(challenge);
+        if doc.nonce != expected {
+            return Err(reject(
+                "carries a different nonce than this onboarding's challenge: it is a replay or was requested for another challenge; request it with the nonce from Discover",
+            ));
+        }
+        let created = parse_timestamp(&doc.time_stamp.created_on)
+            .ok_or_else(|| reject("has a malformed timeStamp.createdOn"))?;
+        let expires = parse_timestamp(&doc.time_stamp.expires_on)
+            .ok_or_else(|| reject("has a malformed timeStamp.expiresOn"))?;
+        let now = OffsetDateTime::now_utc();
+        if now > expires + time::Duration::seconds(LEEWAY_SECS) {
+            return Err(reject(format!("expired at {}", doc.time_stamp.expires_on)));
+        }
+        if created > now + time::Duration::seconds(LEEWAY_SECS) {
+            return Err(reject(
+                "was created in the future: check the VM's and the endpoint's clocks",
+            ));
+        }
+        let age = now - created;
+        if age > time::Duration::try_from(self.max_age).unwrap_or(time::Duration::MAX) {
+            return Err(reject(format!(
+                "is stale: created at {} ({}s ago, more than the {}s accepted); request a fresh one",
+                doc.time_stamp.created_on,
+                age.whole_seconds(),
+                self.max_age.as_secs()
+            )));
+        }
+        if doc.subscription_id.is_empty() || doc.vm_id.is_empty() {
+            return Err(reject("has an empty subscriptionId or vmId"));
+        }
+        Ok(Facts {
+            subscription_id: doc.subscription_id,
+            vm_id: doc.vm_id,
+            sku: doc.sku,
+        })
+    }
+
+    fn signer_allowed(&self, cert: &X509Ref) -> bool {
+        let fits = |name: &str| {
+            let name = name.to_ascii_lowercase();
+            self.signer_names
+                .iter()
+                .any(|n| name == *n || name.strip_suffix(n.as_str()).is_some_and(|p| p.ends_with('.')))
+        };
+        let sans = cert
+            .subject_alt_names()
+            .map(|names| names.iter().filter_map(|n| n.dnsname().map(fits)).any(|ok| ok))
+            .unwrap_or(false);
+        sans || cert
+            .subject_name()
+            .entries_by_nid(Nid::COMMONNAME)
+            .filter_map(|e| e.data().to_string().ok())
+            .any(|cn| fits(&cn))
+    }
+}
+
+fn subject_name(cert: &X509Ref) -> String {
+    cert.subject_name()
+        .entries_by_nid(Nid::COMMONNAME)
+        .filter_map(|e| e.data().to_string().ok())
+        .map(|cn| format!("CN={cn}"))
+        .next()
+        .unwrap_or_else(|| "a certificate without a common name".into())
+}
+
+#[async_trait]
+impl crate::Verifier for Verifier {
+    fn kind(&self) -> &'static str {
+        kind::AZURE_VM
+    }
+
+    async fn verify(
+        &self,
+        credential: &proto::Credential,
+        challenge: &Challenge,
+        _group: &NamespacedName,
+    ) -> Result<Identity> {
+        if credential.kind != kind::AZURE_VM {
+            return Err(Error::UnsupportedKind(credential.kind.clone()));
+        }
+        let facts = self.verify_document(&credential.payload, challenge)?;
+        Ok(Identity {
+            facts: crate::Facts::Azure(facts),
+            address: None,
+        })
+    }
+}
+
+/// The agent half: asks IMDS for attested data bound to the challenge.
+pub struct Provider {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl fmt::Debug for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Provider").field("base", &self.base).finish()
+    }
+}
+
+impl Provider {
+    /// Talks to IMDS at `base` (default [`DEFAULT_IMDS_URL`]).
+    pub fn new(base: Option<String>) -> Result<Self> {
+        Ok(Self {
+            base: base
+                .unwrap_or_else(|| DEFAULT_IMDS_URL.into())
+                .trim_end_matches('/')
+                .to_string(),
+            client: crate::detect::metadata_client(IMDS_TIMEOUT)?,
+        })
+    }
+}
+
+#[async_trait]
+impl crate::Provider for Provider {
+    fn kind(&self) -> &'static str {
+        kind::AZURE_VM
+    }
+
+    async fn credential(&self, challenge: &Challenge) -> Result<proto::Credential> {
+        let base = format!("{}/metadata/attested/document", self.base);
+        let nonce = imds_nonce(challenge);
+        let url = reqwest::Url::parse_with_params(
+            &base,
+            &[("api-version", API_VERSION), ("nonce", nonce.as_str())],
+        )
+        .map_err(|e| Error::Unavailable(format!("Azure IMDS URL {base}: {e}")))?;
+        let req = self.client.get(url.clone()).header("Metadata", "true");
+        let body = crate::detect::read_text(req, url.as_str(), "Azure IMDS").await?;
+        Ok(proto::Credential {
+            kind: kind::AZURE_VM.into(),
+            payload: body.into_bytes(),
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_parse() {
+        let t = parse_timestamp("11/30/20 21:19:19 -0000").map(|t| t.unix_timestamp());
+        assert_eq!(t, Some(1_606_771_159));
+        assert!(parse_timestamp("2020-11-30").is_none());
+    }
+
+    #[test]
+    fn nonces_are_ten_digits_and_bound_to_the_challenge() {
+        let a = Challenge {
+            plane_id: "p".into(),
+            nonce: "n1".into(),
+        };
+        let b = Challenge {
+            plane_id: "p".into(),
+            nonce: "n2".into(),
+        };
+        assert_eq!(imds_nonce(&a).len(), 10);
+        assert!(imds_nonce(&a).bytes().all(|c| c.is_ascii_digit()));
+        assert_ne!(imds_nonce(&a), imds_nonce(&b));
+    }
+
+    #[test]
+    fn builtin_roots_load() {
+        assert!(Verifier::new(VerifierConfig::default()).is_ok());
+    }
+}

@@ -1,0 +1,181 @@
+//! Platform detection for `host: auto`: which cloud's metadata service answers here.
+//!
+//! Each metadata service is probed at once with a short timeout, in the way only the real
+//! service answers (IMDSv2 token `PUT`; GCP's `Metadata-Flavor: Google` response header;
+//! Azure's `Metadata: true` request header). A fixed `host` in the agent config skips this.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// How long each probe may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest metadata response read.
+const MAX_RESPONSE: usize = 64 * 1024;
+
+/// A cloud platform with a metadata service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    /// AWS EC2.
+    Aws,
+    /// Google Compute Engine.
+    Gcp,
+    /// Azure virtual machines.
+    Azure,
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Platform::Aws => "aws-ec2",
+            Platform::Gcp => "gcp-gce",
+            Platform::Azure => "azure-vm",
+        })
+    }
+}
+
+/// Base URLs of the metadata services (configurable, so tests use local emulators).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataUrls {
+    /// AWS IMDS, default [`crate::aws::DEFAULT_IMDS_URL`].
+    pub aws: String,
+    /// GCP metadata server, default [`crate::gcp::DEFAULT_METADATA_URL`].
+    pub gcp: String,
+    /// Azure IMDS, default [`crate::azure::DEFAULT_IMDS_URL`].
+    pub azure: String,
+}
+
+impl Default for MetadataUrls {
+    fn default() -> Self {
+        Self {
+            aws: crate::aws::DEFAULT_IMDS_URL.into(),
+            gcp: crate::gcp::DEFAULT_METADATA_URL.into(),
+            azure: crate::azure::DEFAULT_IMDS_URL.into(),
+        }
+    }
+}
+
+/// Probes every metadata service at once; the first platform whose service answers
+/// genuinely, or an error naming what was tried.
+pub async fn detect(urls: &MetadataUrls, timeout: Duration) -> Result<Platform> {
+    let client = metadata_client(timeout)?;
+    let aws = async {
+        let url = format!("{}/latest/api/token", urls.aws.trim_end_matches('/'));
+        let resp = client
+            .put(&url)
+            .header("X-aws-ec2-metadata-token-ttl-seconds", "10")
+            .send()
+            .await
+            .ok()?;
+        resp.status().is_success().then_some(Platform::Aws)
+    };
+    let gcp = async {
+        let url = format!("{}/computeMetadata/v1/", urls.gcp.trim_end_matches('/'));
+        let resp = client
+            .get(&url)
+            .header("Metadata-Flavor", "Google")
+            .send()
+            .await
+            .ok()?;
+        let flavor = resp.headers().get("Metadata-Flavor")?.to_str().ok()?;
+        (resp.status().is_success() && flavor == "Google").then_some(Platform::Gcp)
+    };
+    let azure = async {
+        let url = format!(
+            "{}/metadata/instance/compute/vmId?api-version=2021-02-01&format=text",
+            urls.azure.trim_end_matches('/')
+        );
+        let resp = client.get(&url).header("Metadata", "true").send().await.ok()?;
+        resp.status().is_success().then_some(Platform::Azure)
+    };
+    let (a, g, z) = tokio::join!(aws, gcp, azure);
+    a.or(g).or(z).ok_or_else(|| {
+        Error::Unavailable(format!(
+            "host: auto found no cloud metadata service (tried AWS {}, GCP {}, Azure {} for {}ms each): set host to the platform, or use a join token or jwt identity",
+            urls.aws,
+            urls.gcp,
+            urls.azure,
+            timeout.as_millis()
+        ))
+    })
+}
+
+/// An HTTP client for link-local metadata services: no proxy, short timeout.
+pub(crate) fn metadata_client(timeout: Duration) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| Error::Unavailable(format!("cannot build the metadata HTTP client: {e}")))
+}
+
+/// Sends `req` and reads a short text body; the error names `what` and the URL.
+pub(crate) async fn read_text(req: reqwest::RequestBuilder, url: &str, what: &str) -> Result<String> {
+    let fail = |why: String| Error::Unavailable(format!("{what} at {url}: {why}"));
+    let mut resp = req.send().await.map_err(|e| {
+        fail(format!(
+            "unreachable ({e}); is the agent running on this platform?"
+        ))
+    })?;
+    if !resp.status().is_success() {
+        return Err(fail(format!("HTTP {}", resp.status())));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_RESPONSE {
+            return Err(fail(format!("response larger than {MAX_RESPONSE} bytes")));
+        }
+    }
+    String::from_utf8(body).map_err(|_| fail("response is not UTF-8".into()))
+}
+
+/// A short, quoted, printable form of an untrusted value for an error message.
+pub(crate) fn shown(s: &str) -> String {
+    const MAX: usize = 80;
+    let mut out: String = s.chars().take(MAX).collect();
+    if s.chars().count() > MAX {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
+/// `onboarding.gangplank.dev/<name>` labels for the values that are valid label values.
+pub(crate) fn short_labels<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a String)>,
+) -> BTreeMap<String, String> {
+    pairs
+        .into_iter()
+        .filter(|(_, v)| is_label_value(v))
+        .map(|(k, v)| (format!("onboarding.gangplank.dev/{k}"), v.clone()))
+        .collect()
+}
+
+/// A valid, non-empty Kubernetes label value: at most 63 of `[A-Za-z0-9._-]`, alphanumeric
+/// at both ends.
+pub(crate) fn is_label_value(v: &str) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values() {
+        assert!(is_label_value("us-east-1a"));
+        assert!(!is_label_value("a/b"));
+        assert!(!is_label_value(&"x".repeat(64)));
+        assert!(!is_label_value("-x"));
+    }
+}

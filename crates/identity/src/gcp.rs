@@ -1,0 +1,286 @@
+//! Google Compute Engine: the metadata server's identity token for the instance.
+//!
+//! Agent half ([`Provider`]): `GET /computeMetadata/v1/instance/service-accounts/default/identity`
+//! with `audience=<plane id>` and `format=full`, header `Metadata-Flavor: Google`.
+//!
+//! Endpoint half ([`Verifier`]): an RS256 JWT from `https://accounts.google.com`, checked
+//! against Google's JWKS ([`GOOGLE_JWKS_URL`], cached, refetched on an unknown `kid`,
+//! overridable for air-gapped use) with the OIDC verifier in [`crate::jwt`]; `aud` must be
+//! the plane id, `exp` unexpired and `iat` recent. The identity comes from the
+//! `google.compute_engine` claims (present only with `format=full`) and `email`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use gangplank_api::{NamespacedName, kind, proto};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::jwt::{IssuerConfig, JwksSource};
+use crate::{Challenge, Error, Identity, Result};
+
+/// The metadata server on every GCE instance.
+pub const DEFAULT_METADATA_URL: &str = "http://metadata.google.internal";
+/// The issuer of GCE identity tokens.
+pub const GOOGLE_ISSUER: &str = "https://accounts.google.com";
+/// Google's published signing keys for those tokens.
+pub const GOOGLE_JWKS_URL: &str = "https://www.googleapis.com/oauth2/v3/certs";
+/// How old (by `iat`) a token may be, unless configured.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60 * 60);
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Verified facts of a GCE instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Facts {
+    /// `google.compute_engine.project_id`.
+    pub project_id: String,
+    /// `google.compute_engine.project_number`.
+    #[serde(default)]
+    pub project_number: String,
+    /// `google.compute_engine.zone`, e.g. `us-central1-a`.
+    pub zone: String,
+    /// `google.compute_engine.instance_id`.
+    pub instance_id: String,
+    /// `google.compute_engine.instance_name`.
+    pub instance_name: String,
+    /// `email`: the instance's service account.
+    #[serde(default)]
+    pub service_account: String,
+}
+
+impl Facts {
+    /// The `identity` annotation value: `gcp:<project>/<zone>/<instance id>`.
+    pub fn annotation(&self) -> String {
+        format!("gcp:{}/{}/{}", self.project_id, self.zone, self.instance_id)
+    }
+
+    /// Parts of the WorkloadEntry name: project, zone, instance name.
+    pub fn name_parts(&self) -> Vec<String> {
+        vec![
+            self.project_id.clone(),
+            self.zone.clone(),
+            self.instance_name.clone(),
+        ]
+    }
+
+    /// Label-safe facts.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        crate::detect::short_labels([
+            ("gcp-project", &self.project_id),
+            ("gcp-zone", &self.zone),
+            ("gcp-instance-name", &self.instance_name),
+            ("gcp-instance-id", &self.instance_id),
+        ])
+    }
+
+    /// Annotations recording the facts.
+    pub fn annotations(&self) -> BTreeMap<String, String> {
+        serde_json::to_string(self)
+            .map(|json| BTreeMap::from([("onboarding.gangplank.dev/gcp-instance".to_string(), json)]))
+            .unwrap_or_default()
+    }
+}
+
+/// The endpoint's GCP settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifierConfig {
+    /// Where Google's keys are fetched (override for air-gapped mirrors).
+    pub jwks_url: String,
+    /// PEM CAs to trust when fetching the keys (instead of the system roots).
+    pub ca_bundle: Option<PathBuf>,
+    /// How old a token may be.
+    pub max_age: Duration,
+}
+
+impl Default for VerifierConfig {
+    fn default() -> Self {
+        Self {
+            jwks_url: GOOGLE_JWKS_URL.into(),
+            ca_bundle: None,
+            max_age: DEFAULT_MAX_AGE,
+        }
+    }
+}
+
+/// The endpoint half.
+pub struct Verifier {
+    jwt: crate::jwt::Verifier,
+    max_age: Duration,
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verifier")
+            .field("jwt", &self.jwt)
+            .field("max_age", &self.max_age)
+            .finish()
+    }
+}
+
+fn reject(why: impl fmt::Display) -> Error {
+    Error::Rejected(format!("gcp identity token {why}"))
+}
+
+impl Verifier {
+    /// A verifier for tokens whose audience is `plane_id`.
+    pub fn new(
+        config: VerifierConfig,
+        plane_id: String,
+    ) -> std::result::Result<Self, crate::jwt::ConfigError> {
+        let issuer = IssuerConfig {
+            issuer: GOOGLE_ISSUER.into(),
+            jwks: JwksSource::Uri(config.jwks_url),
+            ca_bundle: config.ca_bundle,
+        };
+        Ok(Self {
+            jwt: crate::jwt::Verifier::new(vec![issuer], plane_id)?,
+            max_age: config.max_age,
+        })
+    }
+
+    /// Changes the least time between JWKS fetches caused by unknown key ids.
+    pub fn with_refetch_interval(mut self, interval: Duration) -> Self {
+        self.jwt = self.jwt.with_refetch_interval(interval);
+        self
+    }
+
+    /// Verifies a token and returns the instance's facts.
+    pub async fn verify_token(&self, token: &str) -> Result<Facts> {
+        let token = token.trim();
+        let header = token
+            .split('.')
+            .next()
+            .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
+            .and_then(|h| serde_json::from_slice::<Value>(&h).ok())
+            .ok_or_else(|| reject("is malformed: expected a JWT"))?;
+        if header.get("alg").and_then(Value::as_str) != Some("RS256") {
+            return Err(reject(
+                "is not signed with RS256, as Google signs every identity token",
+            ));
+        }
+        let facts = self.jwt.verify_token(token).await.map_err(|e| match e {
+            Error::Rejected(m) => reject(format!("refused: {}", m.trim_start_matches("jwt "))),
+            other => other,
+        })?;
+        let claims = &facts.claims;
+        let iat = claims
+            .get("iat")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| reject("has no iat claim"))?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if now - iat > self.max_age.as_secs() as i64 {
+            return Err(reject(format!(
+                "was issued {}s ago, more than the {}s accepted: fetch a fresh token from the metadata server",
+                now - iat,
+                self.max_age.as_secs()
+            )));
+        }
+        let gce = claims
+            .get("google")
+            .and_then(|g| g.get("compute_engine"))
+            .ok_or_else(|| {
+                reject("has no google.compute_engine claims: request it with format=full from a GCE instance")
+            })?;
+        let text = |name: &str| -> Result<String> {
+            match gce.get(name) {
+                Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+                Some(Value::Number(n)) => Ok(n.to_string()),
+                _ => Err(reject(format!("has no google.compute_engine.{name} claim"))),
+            }
+        };
+        Ok(Facts {
+            project_id: text("project_id")?,
+            project_number: text("project_number").unwrap_or_default(),
+            zone: text("zone")?,
+            instance_id: text("instance_id")?,
+            instance_name: text("instance_name")?,
+            service_account: claims
+                .get("email")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        })
+    }
+}
+
+#[async_trait]
+impl crate::Verifier for Verifier {
+    fn kind(&self) -> &'static str {
+        kind::GCP_GCE
+    }
+
+    async fn verify(
+        &self,
+        credential: &proto::Credential,
+        _challenge: &Challenge,
+        _group: &NamespacedName,
+    ) -> Result<Identity> {
+        if credential.kind != kind::GCP_GCE {
+            return Err(Error::UnsupportedKind(credential.kind.clone()));
+        }
+        let token = std::str::from_utf8(&credential.payload).map_err(|_| reject("is not UTF-8"))?;
+        let facts = self.verify_token(token).await?;
+        Ok(Identity {
+            facts: crate::Facts::Gcp(facts),
+            address: None,
+        })
+    }
+}
+
+/// The agent half: asks the metadata server for an identity token for the plane.
+pub struct Provider {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl fmt::Debug for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Provider").field("base", &self.base).finish()
+    }
+}
+
+impl Provider {
+    /// Talks to the metadata server at `base` (default [`DEFAULT_METADATA_URL`]).
+    pub fn new(base: Option<String>) -> Result<Self> {
+        Ok(Self {
+            base: base
+                .unwrap_or_else(|| DEFAULT_METADATA_URL.into())
+                .trim_end_matches('/')
+                .to_string(),
+            client: crate::detect::metadata_client(METADATA_TIMEOUT)?,
+        })
+    }
+}
+
+#[async_trait]
+impl crate::Provider for Provider {
+    fn kind(&self) -> &'static str {
+        kind::GCP_GCE
+    }
+
+    async fn credential(&self, challenge: &Challenge) -> Result<proto::Credential> {
+        let base = format!(
+            "{}/computeMetadata/v1/instance/service-accounts/default/identity",
+            self.base
+        );
+        let url = reqwest::Url::parse_with_params(
+            &base,
+            &[("audience", challenge.plane_id.as_str()), ("format", "full")],
+        )
+        .map_err(|e| Error::Unavailable(format!("GCE metadata URL {base}: {e}")))?;
+        let req = self.client.get(url.clone()).header("Metadata-Flavor", "Google");
+        let url = url.to_string();
+        let token = crate::detect::read_text(req, &url, "GCE metadata server").await?;
+        Ok(proto::Credential {
+            kind: kind::GCP_GCE.into(),
+            payload: token.trim().as_bytes().to_vec(),
+            ..Default::default()
+        })
+    }
+}
