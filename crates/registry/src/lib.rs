@@ -13,7 +13,9 @@ use gangplank_api::istio::{WorkloadEntry, WorkloadGroup};
 use gangplank_api::policy::OnboardingPolicy;
 use gangplank_api::token::JoinToken;
 
+pub mod crds;
 pub mod dir;
+pub mod kube;
 
 /// What can go wrong in a registry. Messages name the object and what to change.
 #[derive(Debug, thiserror::Error)]
