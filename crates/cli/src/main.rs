@@ -31,6 +31,9 @@ enum Command {
     Token(token::Args),
     /// OnboardingPolicy tools.
     Policy(policy::Args),
+    /// The quickstart's stand-in sidecar (started by the quickstart's agent).
+    #[command(hide = true)]
+    QuickstartSidecar,
 }
 
 #[tokio::main]
@@ -41,6 +44,7 @@ async fn main() -> ExitCode {
         Command::Workload(args) => workload::run(args).await,
         Command::Token(args) => token::run(args).await,
         Command::Policy(args) => policy::run(args).await,
+        Command::QuickstartSidecar => quickstart::standin().await,
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,6 @@
 //! Test kit: CRD schema validation, fixtures and helpers shared by Gangplank's tests.
 
 pub mod crd;
-pub mod kube_api;
 pub mod oidc;
 pub mod sshd;
+pub mod process;

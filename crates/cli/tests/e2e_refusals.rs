@@ -1,0 +1,360 @@
+//! Every refusal has a clear message and writes nothing: no WorkloadEntry appears and no
+//! join token is spent.
+
+mod support;
+
+use std::time::Duration;
+
+use gangplank_api::proto::{self, Credential, HostFacts, OnboardRequest, WorkloadGroupRef};
+use gangplank_testkit::oidc::{self, Issuer};
+use support::*;
+use tonic::Code;
+
+struct Case {
+    what: &'static str,
+    group: &'static str,
+    credential: Option<Credential>,
+    nonce: Option<String>,
+    code: Code,
+    message: &'static str,
+}
+
+fn jwt(token: String) -> Option<Credential> {
+    Some(Credential {
+        kind: "jwt".into(),
+        payload: token.into_bytes(),
+        ..Default::default()
+    })
+}
+
+fn join(token: &str) -> Option<Credential> {
+    Some(Credential {
+        kind: "join-token".into(),
+        payload: token.as_bytes().to_vec(),
+        ..Default::default()
+    })
+}
+
+/// Every file under the registry with its bytes.
+fn snapshot(mesh: &Mesh) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if !p.ends_with(".lock") {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&mesh.root().join("registry"), &mut out);
+    out.sort();
+    out
+}
+
+/// Marks every use of a join token as spent, as earlier onboardings would have.
+async fn spend(mesh: &Mesh, token: &str) {
+    let id = token.split('.').next().unwrap();
+    let key = gangplank_api::NamespacedName::new("bookinfo", id);
+    let mut stored: gangplank_api::token::JoinToken = mesh.registry.get(&key).await.unwrap().unwrap();
+    stored.status.used = stored.spec.uses;
+    mesh.registry.put(&stored).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_change_nothing() {
+    let issuer = Issuer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = issuer.write_ca(dir.path()).unwrap();
+    let mesh = Mesh::start(Options {
+        jwt: Some((issuer.url().to_string(), issuer.jwks_uri(), ca)),
+        ..Options::default()
+    })
+    .await;
+    let reg = &mesh.registry;
+    reg.put(&group("bookinfo", "reviews", &[("app", "reviews")]))
+        .await
+        .unwrap();
+    reg.put(&group("other", "ratings", &[("app", "ratings")]))
+        .await
+        .unwrap();
+    // vm-1 may join ratings; join tokens may join ratings (but not reviews); a policy in
+    // another namespace allows everything there and must not reach bookinfo.
+    reg.put(&policy(
+        "bookinfo",
+        "allow-vm1",
+        vec![jwt_subjects(issuer.url(), &["vm-1"])],
+        &[("app", "ratings")],
+    ))
+    .await
+    .unwrap();
+    reg.put(&policy(
+        "bookinfo",
+        "tokens-to-ratings",
+        vec![join_tokens()],
+        &[("app", "ratings")],
+    ))
+    .await
+    .unwrap();
+    reg.put(&policy(
+        "other",
+        "allow-all",
+        vec![join_tokens(), jwt_subjects(issuer.url(), &[])],
+        &[],
+    ))
+    .await
+    .unwrap();
+
+    let good_token = mesh.join_token("ratings", 1, Duration::from_secs(3600)).await;
+    let reviews_token = mesh.join_token("reviews", 1, Duration::from_secs(3600)).await;
+    let expired_token = mesh.join_token("ratings", 1, Duration::ZERO).await;
+    let used_token = mesh.join_token("ratings", 1, Duration::from_secs(3600)).await;
+    spend(&mesh, &used_token).await;
+    let (id, _) = good_token.split_once('.').unwrap();
+    let wrong_secret = format!("{id}.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+
+    let now = oidc::now();
+    let claims = |sub: &str| issuer.claims(sub, PLANE_ID);
+    let mut wrong_aud = claims("vm-1");
+    wrong_aud["aud"] = "another-plane".into();
+    let mut expired = claims("vm-1");
+    expired["exp"] = (now - 3600).into();
+    expired["iat"] = (now - 7200).into();
+    let mut unknown_issuer = claims("vm-1");
+    unknown_issuer["iss"] = "https://idp.unknown.example".into();
+
+    let cases = vec![
+        Case {
+            what: "subject not allowed",
+            group: "ratings",
+            credential: jwt(issuer.sign(&claims("vm-7"))),
+            nonce: None,
+            code: Code::PermissionDenied,
+            message: "no OnboardingPolicy in namespace bookinfo allows jwt subject \"vm-7\"",
+        },
+        Case {
+            what: "no policy for the group",
+            group: "reviews",
+            credential: jwt(issuer.sign(&claims("vm-1"))),
+            nonce: None,
+            code: Code::PermissionDenied,
+            message: "to join WorkloadGroup reviews",
+        },
+        Case {
+            what: "policy only in another namespace",
+            group: "reviews",
+            credential: join(&reviews_token),
+            nonce: None,
+            code: Code::PermissionDenied,
+            message: "no OnboardingPolicy in namespace bookinfo allows join token",
+        },
+        Case {
+            what: "bad JWT signature",
+            group: "ratings",
+            credential: jwt(issuer.sign_with_foreign_key(&claims("vm-1")).unwrap()),
+            nonce: None,
+            code: Code::Unauthenticated,
+            message: "signature",
+        },
+        Case {
+            what: "wrong audience",
+            group: "ratings",
+            credential: jwt(issuer.sign(&wrong_aud)),
+            nonce: None,
+            code: Code::Unauthenticated,
+            message: "audience",
+        },
+        Case {
+            what: "expired JWT",
+            group: "ratings",
+            credential: jwt(issuer.sign(&expired)),
+            nonce: None,
+            code: Code::Unauthenticated,
+            message: "expired",
+        },
+        Case {
+            what: "unknown issuer",
+            group: "ratings",
+            credential: jwt(issuer.sign(&unknown_issuer)),
+            nonce: None,
+            code: Code::Unauthenticated,
+            message: "not configured",
+        },
+        Case {
+            what: "alg none",
+            group: "ratings",
+            credential: jwt(issuer.unsigned(&claims("vm-1"))),
+            nonce: None,
+            code: Code::Unauthenticated,
+            message: "",
+        },
+        Case {
+            what: "wrong join token secret",
+            group: "ratings",
+            credential: join(&wrong_secret),
+            nonce: None,
+            code: Code::Unauthenticated,
+            message: "join token",
+        },
+        Case {
+            what: "expired join token",
+            group: "ratings",
+            credential: join(&expired_token),
+            nonce: None,
+            code: Code::Unauthenticated,
+            message: "expired",
+        },
+        Case {
+            what: "used-up join token",
+            group: "ratings",
+            credential: join(&used_token),
+            nonce: None,
+            code: Code::Unauthenticated,
+            message: "uses are spent",
+        },
+        Case {
+            what: "join token for another group",
+            group: "reviews",
+            credential: join(&good_token),
+            nonce: None,
+            code: Code::Unauthenticated,
+            message: "ratings",
+        },
+        Case {
+            what: "unknown WorkloadGroup",
+            group: "nope",
+            credential: jwt(issuer.sign(&claims("vm-1"))),
+            nonce: None,
+            code: Code::NotFound,
+            message: "WorkloadGroup bookinfo/nope not found",
+        },
+        Case {
+            what: "no credential",
+            group: "ratings",
+            credential: None,
+            nonce: None,
+            code: Code::InvalidArgument,
+            message: "credential is required",
+        },
+        Case {
+            what: "unknown credential kind",
+            group: "ratings",
+            credential: Some(Credential {
+                kind: "aws".into(),
+                payload: b"x".to_vec(),
+                ..Default::default()
+            }),
+            nonce: None,
+            code: Code::InvalidArgument,
+            message: "not accepted by this endpoint",
+        },
+        Case {
+            what: "oversized credential",
+            group: "ratings",
+            credential: Some(Credential {
+                kind: "jwt".into(),
+                payload: vec![b'a'; 100 * 1024],
+                ..Default::default()
+            }),
+            nonce: None,
+            code: Code::InvalidArgument,
+            message: "larger than",
+        },
+        Case {
+            what: "forged nonce",
+            group: "ratings",
+            credential: jwt(issuer.sign(&claims("vm-1"))),
+            nonce: Some("AAAA".into()),
+            code: Code::FailedPrecondition,
+            message: "nonce",
+        },
+        Case {
+            what: "invalid group name",
+            group: "Not_A_Name",
+            credential: jwt(issuer.sign(&claims("vm-1"))),
+            nonce: None,
+            code: Code::InvalidArgument,
+            message: "not a valid",
+        },
+    ];
+
+    let before = snapshot(&mesh);
+    let mut client = mesh.client().await;
+    for case in cases {
+        let nonce = match case.nonce {
+            Some(n) => n,
+            None => {
+                client
+                    .discover(proto::DiscoverRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .nonce
+            }
+        };
+        let request = OnboardRequest {
+            workload_group: Some(WorkloadGroupRef {
+                namespace: "bookinfo".into(),
+                name: case.group.into(),
+            }),
+            credential: case.credential,
+            nonce,
+            host: Some(HostFacts {
+                hostname: "vm".into(),
+                addresses: vec!["10.0.0.7".into()],
+                ..Default::default()
+            }),
+        };
+        let status = client.onboard(request).await.expect_err(case.what);
+        assert_eq!(status.code(), case.code, "{}: {}", case.what, status.message());
+        assert!(
+            status.message().contains(case.message),
+            "{}: {:?} lacks {:?}",
+            case.what,
+            status.message(),
+            case.message
+        );
+        for secret in [&good_token, &expired_token, &used_token] {
+            assert!(
+                !status.message().contains(secret.as_str()),
+                "{}: the message leaks a token",
+                case.what
+            );
+        }
+        assert_eq!(snapshot(&mesh), before, "{}: the registry changed", case.what);
+    }
+    assert!(mesh.entry_files().is_empty());
+    let log = mesh.endpoint.output();
+    assert!(
+        !log.contains(good_token.as_str()) && !log.contains(&issuer.sign(&claims("vm-1"))[..40]),
+        "tokens leaked into the log"
+    );
+
+    // The control case: the same plane accepts a good credential.
+    let nonce = client
+        .discover(proto::DiscoverRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nonce;
+    let ok = client
+        .onboard(OnboardRequest {
+            workload_group: Some(WorkloadGroupRef {
+                namespace: "bookinfo".into(),
+                name: "ratings".into(),
+            }),
+            credential: jwt(issuer.sign(&claims("vm-1"))),
+            nonce,
+            host: Some(HostFacts {
+                hostname: "vm".into(),
+                addresses: vec!["10.0.0.7".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("vm-1 is allowed")
+        .into_inner();
+    assert_eq!(ok.registration.unwrap().address, "10.0.0.7");
+    assert_eq!(mesh.entry_files().len(), 1);
+}

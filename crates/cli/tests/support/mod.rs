@@ -1,0 +1,395 @@
+//! A small mesh for end-to-end tests: a directory registry with a WorkloadGroup, a real
+//! `gangplank-endpoint` process with a dev certificate, and real `gangplank-agent`
+//! processes whose sidecar is a stand-in shell script that records its environment.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use gangplank_api::istio::{
+    GroupMetadata, WorkloadEntry, WorkloadEntrySpec, WorkloadGroup, WorkloadGroupSpec,
+};
+use gangplank_api::meta::{LabelSelector, ObjectMeta};
+use gangplank_api::policy::{
+    AllowRule, JoinTokenMatcher, JwtMatcher, OnboardTo, OnboardingPolicy, OnboardingPolicySpec,
+    WorkloadMatcher,
+};
+use gangplank_api::{NamespacedName, Resource};
+use gangplank_registry::dir;
+use gangplank_testkit::process::{Proc, bin};
+
+pub const PLANE_ID: &str = "plane-e2e-0001";
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Endpoint settings for a test.
+#[derive(Clone)]
+pub struct Options {
+    pub grace: &'static str,
+    pub heartbeat: &'static str,
+    pub token_lifetime: &'static str,
+    pub propagation_delay: &'static str,
+    /// A trusted JWT issuer (`issuer url`, `jwks uri`, `ca bundle path`).
+    pub jwt: Option<(String, String, PathBuf)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            grace: "5m",
+            heartbeat: "1s",
+            token_lifetime: "1h",
+            propagation_delay: "1s",
+            jwt: None,
+        }
+    }
+}
+
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub registry: dir::Registry,
+    pub ca_bundle: PathBuf,
+    pub endpoint: Proc,
+    pub addr: SocketAddr,
+    config: PathBuf,
+}
+
+pub fn group(namespace: &str, name: &str, labels: &[(&str, &str)]) -> WorkloadGroup {
+    let labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    WorkloadGroup {
+        api_version: WorkloadGroup::API_VERSION.into(),
+        kind: WorkloadGroup::KIND.into(),
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        },
+        spec: WorkloadGroupSpec {
+            metadata: Some(GroupMetadata {
+                labels,
+                annotations: Default::default(),
+            }),
+            template: Some(WorkloadEntrySpec {
+                ports: [("http".to_string(), 9080)].into(),
+                service_account: format!("{name}-sa"),
+                ..Default::default()
+            }),
+            probe: Some(serde_json::json!({"httpGet": {"port": 9080}})),
+        },
+    }
+}
+
+pub fn policy(
+    namespace: &str,
+    name: &str,
+    workloads: Vec<WorkloadMatcher>,
+    selector: &[(&str, &str)],
+) -> OnboardingPolicy {
+    let match_labels: BTreeMap<String, String> = selector
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    OnboardingPolicy {
+        api_version: OnboardingPolicy::API_VERSION.into(),
+        kind: OnboardingPolicy::KIND.into(),
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        spec: OnboardingPolicySpec {
+            allow: vec![AllowRule {
+                workloads,
+                onboard_to: vec![OnboardTo {
+                    workload_group_selector: LabelSelector {
+                        match_labels: Some(match_labels),
+                        ..Default::default()
+                    },
+                }],
+            }],
+        },
+    }
+}
+
+pub fn join_tokens() -> WorkloadMatcher {
+    WorkloadMatcher {
+        join_token: Some(JoinTokenMatcher::default()),
+        ..Default::default()
+    }
+}
+
+pub fn jwt_subjects(issuer: &str, subjects: &[&str]) -> WorkloadMatcher {
+    WorkloadMatcher {
+        jwt: Some(JwtMatcher {
+            issuer: issuer.into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            claims: vec![],
+        }),
+        ..Default::default()
+    }
+}
+
+impl Mesh {
+    /// A registry with `bookinfo/ratings` (labels app=ratings) and an endpoint serving it.
+    pub async fn start(options: Options) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let registry = dir::Registry::open(root.join("registry")).unwrap();
+        registry
+            .put(&group(
+                "bookinfo",
+                "ratings",
+                &[("app", "ratings"), ("version", "v1")],
+            ))
+            .await
+            .unwrap();
+
+        let ca = gangplank_tls::dev::Ca::generate("e2e").unwrap();
+        let leaf = ca
+            .issue(
+                &["localhost", "onboarding-endpoint.your-company.corp"],
+                &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            )
+            .unwrap();
+        write(&root.join("tls/tls.crt"), &leaf.cert_pem);
+        write(&root.join("tls/tls.key"), &leaf.key_pem);
+        let ca_bundle = root.join("tls/ca.pem");
+        write(&ca_bundle, ca.cert_pem());
+        write(
+            &root.join("mesh/root-cert.pem"),
+            "-----BEGIN CERTIFICATE-----\nZmFrZS1tZXNoLXJvb3Q=\n-----END CERTIFICATE-----\n",
+        );
+        write(
+            &root.join("mesh/mesh.yaml"),
+            "trustDomain: cluster.local\ndefaultConfig:\n  proxyMetadata:\n    FROM_MESH: \"yes\"\n",
+        );
+
+        let jwt = match &options.jwt {
+            Some((issuer, jwks, ca)) => format!(
+                "  jwt:\n    issuers:\n    - issuer: {issuer}\n      jwksUri: {jwks}\n      caBundle: {}\n",
+                ca.display()
+            ),
+            None => String::new(),
+        };
+        let config = root.join("endpoint.yaml");
+        write(
+            &config,
+            &format!(
+                "apiVersion: onboarding.gangplank.dev/v1alpha1
+kind: EndpointConfiguration
+planeId: {PLANE_ID}
+listen: 127.0.0.1:0
+monitoringListen: 127.0.0.1:0
+replica: endpoint-0
+tls:
+  certFile: {root}/tls/tls.crt
+  keyFile: {root}/tls/tls.key
+registry:
+  directory: {root}/registry
+stateDir: {root}/state
+mesh:
+  meshConfigFile: {root}/mesh/mesh.yaml
+  rootCertFile: {root}/mesh/root-cert.pem
+  istiodIp: 10.10.10.11
+sidecarToken:
+  lifetime: {lifetime}
+identities:
+  joinTokens: true
+{jwt}workloads:
+  gracePeriod: {grace}
+  heartbeat: {heartbeat}
+  propagationDelay: {delay}
+",
+                root = root.display(),
+                lifetime = options.token_lifetime,
+                grace = options.grace,
+                heartbeat = options.heartbeat,
+                delay = options.propagation_delay,
+            ),
+        );
+        let (endpoint, addr) = Self::spawn_endpoint(&config);
+        Self {
+            dir,
+            registry,
+            ca_bundle,
+            endpoint,
+            addr,
+            config,
+        }
+    }
+
+    fn spawn_endpoint(config: &Path) -> (Proc, SocketAddr) {
+        let mut cmd = Command::new(bin("gangplank-endpoint"));
+        cmd.arg("--config").arg(config).env("RUST_LOG", "info");
+        let mut endpoint = Proc::spawn("endpoint", cmd);
+        let addr = endpoint
+            .wait_for(r"endpoint listening addr=(\S+)", WAIT)
+            .parse()
+            .unwrap();
+        (endpoint, addr)
+    }
+
+    /// Stops the endpoint process and starts it again on the same port.
+    pub fn restart_endpoint(&mut self) {
+        self.endpoint.signal("TERM");
+        self.endpoint.wait_exit(WAIT);
+        let text = std::fs::read_to_string(&self.config)
+            .unwrap()
+            .replace("listen: 127.0.0.1:0\n", &format!("listen: {}\n", self.addr));
+        std::fs::write(&self.config, text).unwrap();
+        let (endpoint, addr) = Self::spawn_endpoint(&self.config);
+        assert_eq!(addr, self.addr);
+        self.endpoint = endpoint;
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Creates a join token for `bookinfo/<group>` with `uses` and returns it.
+    pub async fn join_token(&self, group: &str, uses: u32, ttl: Duration) -> String {
+        let key = NamespacedName::new("bookinfo", group);
+        let (token, secret) =
+            gangplank_identity::token::create(&key, ttl, uses, time::OffsetDateTime::now_utc());
+        self.registry.put(&token).await.unwrap();
+        secret.expose().to_string()
+    }
+
+    pub async fn entries(&self) -> Vec<WorkloadEntry> {
+        self.registry.list::<WorkloadEntry>(None).await.unwrap()
+    }
+
+    /// Files under the registry that are WorkloadEntries (what istiod would read).
+    pub fn entry_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        walk(&self.root().join("registry"), &mut out);
+        out.retain(|p| p.to_string_lossy().contains("/workloadentries/"));
+        out
+    }
+
+    pub async fn client(
+        &self,
+    ) -> gangplank_api::proto::onboarding_client::OnboardingClient<tonic::transport::Channel> {
+        let options = gangplank_tls::ClientOptions {
+            ca_bundle: Some(self.ca_bundle.clone()),
+            ..Default::default()
+        };
+        let channel = gangplank_tls::channel("127.0.0.1", self.addr.port(), &options).unwrap();
+        gangplank_api::proto::onboarding_client::OnboardingClient::new(channel)
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+}
+
+pub fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+/// How a test agent proves itself.
+pub enum Credential {
+    JoinToken(String),
+    JwtFile(String),
+}
+
+/// A `gangplank-agent` process for one VM.
+pub struct Vm {
+    pub root: PathBuf,
+    pub agent: Proc,
+}
+
+impl Vm {
+    /// Writes the seed's OnboardingConfiguration (host 127.0.0.1, plus the CA bundle) and an
+    /// AgentConfiguration whose sidecar is a stand-in, then starts the agent.
+    pub fn start(mesh: &Mesh, name: &str, credential: Credential) -> Self {
+        let root = mesh.root().join(format!("vm-{name}"));
+        let onboarding = root.join("etc/onboarding.yaml");
+        write(
+            &onboarding,
+            &format!(
+                "apiVersion: config.agent.onboarding.tetrate.io/v1alpha1
+kind: OnboardingConfiguration
+onboardingEndpoint:                            # connect to
+  host: 127.0.0.1
+  port: {port}
+  transportSecurity:
+    tls:
+      caBundle: {ca}
+workloadGroup:                                 # join to
+  namespace: bookinfo
+  name: ratings
+",
+                port = mesh.addr.port(),
+                ca = mesh.ca_bundle.display()
+            ),
+        );
+        let identity = match credential {
+            Credential::JoinToken(t) => {
+                write(&root.join("etc/join-token"), &t);
+                format!("  joinToken:\n    file: {}/etc/join-token\n", root.display())
+            }
+            Credential::JwtFile(t) => {
+                write(&root.join("etc/jwt"), &t);
+                format!("  jwt:\n    file: {}/etc/jwt\n", root.display())
+            }
+        };
+        // The stand-in sidecar records its environment and pid, then waits to be stopped.
+        let sidecar =
+            "env > sidecar.env.tmp && mv sidecar.env.tmp sidecar.env; echo $$ > sidecar.pid; exec sleep 3600";
+        let agent_config = root.join("etc/agent.yaml");
+        write(
+            &agent_config,
+            &format!(
+                "apiVersion: onboarding.gangplank.dev/v1alpha1
+kind: AgentConfiguration
+identity:
+{identity}sidecar:
+  launcher: process
+  process:
+    command: [sh, -c, {sidecar:?}]
+files:
+  root: {root}/fs
+settings:
+  retry:
+    initial: 100ms
+    max: 1s
+",
+                root = root.display()
+            ),
+        );
+        let mut cmd = Command::new(bin("gangplank-agent"));
+        cmd.arg("--onboarding-config")
+            .arg(&onboarding)
+            .arg("--agent-config")
+            .arg(&agent_config)
+            .env("RUST_LOG", "info");
+        let agent = Proc::spawn(&format!("agent-{name}"), cmd);
+        Self { root, agent }
+    }
+
+    /// A path on the VM's file system (`files.root`).
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join("fs").join(rel.trim_start_matches('/'))
+    }
+
+    pub fn read(&self, rel: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(rel)).ok()
+    }
+}
