@@ -476,8 +476,9 @@ impl Agent {
             })
         };
         let every = heartbeat_every(0);
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + every, every);
+        let mut heartbeat = ticker(every);
         let mut health_poll = tokio::time::interval(HEALTH_POLL);
+        health_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported: Option<Health> = None;
 
         loop {
@@ -495,7 +496,7 @@ impl Agent {
                         match kind {
                             proto::endpoint_message::Kind::Welcome(w) => {
                                 let every = heartbeat_every(w.heartbeat_seconds);
-                                heartbeat = tokio::time::interval_at(Instant::now() + every, every);
+                                heartbeat = ticker(every);
                                 backoff.reset();
                                 self.set_connected(true);
                                 tracing::info!(replica = %w.replica, heartbeat = ?every, "session open");
@@ -606,6 +607,13 @@ impl Agent {
 /// Runs the agent for `config` until `shutdown` completes (see [`Agent::run`]).
 pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     Agent::new(&config)?.run(shutdown).await
+}
+
+/// An interval whose first tick is one period away and that never bursts after a stall.
+fn ticker(every: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval_at(Instant::now() + every, every);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
 }
 
 async fn send(
