@@ -218,7 +218,12 @@ impl Verifier {
             })?,
             None => Vec::new(),
         };
-        let store = pkcs7::store(&roots).map_err(|message| ConfigError::Certificates {
+        // OpenSSL builds the signer's chain from the store (and the certificates inside the
+        // PKCS#7), so intermediates go into the store too; without PARTIAL_CHAIN a chain
+        // must still end at one of the self-signed roots.
+        let mut anchors = roots;
+        anchors.extend(intermediates.iter().cloned());
+        let store = pkcs7::store(&anchors).map_err(|message| ConfigError::Certificates {
             field: "roots",
             message,
         })?;

@@ -38,9 +38,9 @@ pub(crate) fn verify_signed_by(p7: &Pkcs7, cert: &X509) -> Result<Vec<u8>, Strin
     Ok(content)
 }
 
-/// Verifies `p7`'s signature and its signer's chain to `store`, using the embedded
-/// certificates and `intermediates` as untrusted chain material. Returns the signed
-/// content and the signer certificate.
+/// Verifies `p7`'s signature and its signer's chain to `store` (OpenSSL builds the chain
+/// from the store and the certificates embedded in `p7`; `intermediates` only help find the
+/// signer). Returns the signed content and the signer certificate.
 pub(crate) fn verify_chain(
     p7: &Pkcs7,
     store: &X509Store,
