@@ -229,6 +229,40 @@ impl Certificates {
     }
 }
 
+/// The endpoint's `identities.awsEc2` settings.
+///
+/// ```yaml
+/// awsEc2:
+///   firstJoinWindow: 15m                         # after pendingTime
+///   certificates: {eu-north-1: /etc/gangplank/aws/eu-north-1.pem}   # add or replace regions
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Settings {
+    /// PEM certificate files by region, added to (or replacing) the built-in ones.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub certificates: BTreeMap<String, PathBuf>,
+    /// How long after `pendingTime` a first join is accepted (default 15m).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub first_join_window: Option<Duration>,
+}
+
+impl Settings {
+    /// The verifier these settings describe, reading registrations from `registry`.
+    pub fn verifier(&self, registry: Arc<dyn Registry>) -> std::result::Result<Verifier, ConfigError> {
+        let mut certificates = Certificates::builtin();
+        for (region, path) in &self.certificates {
+            let pem = std::fs::read(path).map_err(|e| ConfigError::Certificate {
+                region: region.clone(),
+                message: format!("cannot read {}: {e}", path.display()),
+            })?;
+            certificates = certificates.with(region, &pem)?;
+        }
+        Ok(Verifier::new(certificates, registry)
+            .with_first_join_window(self.first_join_window.unwrap_or(DEFAULT_FIRST_JOIN_WINDOW)))
+    }
+}
+
 /// The credential payload: the document exactly as IMDS served it, and its signature.
 #[derive(Serialize, Deserialize)]
 struct Payload {

@@ -137,6 +137,56 @@ impl fmt::Debug for VerifierConfig {
     }
 }
 
+/// The endpoint's `identities.azureVm` settings (all optional).
+///
+/// ```yaml
+/// azureVm:
+///   intermediates: /etc/gangplank/azure-intermediates.pem   # Azure's issuing CAs
+///   roots: /etc/gangplank/azure-roots.pem                   # instead of Microsoft's built in
+///   signerNames: [metadata.azure.com]
+///   maxAge: 10m
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Settings {
+    /// PEM roots replacing Microsoft's built-in ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roots: Option<std::path::PathBuf>,
+    /// PEM intermediates to build the signer's chain with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediates: Option<std::path::PathBuf>,
+    /// Accepted signer names (default: the public and sovereign clouds').
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signer_names: Vec<String>,
+    /// How old a document may be (default 10m).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<Duration>,
+}
+
+impl Settings {
+    /// The verifier these settings describe.
+    pub fn verifier(&self) -> std::result::Result<Verifier, ConfigError> {
+        let read = |field: &'static str,
+                    path: &Option<std::path::PathBuf>|
+         -> std::result::Result<Option<Vec<u8>>, ConfigError> {
+            path.as_ref()
+                .map(|p| {
+                    std::fs::read(p).map_err(|e| ConfigError::Certificates {
+                        field,
+                        message: format!("cannot read {}: {e}", p.display()),
+                    })
+                })
+                .transpose()
+        };
+        Verifier::new(VerifierConfig {
+            roots_pem: read("roots", &self.roots)?,
+            intermediates_pem: read("intermediates", &self.intermediates)?,
+            signer_names: self.signer_names.clone(),
+            max_age: self.max_age,
+        })
+    }
+}
+
 /// The endpoint half.
 pub struct Verifier {
     store: X509Store,

@@ -108,6 +108,39 @@ impl Default for VerifierConfig {
     }
 }
 
+/// The endpoint's `identities.gcpGce` settings (all optional).
+///
+/// ```yaml
+/// gcpGce: {jwksUrl: https://mirror.example/google-certs, caBundle: /etc/ca.pem, maxAge: 1h}
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Settings {
+    /// Override of [`GOOGLE_JWKS_URL`] (air-gapped mirrors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// PEM CAs to trust when fetching the keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<PathBuf>,
+    /// How old a token may be (default 1h).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<Duration>,
+}
+
+impl Settings {
+    /// The verifier these settings describe, for tokens whose audience is `plane_id`.
+    pub fn verifier(&self, plane_id: String) -> std::result::Result<Verifier, crate::jwt::ConfigError> {
+        Verifier::new(
+            VerifierConfig {
+                jwks_url: self.jwks_url.clone().unwrap_or_else(|| GOOGLE_JWKS_URL.into()),
+                ca_bundle: self.ca_bundle.clone(),
+                max_age: self.max_age.unwrap_or(DEFAULT_MAX_AGE),
+            },
+            plane_id,
+        )
+    }
+}
+
 /// The endpoint half.
 pub struct Verifier {
     jwt: crate::jwt::Verifier,

@@ -62,3 +62,41 @@ async fn each_platform_is_detected_by_its_own_metadata_service() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn the_platform_provider_detects_once_and_obtains_that_platform_s_credential() {
+    use gangplank_identity::detect::{Host, PlatformProvider};
+    use gangplank_identity::{Challenge, Provider as _};
+    let gce = gcp::MetadataServer::start(gcp::Instance::example())
+        .await
+        .expect("gcp");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let urls = MetadataUrls {
+        aws: closed(),
+        gcp: gce.url(),
+        azure: closed(),
+    };
+    let provider = PlatformProvider::new(Host::Auto, urls.clone(), dir.path().join("key"));
+    assert_eq!(provider.kind(), "auto");
+    let c = Challenge {
+        plane_id: "plane-1".into(),
+        nonce: "n".into(),
+    };
+    let credential = provider.credential(&c).await.expect("credential");
+    assert_eq!(credential.kind, gangplank_api::kind::GCP_GCE);
+    assert_eq!(provider.kind(), gangplank_api::kind::GCP_GCE);
+
+    // A fixed host never probes: AWS fixed against a GCP-only machine fails on IMDS.
+    let fixed = PlatformProvider::new(
+        "aws-ec2".parse::<Host>().expect("host"),
+        urls,
+        dir.path().join("key"),
+    );
+    assert_eq!(fixed.kind(), gangplank_api::kind::AWS_EC2);
+    let err = fixed.credential(&c).await.expect_err("no IMDS");
+    assert!(
+        err.to_string().contains("EC2 instance metadata (IMDSv2)"),
+        "{err}"
+    );
+    assert!("cloud".parse::<Host>().is_err());
+}
