@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod policy;
 mod quickstart;
+mod sidecar_bootstrap;
 mod token;
 mod workload;
 
@@ -31,6 +32,8 @@ enum Command {
     Token(token::Args),
     /// OnboardingPolicy tools.
     Policy(policy::Args),
+    /// Push the sidecar's bootstrap to VMs over SSH, from annotated WorkloadEntries.
+    SidecarBootstrap(sidecar_bootstrap::Args),
     /// The quickstart's stand-in sidecar (started by the quickstart's agent).
     #[command(hide = true)]
     QuickstartSidecar,
@@ -44,6 +47,7 @@ async fn main() -> ExitCode {
         Command::Workload(args) => workload::run(args).await,
         Command::Token(args) => token::run(args).await,
         Command::Policy(args) => policy::run(args).await,
+        Command::SidecarBootstrap(args) => sidecar_bootstrap::run(args).await,
         Command::QuickstartSidecar => quickstart::standin().await,
     };
     match result {

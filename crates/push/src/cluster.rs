@@ -23,7 +23,9 @@ pub const ROOT_CERT_CONFIGMAP: &str = "istio-ca-root-cert";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No usable kubeconfig or in-cluster config.
-    #[error("cannot reach the Kubernetes cluster ({0}): check KUBECONFIG / the current context, or pass -f FILE_OR_DIR with --token, --root-cert and --mesh-config")]
+    #[error(
+        "cannot reach the Kubernetes cluster ({0}): check KUBECONFIG / the current context, or pass -f FILE_OR_DIR with --token, --root-cert and --mesh-config"
+    )]
     Client(#[source] kube::Error),
     /// An API call failed.
     #[error("{what}: {source}")]
@@ -34,7 +36,9 @@ pub enum Error {
         source: kube::Error,
     },
     /// A ConfigMap lacks a key.
-    #[error("ConfigMap {namespace}/{name} has no key {key:?}: is Istio installed in {namespace} (pass -i/--istio-namespace otherwise)?")]
+    #[error(
+        "ConfigMap {namespace}/{name} has no key {key:?}: is Istio installed in {namespace} (pass -i/--istio-namespace otherwise)?"
+    )]
     MissingKey {
         /// Namespace.
         namespace: String,
@@ -51,7 +55,7 @@ pub enum Error {
         /// Name.
         name: String,
         /// The renderer's complaint.
-        source: gangplank_bootstrap::Error,
+        source: Box<gangplank_bootstrap::Error>,
     },
     /// An object from the API is not a WorkloadEntry.
     #[error("workload entry {name} from the cluster cannot be read: {source}")]
@@ -110,8 +114,7 @@ impl Cluster {
 
     /// Every WorkloadEntry in `namespace`.
     pub async fn entries(&self, namespace: &str) -> Result<Vec<WorkloadEntry>, Error> {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), namespace, &entry_resource());
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &entry_resource());
         let list = api
             .list(&ListParams::default())
             .await
@@ -130,8 +133,8 @@ impl Cluster {
                 if let Some(m) = value.as_object_mut() {
                     m.entry("kind").or_insert_with(|| "WorkloadEntry".into());
                 }
-                let mut entry: WorkloadEntry = serde_json::from_value(value)
-                    .map_err(|source| Error::Entry { name, source })?;
+                let mut entry: WorkloadEntry =
+                    serde_json::from_value(value).map_err(|source| Error::Entry { name, source })?;
                 entry
                     .metadata
                     .namespace
@@ -176,7 +179,7 @@ impl Cluster {
         MeshConfig::from_yaml(&text).map_err(|source| Error::Mesh {
             namespace: self.istio_namespace.clone(),
             name,
-            source,
+            source: Box::new(source),
         })
     }
 

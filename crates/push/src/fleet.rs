@@ -96,8 +96,7 @@ pub async fn run(jobs: Vec<Job>, options: &Options, observer: Arc<dyn Observer>)
                 move |line: String| observer.line(&entry, &line)
             };
             let result =
-                tokio::time::timeout(options.timeout, ssh::execute(&plan, &options.ssh, &progress))
-                    .await;
+                tokio::time::timeout(options.timeout, ssh::execute(&plan, &options.ssh, &progress)).await;
             let error = match result {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e.to_string()),
@@ -144,7 +143,7 @@ pub fn summary_table(outcomes: &[Outcome]) -> String {
                 o.entry.clone(),
                 if o.ok { "ok".into() } else { "FAILED".into() },
                 format!("{:.1}s", o.duration.as_secs_f64()),
-                o.error.clone().unwrap_or_default(),
+                o.error.clone().unwrap_or_default().replace('\n', " "),
             ]
         })
         .collect();

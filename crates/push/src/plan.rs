@@ -7,7 +7,7 @@ use std::fmt;
 
 use gangplank_api::istio::{GroupMetadata, WorkloadEntry, WorkloadGroup, WorkloadGroupSpec};
 use gangplank_api::meta::ObjectMeta;
-use gangplank_bootstrap::{DockerInputs, InstanceIp, Inputs, MeshConfig, TOKEN_MODE};
+use gangplank_bootstrap::{DockerInputs, Inputs, InstanceIp, MeshConfig, TOKEN_MODE};
 
 use crate::target::{Target, annotation, is_plain_abs_path};
 
@@ -35,7 +35,7 @@ pub enum Error {
         /// `namespace/name`.
         entry: String,
         /// The renderer's error.
-        source: gangplank_bootstrap::Error,
+        source: Box<gangplank_bootstrap::Error>,
     },
     /// No image can be named for `docker run`.
     #[error(
@@ -149,7 +149,9 @@ impl fmt::Debug for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Step::Exec { command, .. } => write!(f, "Exec({command})"),
-            Step::Copy { path, mode, content, .. } => {
+            Step::Copy {
+                path, mode, content, ..
+            } => {
                 write!(f, "Copy({path}, {mode:o}, {} bytes)", content.len())
             }
         }
@@ -289,7 +291,7 @@ fn docker_steps(
     })
     .map_err(|source| Error::Render {
         entry: id.clone(),
-        source,
+        source: Box::new(source),
     })?;
     let dir = &target.config_dir;
     let mut steps = vec![
@@ -410,13 +412,18 @@ fn systemd_steps(
     inputs.workload_entry = entry.metadata.name.clone();
     let files = gangplank_bootstrap::render(&inputs).map_err(|source| Error::Render {
         entry: id,
-        source,
+        source: Box::new(source),
     })?;
     let path = |rel: &str| format!("{root}/{rel}");
-    let dirs: Vec<String> = [native::CLUSTER_ENV, native::MESH, native::ROOT_CERT, native::TOKEN]
-        .iter()
-        .map(|p| path(p.rsplit_once('/').map_or("", |(d, _)| d)))
-        .collect();
+    let dirs: Vec<String> = [
+        native::CLUSTER_ENV,
+        native::MESH,
+        native::ROOT_CERT,
+        native::TOKEN,
+    ]
+    .iter()
+    .map(|p| path(p.rsplit_once('/').map_or("", |(d, _)| d)))
+    .collect();
     let mut steps = vec![
         Step::Exec {
             command: format!("mkdir -p {}", dirs.join(" ")),

@@ -53,7 +53,9 @@ pub enum Error {
     #[error("workload entry {0} not found{1}")]
     NotFound(String, String),
     /// A bare name matches entries in several namespaces.
-    #[error("workload entry name {name} is in several namespaces ({namespaces}): write NAME.NAMESPACE or pass -n")]
+    #[error(
+        "workload entry name {name} is in several namespaces ({namespaces}): write NAME.NAMESPACE or pass -n"
+    )]
     Ambiguous {
         /// The name.
         name: String,
@@ -170,11 +172,8 @@ impl Selector {
     /// Parses `a=b,c!=d,e,!f`.
     pub fn parse(text: &str) -> Result<Self, Error> {
         let bad = || Error::BadSelector(text.to_string());
-        let valid = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-        };
+        let valid =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
         let mut reqs = Vec::new();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let req = if let Some((k, v)) = part.split_once("!=") {
@@ -187,9 +186,7 @@ impl Selector {
                 Requirement::Exists(part.into())
             };
             let ok = match &req {
-                Requirement::Eq(k, v) | Requirement::NotEq(k, v) => {
-                    valid(k) && (v.is_empty() || valid(v))
-                }
+                Requirement::Eq(k, v) | Requirement::NotEq(k, v) => valid(k) && (v.is_empty() || valid(v)),
                 Requirement::Exists(k) | Requirement::NotExists(k) => valid(k),
             };
             if !ok {
@@ -262,9 +259,9 @@ impl Selection {
                 .into_iter()
                 .filter(|e| self.namespace.as_ref().is_none_or(|n| *n == ns_of(e)))
                 .filter(|e| {
-                    self.selector.as_ref().is_none_or(|s| {
-                        s.matches(&e.metadata.labels.clone().unwrap_or_default())
-                    })
+                    self.selector
+                        .as_ref()
+                        .is_none_or(|s| s.matches(&e.metadata.labels.clone().unwrap_or_default()))
                 })
                 .collect()
         } else {
@@ -321,8 +318,14 @@ mod tests {
             name: Some("a.default".into()),
             ..Default::default()
         };
-        assert!(matches!(missing.choose(entries.clone()), Err(Error::NotFound(..))));
-        assert!(matches!(Selection::default().choose(entries), Err(Error::NoSelection)));
+        assert!(matches!(
+            missing.choose(entries.clone()),
+            Err(Error::NotFound(..))
+        ));
+        assert!(matches!(
+            Selection::default().choose(entries),
+            Err(Error::NoSelection)
+        ));
         assert!(Selector::parse("a=b;rm").is_err());
     }
 }

@@ -116,100 +116,126 @@ pub async fn execute(
     result
 }
 
+/// Marks the start of step N in the script's output.
+const MARK: &str = "@@gangplank-step ";
+
+/// The whole plan as one POSIX shell script, fed to `sh -s` on stdin, so a host costs one
+/// SSH round trip and one login shell whatever the number of steps; secrets travel on stdin,
+/// never in a command line. Each step prints a marker first, so progress and failures are
+/// attributed to the step. Files are written atomically: decoded (base64, any bytes) into a
+/// temporary file in the target's directory under umask 077, chmod, then renamed. Paths are
+/// plain (checked when the plan was made) and need no quoting.
+pub fn script(plan: &Plan) -> String {
+    use base64::Engine;
+    let mut out = String::from("set -e\numask 077\nt=\ntrap 'rm -f \"$t\"' EXIT\n");
+    for (i, step) in plan.steps.iter().enumerate() {
+        out.push_str(&format!("echo '{MARK}{i}'\n"));
+        match step {
+            Step::Exec {
+                command,
+                ignore_failure,
+            } => {
+                if *ignore_failure {
+                    out.push_str(&format!("{command} || true\n"));
+                } else {
+                    out.push_str(&format!("{command}\n"));
+                }
+            }
+            Step::Copy {
+                path, content, mode, ..
+            } => {
+                let (dir, name) = path.rsplit_once('/').unwrap_or((".", path));
+                let dir = if dir.is_empty() { "/" } else { dir };
+                let b64 = base64::engine::general_purpose::STANDARD.encode(content);
+                out.push_str(&format!(
+                    "t=$(mktemp {dir}/.{name}.XXXXXX)\nbase64 -d > \"$t\" <<'GANGPLANK_EOF'\n"
+                ));
+                for chunk in b64.as_bytes().chunks(76) {
+                    out.push_str(&String::from_utf8_lossy(chunk));
+                    out.push('\n');
+                }
+                out.push_str(&format!(
+                    "GANGPLANK_EOF\nchmod {mode:04o} \"$t\"\nmv -f \"$t\" {path}\nt=\n"
+                ));
+            }
+        }
+    }
+    out.push_str(&format!("echo '{MARK}done'\n"));
+    out
+}
+
 async fn run_steps(
     session: &Session,
     plan: &Plan,
     destination: &str,
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> Result<(), Error> {
-    for step in &plan.steps {
-        progress(step.headline(Tense::Present));
-        match step {
-            Step::Exec {
-                command,
-                ignore_failure,
-            } => {
-                let out = session
-                    .raw_command(command)
-                    .stdin(Stdio::null())
-                    .output()
-                    .await
-                    .map_err(|e| Error::Command {
-                        destination: destination.to_string(),
-                        command: command.clone(),
-                        detail: chain(&e),
-                    })?;
-                for line in String::from_utf8_lossy(&out.stdout).lines() {
-                    progress(line.to_string());
-                }
-                if !out.status.success() && !ignore_failure {
-                    return Err(Error::Command {
-                        destination: destination.to_string(),
-                        command: command.clone(),
-                        detail: status_detail(&out),
-                    });
-                }
-            }
-            Step::Copy {
-                path,
-                content,
-                mode,
-                ..
-            } => copy(session, destination, path, content, *mode).await?,
-        }
-    }
-    Ok(())
-}
-
-/// The remote side of an atomic copy: content on stdin goes to a temporary file in the
-/// target's directory, gets its mode, then is renamed over the target. Paths are plain
-/// (checked when the plan was made), so they need no quoting.
-pub fn copy_command(path: &str, mode: u32) -> String {
-    let (dir, name) = path.rsplit_once('/').unwrap_or((".", path));
-    let dir = if dir.is_empty() { "/" } else { dir };
-    format!(
-        "umask 077 && t=$(mktemp {dir}/.{name}.XXXXXX) && \
-         {{ cat > \"$t\" && chmod {mode:04o} \"$t\" && mv -f \"$t\" {path}; }} \
-         || {{ rm -f \"$t\"; exit 1; }}"
-    )
-}
-
-async fn copy(
-    session: &Session,
-    destination: &str,
-    path: &str,
-    content: &[u8],
-    mode: u32,
-) -> Result<(), Error> {
-    let err = |detail: String| Error::Copy {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let spawn_err = |detail: String| Error::Command {
         destination: destination.to_string(),
-        path: path.to_string(),
+        command: "sh -s".into(),
         detail,
     };
     let mut child = session
-        .raw_command(copy_command(path, mode))
+        .raw_command("sh -s")
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .await
-        .map_err(|e| err(chain(&e)))?;
-    if let Some(mut stdin) = child.stdin().take() {
-        stdin
-            .write_all(content)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        stdin.shutdown().await.map_err(|e| err(e.to_string()))?;
+        .map_err(|e| spawn_err(chain(&e)))?;
+    let text = script(plan);
+    let stdin = child.stdin().take();
+    let stdout = child.stdout().take();
+    let feed = async move {
+        if let Some(mut stdin) = stdin {
+            stdin.write_all(text.as_bytes()).await?;
+            stdin.shutdown().await?;
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let mut current: Option<usize> = None;
+    let mut finished = false;
+    let read = async {
+        if let Some(stdout) = stdout {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Some(line) = lines.next_line().await? {
+                match line.strip_prefix(MARK) {
+                    Some("done") => finished = true,
+                    Some(n) => {
+                        current = n.parse().ok();
+                        if let Some(step) = current.and_then(|i| plan.steps.get(i)) {
+                            progress(step.headline(Tense::Present));
+                        }
+                    }
+                    None => progress(line),
+                }
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let (fed, read) = tokio::join!(feed, read);
+    let out = child.wait_with_output().await.map_err(|e| spawn_err(chain(&e)))?;
+    if finished && out.status.success() {
+        return Ok(());
     }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| err(chain(&e)))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(err(status_detail(&out)))
-    }
+    let detail = match (fed.err().or(read.err()), out.status.success()) {
+        (Some(e), true) => e.to_string(),
+        _ => status_detail(&out),
+    };
+    Err(match current.and_then(|i| plan.steps.get(i)) {
+        Some(Step::Copy { path, .. }) => Error::Copy {
+            destination: destination.to_string(),
+            path: path.clone(),
+            detail,
+        },
+        Some(Step::Exec { command, .. }) => Error::Command {
+            destination: destination.to_string(),
+            command: command.clone(),
+            detail,
+        },
+        None => spawn_err(detail),
+    })
 }
 
 fn status_detail(out: &std::process::Output) -> String {
@@ -234,8 +260,23 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn connect_error(destination: &str, e: openssh::Error) -> Error {
-    let detail = chain(&e);
-    let lower = detail.to_lowercase();
+    let full = chain(&e);
+    let lower = full.to_lowercase();
+    // ssh's log can hold a many-line banner; keep the line that says what happened.
+    let lines: Vec<&str> = full
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('@'))
+        .collect();
+    let detail = if lower.contains("remote host identification has changed") {
+        "the host key differs from the one in known_hosts (Host key verification failed)".to_string()
+    } else {
+        lines
+            .iter()
+            .rev()
+            .find(|l| !l.starts_with("Warning: Permanently added"))
+            .map_or(full.clone(), |l| l.to_string())
+    };
     let hint = if lower.contains("host key verification failed")
         || lower.contains("remote host identification has changed")
         || lower.contains("no matching host key")
@@ -262,14 +303,49 @@ fn connect_error(destination: &str, e: openssh::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::target::Target;
+    use gangplank_api::NamespacedName;
 
     #[test]
-    fn copy_is_atomic_and_private_until_renamed() {
+    fn one_script_with_markers_and_atomic_private_copies() {
+        let plan = Plan {
+            target: Target {
+                entry: NamespacedName::new("ns", "vm"),
+                host: "h".into(),
+                user: None,
+                port: None,
+                config_dir: "/etc/istio-proxy".into(),
+                image_hub: None,
+                image: None,
+                instance_ip: None,
+            },
+            steps: vec![
+                Step::Exec {
+                    command: "mkdir -p /etc/istio-proxy".into(),
+                    ignore_failure: false,
+                },
+                Step::Copy {
+                    path: "/etc/istio-proxy/istio-token".into(),
+                    content: b"secret".to_vec(),
+                    mode: 0o600,
+                    secret: true,
+                },
+                Step::Exec {
+                    command: "docker rm --force istio-proxy".into(),
+                    ignore_failure: true,
+                },
+            ],
+        };
         assert_eq!(
-            copy_command("/etc/istio-proxy/istio-token", 0o600),
-            "umask 077 && t=$(mktemp /etc/istio-proxy/.istio-token.XXXXXX) && \
-             { cat > \"$t\" && chmod 0600 \"$t\" && mv -f \"$t\" /etc/istio-proxy/istio-token; } \
-             || { rm -f \"$t\"; exit 1; }"
+            script(&plan),
+            "set -e\numask 077\nt=\ntrap 'rm -f \"$t\"' EXIT\n\
+             echo '@@gangplank-step 0'\nmkdir -p /etc/istio-proxy\n\
+             echo '@@gangplank-step 1'\n\
+             t=$(mktemp /etc/istio-proxy/.istio-token.XXXXXX)\n\
+             base64 -d > \"$t\" <<'GANGPLANK_EOF'\nc2VjcmV0\nGANGPLANK_EOF\n\
+             chmod 0600 \"$t\"\nmv -f \"$t\" /etc/istio-proxy/istio-token\nt=\n\
+             echo '@@gangplank-step 2'\ndocker rm --force istio-proxy || true\n\
+             echo '@@gangplank-step done'\n"
         );
     }
 }

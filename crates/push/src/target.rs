@@ -258,7 +258,8 @@ fn check_ssh_word(entry: &str, what: &'static str, value: &str) -> Result<(), Er
 pub(crate) fn is_plain_abs_path(p: &str) -> bool {
     p.starts_with('/')
         && !p.split('/').any(|c| c == "..")
-        && p.chars().all(|c| c.is_ascii_alphanumeric() || "._-/+@".contains(c))
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/+@".contains(c))
 }
 
 #[cfg(test)]
@@ -321,8 +322,11 @@ mod tests {
     fn missing_or_bad_values_are_reported_not_guessed() {
         let err = Target::resolve(&entry("", &[]), &Overrides::default()).expect_err("no host");
         assert!(err.to_string().contains(annotation::SSH_HOST), "{err}");
-        let err = Target::resolve(&entry("vm.example", &[(annotation::SSH_PORT, "ssh")]), &Overrides::default())
-            .expect_err("bad port");
+        let err = Target::resolve(
+            &entry("vm.example", &[(annotation::SSH_PORT, "ssh")]),
+            &Overrides::default(),
+        )
+        .expect_err("bad port");
         assert!(err.to_string().contains("\"ssh\""), "{err}");
         let err = Target::resolve(
             &entry("vm.example", &[(annotation::PROXY_INSTANCE_IP, "eth0")]),
@@ -339,8 +343,8 @@ mod tests {
         let err = Target::resolve(&entry("-oProxyCommand=x", &[]), &Overrides::default())
             .expect_err("option injection");
         assert!(matches!(err, Error::BadSshValue { .. }));
-        let err = Target::resolve(&entry("unix:///run/vm.sock", &[]), &Overrides::default())
-            .expect_err("unix");
+        let err =
+            Target::resolve(&entry("unix:///run/vm.sock", &[]), &Overrides::default()).expect_err("unix");
         assert!(matches!(err, Error::UnreachableAddress { .. }));
     }
 }

@@ -30,8 +30,14 @@ fn entry(vm: &Vm, name: &str) -> WorkloadEntry {
                     annotation::PROXY_CONFIG_DIR.to_string(),
                     vm.root.join("etc/istio-proxy").display().to_string(),
                 ),
-                (annotation::PROXY_IMAGE_HUB.to_string(), "docker.io/tetrate".to_string()),
-                (annotation::PROXY_INSTANCE_IP.to_string(), "10.128.0.2".to_string()),
+                (
+                    annotation::PROXY_IMAGE_HUB.to_string(),
+                    "docker.io/tetrate".to_string(),
+                ),
+                (
+                    annotation::PROXY_INSTANCE_IP.to_string(),
+                    "10.128.0.2".to_string(),
+                ),
             ])),
             ..Default::default()
         },
@@ -96,9 +102,12 @@ async fn docker_bundle_and_commands_arrive_on_every_vm() {
         .enumerate()
         .map(|(i, vm)| entry(vm, &format!("vm-{i}")))
         .collect();
-    let jobs = jobs(&entries, &Overrides::default(), &material(Runtime::Docker, "/"), &|_| {
-        Ok(Token::new(TOKEN.to_vec()))
-    });
+    let jobs = jobs(
+        &entries,
+        &Overrides::default(),
+        &material(Runtime::Docker, "/"),
+        &|_| Ok(Token::new(TOKEN.to_vec())),
+    );
     let recorder = Arc::new(Recorder::default());
     let outcomes = fleet::run(jobs, &options(&fleet), recorder.clone()).await;
     for o in &outcomes {
@@ -135,14 +144,32 @@ async fn docker_bundle_and_commands_arrive_on_every_vm() {
         assert_eq!(vm.logins(), 1, "one SSH connection per host:\n{}", vm.log());
     }
     let lines = recorder.0.lock().expect("lines").clone();
-    let vm0: Vec<&String> = lines.iter().filter(|l| l.starts_with("bookinfo/vm-0: ")).collect();
+    let vm0: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("bookinfo/vm-0: "))
+        .collect();
     assert_eq!(
         vm0.first().map(|s| s.as_str()),
-        Some(format!("bookinfo/vm-0: [SSH client] connecting to {}", fleet.vms[0].endpoint()).as_str())
+        Some(
+            format!(
+                "bookinfo/vm-0: [SSH client] connecting to {}",
+                fleet.vms[0].endpoint()
+            )
+            .as_str()
+        )
     );
-    assert!(vm0.iter().any(|l| l.ends_with("istio-proxy")), "docker rm output is shown: {vm0:?}");
-    assert_eq!(vm0.last().map(|s| s.as_str()), Some("bookinfo/vm-0: [SSH client] closing connection"));
-    assert!(!lines.iter().any(|l| l.contains("secret-token")), "token never printed");
+    assert!(
+        vm0.iter().any(|l| l.ends_with("istio-proxy")),
+        "docker rm output is shown: {vm0:?}"
+    );
+    assert_eq!(
+        vm0.last().map(|s| s.as_str()),
+        Some("bookinfo/vm-0: [SSH client] closing connection")
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("secret-token")),
+        "token never printed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,11 +187,17 @@ async fn systemd_native_layout() {
     assert!(outcomes[0].ok, "{outcomes:?}");
     let env = std::fs::read_to_string(root.join("var/lib/istio/envoy/cluster.env")).expect("env");
     assert!(env.contains("\nISTIO_SVC_IP='10.128.0.2'\n"), "{env}");
-    assert!(env.contains("\nISTIO_META_WORKLOAD_ENTRY='ratings-vm'\n"), "{env}");
+    assert!(
+        env.contains("\nISTIO_META_WORKLOAD_ENTRY='ratings-vm'\n"),
+        "{env}"
+    );
     assert!(env.contains("\nSERVICE_ACCOUNT='bookinfo-ratings'\n"), "{env}");
     let mesh = std::fs::read_to_string(root.join("etc/istio/config/mesh")).expect("mesh");
     assert!(mesh.starts_with("defaultConfig:\n"), "{mesh}");
-    assert_eq!(std::fs::read(root.join("etc/certs/root-cert.pem")).expect("cert"), ROOT_CERT);
+    assert_eq!(
+        std::fs::read(root.join("etc/certs/root-cert.pem")).expect("cert"),
+        ROOT_CERT
+    );
     let token = root.join("var/run/secrets/tokens/istio-token");
     assert_eq!(std::fs::read(&token).expect("token"), TOKEN);
     assert_eq!(mode(&token), 0o600);
@@ -176,15 +209,21 @@ async fn forged_host_key_is_refused_and_nothing_is_written() {
     let fleet = Fleet::start(2).expect("fleet");
     fleet.forge_host_key(1).expect("forge");
     let entries = vec![entry(&fleet.vms[0], "good"), entry(&fleet.vms[1], "mitm")];
-    let jobs = jobs(&entries, &Overrides::default(), &material(Runtime::Docker, "/"), &|_| {
-        Ok(Token::new(TOKEN.to_vec()))
-    });
+    let jobs = jobs(
+        &entries,
+        &Overrides::default(),
+        &material(Runtime::Docker, "/"),
+        &|_| Ok(Token::new(TOKEN.to_vec())),
+    );
     let outcomes = fleet::run(jobs, &options(&fleet), Arc::new(Recorder::default())).await;
     assert!(outcomes[0].ok, "{outcomes:?}");
     assert!(!outcomes[1].ok);
     let err = outcomes[1].error.clone().unwrap_or_default();
     assert!(err.contains("host key"), "{err}");
-    assert!(!fleet.vms[1].root.join("etc/istio-proxy").exists(), "nothing written to the forged host");
+    assert!(
+        !fleet.vms[1].root.join("etc/istio-proxy").exists(),
+        "nothing written to the forged host"
+    );
     assert_eq!(fleet.vms[1].logins(), 0);
     assert!(fleet.vms[1].commands().is_empty());
 
@@ -197,9 +236,12 @@ async fn forged_host_key_is_refused_and_nothing_is_written() {
 }
 
 fn jobs_for(entries: &[WorkloadEntry]) -> Vec<fleet::Job> {
-    jobs(entries, &Overrides::default(), &material(Runtime::Docker, "/"), &|_| {
-        Ok(Token::new(TOKEN.to_vec()))
-    })
+    jobs(
+        entries,
+        &Overrides::default(),
+        &material(Runtime::Docker, "/"),
+        &|_| Ok(Token::new(TOKEN.to_vec())),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,7 +256,10 @@ async fn failing_command_fails_only_its_host() {
     .await;
     assert!(!outcomes[0].ok);
     let err = outcomes[0].error.clone().unwrap_or_default();
-    assert!(err.contains("docker run -d --name istio-proxy") && err.contains("simulated failure"), "{err}");
+    assert!(
+        err.contains("docker run -d --name istio-proxy") && err.contains("simulated failure"),
+        "{err}"
+    );
     assert!(outcomes[1].ok, "{outcomes:?}");
     assert_eq!(fleet.vms[1].commands().len(), 2);
 }

@@ -128,10 +128,25 @@ impl Fleet {
         let forged_pub = std::fs::read_to_string(forged.with_extension("pub"))?;
         let mut text = String::new();
         for (i, vm) in self.vms.iter().enumerate() {
-            let key = if i == index { forged_pub.trim() } else { vm.host_key.as_str() };
+            let key = if i == index {
+                forged_pub.trim()
+            } else {
+                vm.host_key.as_str()
+            };
             text.push_str(&format!("[{}]:{} {}\n", vm.addr, vm.port, key));
         }
         std::fs::write(self.known_hosts(), text)?;
+        Ok(())
+    }
+}
+
+impl Fleet {
+    /// Makes VM `index` accept only a key the client does not hold, so the client's key is
+    /// refused there (a "bad key" for that host alone).
+    pub fn refuse_client_key(&self, index: usize) -> Result<()> {
+        let other = std::fs::read_to_string(self.dir.path().join("other_key.pub"))?;
+        let vm = self.vms.get(index).context("no such VM")?;
+        std::fs::write(vm.root.join("authorized_keys"), other)?;
         Ok(())
     }
 }
@@ -160,7 +175,12 @@ impl Vm {
             std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
         }
         let n = NEXT_ADDR.fetch_add(1, Ordering::Relaxed) + std::process::id() % 200;
-        let addr = IpAddr::V4(Ipv4Addr::new(127, 0, 1 + (n / 250 % 250) as u8, 2 + (n % 250) as u8));
+        let addr = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            1 + (n / 250 % 250) as u8,
+            2 + (n % 250) as u8,
+        ));
 
         let mut last_err = None;
         // A freed port can be taken by someone else before sshd binds it: try a few.
@@ -232,10 +252,10 @@ impl Vm {
                 if let Some(f) = file.as_mut() {
                     let _ = writeln!(f, "{line}");
                 }
-                if line.contains("Server listening on") {
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(Ok(()));
-                    }
+                if line.contains("Server listening on")
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(Ok(()));
                 }
                 if let Ok(mut l) = lines.lock() {
                     l.push(line);
