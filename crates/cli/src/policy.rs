@@ -133,13 +133,19 @@ fn identity(path: &Path, group: &NamespacedName) -> anyhow::Result<Identity> {
     let claims: Value = read_yaml(path, "claims file")?;
     let shape = || {
         anyhow!(
-            "{}: expected JWT claims (with string iss and sub) or {{joinToken: {{id: …}}}}",
+            "{}: expected JWT claims (with string iss and sub), {{joinToken: {{id: …}}}}, \
+             {{aws: {{account, region, zone, instanceId}}}}, {{gcp: {{projectId, zone, instanceName}}}} \
+             or {{azure: {{subscriptionId, vmId}}}}",
             path.display()
         )
     };
     let Value::Object(map) = &claims else {
         return Err(shape());
     };
+    if let Some(facts) = cloud_facts(map).transpose() {
+        let facts = facts.map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        return Ok(Identity { facts, address: None });
+    }
     if let Some(jt) = map.get("joinToken") {
         let id = jt.get("id").and_then(Value::as_str).ok_or_else(shape)?;
         // The verifier only accepts a token for the group it was created for.
@@ -167,4 +173,24 @@ fn identity(path: &Path, group: &NamespacedName) -> anyhow::Result<Identity> {
         }),
         address: None,
     })
+}
+
+/// Cloud platform facts, as a person writes them: `{aws: {account, region, zone,
+/// instanceId, …}}`, `{gcp: {projectId, zone, instanceName, serviceAccount, …}}` or
+/// `{azure: {subscriptionId, vmId, sku}}` (camelCase, as recorded on WorkloadEntries).
+fn cloud_facts(map: &serde_json::Map<String, Value>) -> Result<Option<Facts>, String> {
+    if let Some(v) = map.get("aws") {
+        return gangplank_identity::aws::Facts::from_value(v).map(|f| Some(Facts::Aws(f)));
+    }
+    if let Some(v) = map.get("gcp") {
+        return serde_json::from_value(v.clone())
+            .map(|f| Some(Facts::Gcp(f)))
+            .map_err(|e| format!("gcp facts need projectId, zone and instanceName ({e})"));
+    }
+    if let Some(v) = map.get("azure") {
+        return serde_json::from_value(v.clone())
+            .map(|f| Some(Facts::Azure(f)))
+            .map_err(|e| format!("azure facts need subscriptionId and vmId ({e})"));
+    }
+    Ok(None)
 }

@@ -87,7 +87,8 @@ const BUILTIN: &[(&str, &str)] = &[
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Facts {
-    /// `aws`, `aws-cn` or `aws-us-gov`, from the region.
+    /// `aws`, `aws-cn` or `aws-us-gov`, from the region (derived when empty).
+    #[serde(default)]
     pub partition: String,
     /// The 12-digit account id.
     pub account: String,
@@ -103,7 +104,8 @@ pub struct Facts {
     /// The instance type, e.g. `t3.micro`.
     #[serde(default)]
     pub instance_type: String,
-    /// The primary private IP.
+    /// The primary private IP (`0.0.0.0` when unknown, e.g. in `policy explain`).
+    #[serde(default = "unspecified")]
     pub private_ip: IpAddr,
     /// When the instance last entered `pending` (RFC 3339).
     #[serde(default)]
@@ -113,7 +115,22 @@ pub struct Facts {
     pub agent_public_key: String,
 }
 
+fn unspecified() -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+}
+
 impl Facts {
+    /// Facts as written by a person (`policy explain`): camelCase fields, `partition`
+    /// derived from `region` when absent.
+    pub fn from_value(value: &serde_json::Value) -> std::result::Result<Self, String> {
+        let mut facts: Facts = serde_json::from_value(value.clone())
+            .map_err(|e| format!("aws facts need account, region, zone and instanceId ({e})"))?;
+        if facts.partition.is_empty() {
+            facts.partition = partition(&facts.region).to_string();
+        }
+        Ok(facts)
+    }
+
     /// The `identity` annotation value, unique per instance: `aws:<account>/<region>/<instance>`.
     pub fn annotation(&self) -> String {
         format!("aws:{}/{}/{}", self.account, self.region, self.instance_id)

@@ -46,6 +46,7 @@ pub struct Facts {
     /// `google.compute_engine.zone`, e.g. `us-central1-a`.
     pub zone: String,
     /// `google.compute_engine.instance_id`.
+    #[serde(default)]
     pub instance_id: String,
     /// `google.compute_engine.instance_name`.
     pub instance_name: String,
