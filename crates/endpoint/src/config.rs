@@ -70,7 +70,28 @@ pub struct Tls {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Registry {
     /// A folder of Kubernetes-style YAML files (readable by istiod as `fs://`).
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub directory: PathBuf,
+    /// The Kubernetes API (`gangplank_registry::kube`); boot inputs then come from the cluster
+    /// too (TokenRequest, `istio-ca-root-cert`, `istio[-<rev>]`). Exclusive with `directory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<Kubernetes>,
+}
+
+fn is_empty_path(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// `registry.kubernetes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Kubernetes {
+    /// A kubeconfig file; absent: in-cluster config, else `$KUBECONFIG` / `~/.kube/config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// How long start-up waits for the first listing of groups, policies and join tokens.
+    #[serde(default = "defaults::cache_timeout", with = "humantime_serde")]
+    pub cache_timeout: Duration,
 }
 
 /// `mesh`.
@@ -214,6 +235,10 @@ pub mod defaults {
     pub fn heartbeat() -> Duration {
         Duration::from_secs(10)
     }
+    /// Thirty seconds.
+    pub fn cache_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
 }
 
 /// Why the configuration cannot be used. Names the file, the field and what to change.
@@ -276,6 +301,20 @@ impl Config {
                 return Err(
                     "tls: set certFile and keyFile (PEM), or dev: true for a generated dev certificate"
                         .into(),
+                );
+            }
+        }
+        match (
+            file.registry.directory.as_os_str().is_empty(),
+            &file.registry.kubernetes,
+        ) {
+            (false, None) | (true, Some(_)) => {}
+            (false, Some(_)) => {
+                return Err("registry: set either directory or kubernetes, not both".into());
+            }
+            (true, None) => {
+                return Err(
+                    "registry: set directory (a folder istiod reads as fs://) or kubernetes: {}".into(),
                 );
             }
         }

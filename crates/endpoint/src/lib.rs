@@ -1,6 +1,7 @@
 //! gangplank-endpoint: verifies VM credentials, authorises them against OnboardingPolicy,
 //! registers WorkloadEntries and serves the sidecar's boot files.
 //!
+//! - [`cluster`]: boot inputs from a Kubernetes cluster (TokenRequest, Istio's ConfigMaps);
 //! - [`config`]: the configuration file (parse, then validate);
 //! - [`keys`]: what the endpoint signs (sidecar tokens, sessions, nonces);
 //! - [`mesh`]: where the sidecar's token, root certificate and mesh config come from;
@@ -10,6 +11,7 @@
 //! - [`server`]: listeners, TLS and shutdown;
 //! - [`metrics`]: Prometheus metrics.
 
+pub mod cluster;
 pub mod config;
 pub mod keys;
 pub mod mesh;

@@ -68,7 +68,7 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(config: gangplank_endpoint::Config) -> anyhow::Result<()> {
-    let plane = gangplank_endpoint::plane(config)?;
+    let plane = gangplank_endpoint::cluster::plane(config).await?;
     let endpoint = gangplank_endpoint::start(plane).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -98,6 +98,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// Builds the plane from the configuration.
 pub fn plane(config: Config) -> anyhow::Result<Plane> {
     let file = &config.file;
+    if file.registry.kubernetes.is_some() {
+        anyhow::bail!(
+            "registry.kubernetes: build the plane with gangplank_endpoint::cluster::plane (it connects to the API)"
+        );
+    }
     let keys = Arc::new(Keys::load(&file.state_dir, &config.token_issuer)?);
     let registry: Arc<dyn Registry> = Arc::new(
         gangplank_registry::dir::Registry::open(&file.registry.directory)

@@ -42,6 +42,50 @@ const ISTIO_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 /// How often a join-token use is retried after a concurrent use.
 const CONSUME_ATTEMPTS: usize = 8;
 
+/// One kind of call to the Kubernetes API, for checking RBAC against what the code does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiCall {
+    /// The API group (`""` for core).
+    pub group: &'static str,
+    /// The resource, with its subresource (`workloadentries/status`).
+    pub resource: &'static str,
+    /// The RBAC verb.
+    pub verb: &'static str,
+    /// The object names the call is limited to (empty: any name).
+    pub names: &'static [&'static str],
+}
+
+const fn call(group: &'static str, resource: &'static str, verb: &'static str) -> ApiCall {
+    ApiCall {
+        group,
+        resource,
+        verb,
+        names: &[],
+    }
+}
+
+/// Every call [`Registry`] makes (server-side apply may create, so it needs `create` too).
+pub const API_CALLS: &[ApiCall] = &[
+    call("networking.istio.io", "workloadgroups", "list"),
+    call("networking.istio.io", "workloadgroups", "watch"),
+    call("onboarding.gangplank.dev", "onboardingpolicies", "list"),
+    call("onboarding.gangplank.dev", "onboardingpolicies", "watch"),
+    call("onboarding.gangplank.dev", "jointokens", "list"),
+    call("onboarding.gangplank.dev", "jointokens", "watch"),
+    call("onboarding.gangplank.dev", "jointokens", "get"),
+    call("onboarding.gangplank.dev", "jointokens/status", "update"),
+    call("networking.istio.io", "workloadentries", "get"),
+    call("networking.istio.io", "workloadentries", "list"),
+    call("networking.istio.io", "workloadentries", "create"),
+    call("networking.istio.io", "workloadentries", "patch"),
+    call("networking.istio.io", "workloadentries", "delete"),
+    call("networking.istio.io", "workloadentries/status", "patch"),
+];
+
+/// Calls only the admin CLI makes through [`Registry`] (`gangplank token create`), not the
+/// endpoint.
+pub const ADMIN_CALLS: &[ApiCall] = &[call("onboarding.gangplank.dev", "jointokens", "create")];
+
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct Options {
