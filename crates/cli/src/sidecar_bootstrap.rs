@@ -183,15 +183,13 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         (entries, mesh_config, root_cert, tokens)
     } else {
         let cluster = Cluster::connect(&args.istio_namespace).await?;
-        if selection.namespace.is_none() && selection.name_and_namespace().is_none_or(|(_, ns)| ns.is_none())
-        {
-            selection.namespace = Some(cluster.default_namespace().to_string());
-        }
+        // Like kubectl: NAME.NAMESPACE, else -n, else the kubeconfig context's namespace.
         let namespace = selection
             .name_and_namespace()
             .and_then(|(_, ns)| ns)
             .or_else(|| selection.namespace.clone())
             .unwrap_or_else(|| cluster.default_namespace().to_string());
+        selection.namespace = Some(namespace.clone());
         let entries = selection.choose(cluster.entries(&namespace).await?)?;
         let mesh_config = cluster.mesh_config(&args.revision).await?;
         let root_cert = cluster.root_cert().await?;

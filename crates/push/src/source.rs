@@ -72,7 +72,7 @@ pub enum Error {
 /// of other kinds are skipped. An entry without a namespace gets `default`.
 pub fn read_entries(path: &Path) -> Result<Vec<WorkloadEntry>, Error> {
     let mut files = Vec::new();
-    collect(path, true, &mut files)?;
+    collect(path, &mut files)?;
     files.sort();
     let mut entries = Vec::new();
     for file in files {
@@ -123,7 +123,7 @@ pub fn read_entries(path: &Path) -> Result<Vec<WorkloadEntry>, Error> {
     Ok(entries)
 }
 
-fn collect(path: &Path, top: bool, out: &mut Vec<PathBuf>) -> Result<(), Error> {
+fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {
     let meta = std::fs::metadata(path).map_err(|source| Error::Read {
         path: path.to_path_buf(),
         source,
@@ -147,12 +147,11 @@ fn collect(path: &Path, top: bool, out: &mut Vec<PathBuf>) -> Result<(), Error> 
             continue;
         }
         if p.is_dir() {
-            collect(&p, false, out)?;
+            collect(&p, out)?;
         } else if name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json") {
             out.push(p);
         }
     }
-    let _ = top;
     Ok(())
 }
 
