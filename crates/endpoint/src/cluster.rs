@@ -80,6 +80,7 @@ pub async fn plane(config: Config) -> anyhow::Result<Plane> {
         .context("identities.jwt")?;
         verifiers.insert(gangplank_api::kind::JWT, Arc::new(v));
     }
+    crate::server::cloud_verifiers(file, &registry, &mut verifiers)?;
     let mesh = Arc::new(Cluster::new(
         client,
         &file.mesh.istio_namespace,
@@ -94,6 +95,36 @@ pub async fn plane(config: Config) -> anyhow::Result<Plane> {
         live: Mutex::new(Default::default()),
         metrics: Metrics::default(),
     })
+}
+
+/// Starts this replica's membership (replica Lease, sweeper election, marking entries of
+/// vanished replicas) when the plane uses `registry.kubernetes`; `None` otherwise. Keep the
+/// task for as long as the endpoint runs.
+pub async fn membership(plane: &Plane) -> anyhow::Result<Option<crate::membership::Task>> {
+    let Some(k8s) = plane.config.file.registry.kubernetes.clone() else {
+        return Ok(None);
+    };
+    let client = client(k8s.kubeconfig.as_deref()).await?;
+    let namespace = k8s.namespace.clone().unwrap_or_else(own_namespace);
+    let m = crate::membership::Membership::new(
+        client,
+        crate::membership::Options {
+            namespace,
+            replica: plane.config.replica.clone(),
+            lease_duration: k8s.lease_duration,
+        },
+    );
+    Ok(Some(m.spawn(plane.registry.clone())))
+}
+
+/// The pod's namespace: `POD_NAMESPACE`, else the service account's, else `gangplank-system`.
+fn own_namespace() -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "gangplank-system".to_owned())
 }
 
 /// A client from `kubeconfig`, or the in-cluster / default configuration.

@@ -92,6 +92,13 @@ pub struct Kubernetes {
     /// How long start-up waits for the first listing of groups, policies and join tokens.
     #[serde(default = "defaults::cache_timeout", with = "humantime_serde")]
     pub cache_timeout: Duration,
+    /// The endpoint's own namespace, where replica and sweeper Leases live; default: the
+    /// pod's namespace (`POD_NAMESPACE`, else the service account's), else `gangplank-system`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// How long a replica's Lease lasts without renewal (renewed every third of it).
+    #[serde(default = "defaults::lease_duration", with = "humantime_serde")]
+    pub lease_duration: Duration,
 }
 
 /// `mesh`.
@@ -163,6 +170,15 @@ pub struct Identities {
     /// Accept OIDC JWTs from these issuers.
     #[serde(default)]
     pub jwt: Jwt,
+    /// Accept AWS EC2 instance identity documents (`awsEc2: {}` for the defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_ec2: Option<gangplank_identity::aws::Settings>,
+    /// Accept GCE instance identity tokens (`gcpGce: {}` for the defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gcp_gce: Option<gangplank_identity::gcp::Settings>,
+    /// Accept Azure attested documents (`azureVm: {}` for the defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_vm: Option<gangplank_identity::azure::Settings>,
 }
 
 /// `identities.jwt`.
@@ -238,6 +254,10 @@ pub mod defaults {
     /// Thirty seconds.
     pub fn cache_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    /// Fifteen seconds.
+    pub fn lease_duration() -> Duration {
+        Duration::from_secs(15)
     }
 }
 
@@ -318,9 +338,15 @@ impl Config {
                 );
             }
         }
-        if !file.identities.join_tokens && file.identities.jwt.issuers.is_empty() {
+        let ids = &file.identities;
+        if !ids.join_tokens
+            && ids.jwt.issuers.is_empty()
+            && ids.aws_ec2.is_none()
+            && ids.gcp_gce.is_none()
+            && ids.azure_vm.is_none()
+        {
             return Err(
-                "identities: no credential kind is enabled: set joinTokens: true or add jwt.issuers".into(),
+                "identities: no credential kind is enabled: set joinTokens: true, add jwt.issuers, or enable awsEc2, gcpGce or azureVm".into(),
             );
         }
         let w = &file.workloads;

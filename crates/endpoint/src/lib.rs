@@ -4,6 +4,7 @@
 //! - [`cluster`]: boot inputs from a Kubernetes cluster (TokenRequest, Istio's ConfigMaps);
 //! - [`config`]: the configuration file (parse, then validate);
 //! - [`keys`]: what the endpoint signs (sidecar tokens, sessions, nonces);
+//! - [`membership`]: replica Leases and the Lease-elected sweeper (Kubernetes);
 //! - [`mesh`]: where the sidecar's token, root certificate and mesh config come from;
 //! - [`plane`]: the shared state of the onboarding plane;
 //! - [`service`]: the gRPC `Onboarding` service;
@@ -14,6 +15,7 @@
 pub mod cluster;
 pub mod config;
 pub mod keys;
+pub mod membership;
 pub mod mesh;
 pub mod metrics;
 pub mod plane;

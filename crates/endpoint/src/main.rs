@@ -69,6 +69,7 @@ async fn main() -> ExitCode {
 
 async fn serve(config: gangplank_endpoint::Config) -> anyhow::Result<()> {
     let plane = gangplank_endpoint::cluster::plane(config).await?;
+    let _membership = gangplank_endpoint::cluster::membership(&plane).await?;
     let endpoint = gangplank_endpoint::start(plane).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

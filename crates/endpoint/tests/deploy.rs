@@ -284,6 +284,15 @@ fn needed(calls: &[ApiCall]) -> BTreeSet<(String, String, String, Option<String>
 #[test]
 fn rbac_grants_exactly_the_calls_the_code_makes() {
     let o = objects();
+    // Leases are granted in the endpoint's namespace only.
+    for r in &o.cluster_roles {
+        let rules = r.rules.as_deref().unwrap_or_default();
+        assert!(
+            rules
+                .iter()
+                .all(|p| !p.api_groups.iter().flatten().any(|g| g == "coordination.k8s.io"))
+        );
+    }
     let mut granted = BTreeSet::new();
     for r in &o.cluster_roles {
         granted.extend(grants(r.rules.as_deref().unwrap_or_default()));
@@ -293,6 +302,7 @@ fn rbac_grants_exactly_the_calls_the_code_makes() {
     }
     let mut calls = gangplank_registry::kube::API_CALLS.to_vec();
     calls.extend_from_slice(gangplank_endpoint::cluster::API_CALLS);
+    calls.extend_from_slice(gangplank_endpoint::membership::API_CALLS);
     let needed = needed(&calls);
     let missing: Vec<_> = needed.difference(&granted).collect();
     let extra: Vec<_> = granted.difference(&needed).collect();
