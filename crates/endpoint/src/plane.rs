@@ -79,7 +79,9 @@ impl Plane {
     /// The address to register: the verified one, else the one the agent reports for how it
     /// connects (first address; the agent orders them by preference).
     pub fn address(identity: &Identity, host: &proto::HostFacts) -> Result<IpAddr, Status> {
-        if let Some(ip) = identity.address {
+        // A VM connecting over the internet is registered at the public address it reports;
+        // otherwise the address the platform vouches for wins.
+        if let Some(ip) = identity.address.filter(|_| host.connected_over != "INTERNET") {
             return Ok(ip);
         }
         host.addresses
@@ -130,6 +132,8 @@ impl Plane {
             .map(|m| m.annotations.clone())
             .unwrap_or_default();
         let now = now_rfc3339();
+        // Verified facts (and, for AWS, the agent key later onboardings must prove).
+        annotations.extend(identity.annotations());
         annotations.insert(annotation::IDENTITY.into(), identity.annotation());
         annotations.insert(annotation::CREDENTIAL_KIND.into(), identity.kind().into());
         annotations.insert(annotation::AGENT_VERSION.into(), host.agent_version.clone());

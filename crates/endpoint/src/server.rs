@@ -121,6 +121,7 @@ pub fn plane(config: Config) -> anyhow::Result<Plane> {
         .context("identities.jwt")?;
         verifiers.insert(gangplank_api::kind::JWT, Arc::new(v));
     }
+    cloud_verifiers(file, &registry, &mut verifiers)?;
     let mesh_config = match &file.mesh.mesh_config_file {
         Some(path) => {
             let text = String::from_utf8(read_file(path, "mesh.meshConfigFile")?)
@@ -291,4 +292,26 @@ async fn serve_monitoring(listener: TcpListener, plane: Arc<Plane>, mut stop: wa
     if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(%err, "monitoring server failed");
     }
+}
+
+/// Adds the verifiers of the enabled cloud platforms (`identities.awsEc2`, `gcpGce`, `azureVm`).
+pub fn cloud_verifiers(
+    file: &crate::config::File,
+    registry: &Arc<dyn Registry>,
+    verifiers: &mut BTreeMap<&'static str, Arc<dyn Verifier>>,
+) -> anyhow::Result<()> {
+    let ids = &file.identities;
+    if let Some(aws) = &ids.aws_ec2 {
+        let v = aws.verifier(registry.clone()).context("identities.awsEc2")?;
+        verifiers.insert(gangplank_api::kind::AWS_EC2, Arc::new(v));
+    }
+    if let Some(gcp) = &ids.gcp_gce {
+        let v = gcp.verifier(file.plane_id.clone()).context("identities.gcpGce")?;
+        verifiers.insert(gangplank_api::kind::GCP_GCE, Arc::new(v));
+    }
+    if let Some(azure) = &ids.azure_vm {
+        let v = azure.verifier().context("identities.azureVm")?;
+        verifiers.insert(gangplank_api::kind::AZURE_VM, Arc::new(v));
+    }
+    Ok(())
 }
