@@ -90,19 +90,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     say("  the sidecar is a STAND-IN process (no Envoy here): on a VM it is Istio's istio-sidecar package");
 
     let agent_cfg = gangplank_agent::config::Config::load(&onboarding, &agent_config, false)?;
+    let agent = gangplank_agent::Agent::new(&agent_cfg)?;
+    let status = agent.status();
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(async move {
         let shutdown = async move {
             let _ = agent_stopped.await;
         };
-        gangplank_agent::run::run(agent_cfg, shutdown)
-            .await
-            .map_err(anyhow::Error::from)
+        agent.run(shutdown).await.map_err(anyhow::Error::from)
     });
 
-    // 5. Wait for the registration and show it.
-    let entry = wait_for_entry(&registry, &agent).await?;
-    let key = entry.key();
+    // 5. Wait until the agent is registered, has written the boot files and holds its stream.
+    let key = wait_until_connected(status, &agent).await?;
+    let _entry = registry
+        .get::<WorkloadEntry>(&key)
+        .await?
+        .with_context(|| format!("the agent reports WorkloadEntry {key}, but the registry has none"))?;
     let file = registry.path_of::<WorkloadEntry>(&key)?;
     say(&format!(
         "\nOnboarded. WorkloadEntry {key} ({}):\n",
@@ -341,27 +344,35 @@ files:
     ))
 }
 
-async fn wait_for_entry(
-    registry: &dir::Registry,
+async fn wait_until_connected(
+    mut status: tokio::sync::watch::Receiver<gangplank_agent::Status>,
     agent: &tokio::task::JoinHandle<anyhow::Result<()>>,
-) -> anyhow::Result<WorkloadEntry> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tick.tick().await;
-        if let Some(entry) = registry
-            .list::<WorkloadEntry>(Some("bookinfo"))
-            .await?
-            .into_iter()
-            .next()
-        {
-            return Ok(entry);
+) -> anyhow::Result<NamespacedName> {
+    use gangplank_agent::Status;
+    let waited = tokio::time::timeout(Duration::from_secs(60), async {
+        let s = status
+            .wait_for(|s| matches!(s, Status::Registered { connected: true, .. }))
+            .await;
+        s.map(|s| match &*s {
+            Status::Registered { entry, .. } => Some(entry.clone()),
+            _ => None,
+        })
+    })
+    .await;
+    match waited {
+        Ok(Ok(Some(entry))) => Ok(entry),
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            bail!("the agent stopped before onboarding; run with RUST_LOG=info to see why")
         }
-        if agent.is_finished() {
-            bail!("the agent stopped before onboarding; run with RUST_LOG=info to see why");
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("no WorkloadEntry after 60s; run with RUST_LOG=info to see why");
+        Err(_) => {
+            let why = match &*status.borrow() {
+                Status::Onboarding { last_error: Some(e) } => format!(": {e}"),
+                _ => String::new(),
+            };
+            if agent.is_finished() {
+                bail!("the agent stopped before onboarding{why}");
+            }
+            bail!("not onboarded after 60s{why}")
         }
     }
 }

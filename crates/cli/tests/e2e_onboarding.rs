@@ -168,7 +168,7 @@ async fn seed_config_onboards_writes_boot_files_and_sigterm_leaves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_leaves_the_entry_until_the_grace_period_then_it_is_removed() {
-    let mesh = Mesh::start(Options {
+    let mut mesh = Mesh::start(Options {
         grace: "3s",
         ..Options::default()
     })
@@ -180,6 +180,8 @@ async fn sigkill_leaves_the_entry_until_the_grace_period_then_it_is_removed() {
     let token = mesh.join_token("ratings", 1, Duration::from_secs(3600)).await;
     let mut vm = Vm::start(&mesh, "k", Credential::JoinToken(token));
     let entry = wait_onboarded(&mesh, &mut vm).await;
+    // The agent's stream is open: what SIGKILL cuts.
+    mesh.endpoint.wait_for("agent connected", WAIT);
 
     vm.agent.signal("KILL");
     vm.agent.wait_exit(WAIT);
@@ -349,4 +351,73 @@ fn malformed_configs_exit_non_zero_naming_the_field_before_contacting_anything()
             "{what}: contacted the endpoint: {stderr}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_token_verifies_against_the_published_jwks_and_metrics_count_onboardings() {
+    let mut mesh = Mesh::start(Options::default()).await;
+    mesh.registry
+        .put(&policy("bookinfo", "allow", vec![join_tokens()], &[]))
+        .await
+        .unwrap();
+    let token = mesh.join_token("ratings", 1, Duration::from_secs(3600)).await;
+    let mut vm = Vm::start(&mesh, "m", Credential::JoinToken(token));
+    wait_onboarded(&mesh, &mut vm).await;
+    let istio_token = vm.read("var/run/secrets/tokens/istio-token").unwrap();
+
+    // What istiod does with a JWT_RULE for this issuer: discovery, then JWKS, over HTTPS.
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&mesh.ca_bundle).unwrap()).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{}", mesh.addr.port());
+    let discovery: serde_json::Value = http
+        .get(format!("{base}/.well-known/openid-configuration"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let jwks_uri = discovery["jwks_uri"]
+        .as_str()
+        .unwrap()
+        .replace("https://localhost:15443", &base);
+    let jwks: jsonwebtoken::jwk::JwkSet = http.get(jwks_uri).send().await.unwrap().json().await.unwrap();
+    let header = jsonwebtoken::decode_header(&istio_token).unwrap();
+    let jwk = jwks
+        .find(header.kid.as_deref().unwrap())
+        .expect("the token's key is published");
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.set_audience(&["istio-ca"]);
+    validation.set_issuer(&[discovery["issuer"].as_str().unwrap()]);
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let claims = jsonwebtoken::decode::<serde_json::Value>(&istio_token, &key, &validation)
+        .unwrap()
+        .claims;
+    assert_eq!(claims["sub"], "system:serviceaccount:bookinfo:ratings-sa");
+
+    // Health and metrics on the separate plain-HTTP monitoring port.
+    let monitoring = mesh.endpoint.wait_for(r"monitoring_addr=(\S+)", WAIT);
+    let plain = reqwest::Client::new();
+    let health = plain
+        .get(format!("http://{monitoring}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+    let metrics = plain
+        .get(format!("http://{monitoring}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("gangplank_endpoint_onboardings_total{result=\"allowed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("gangplank_endpoint_sessions 1"), "{metrics}");
 }

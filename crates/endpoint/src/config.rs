@@ -146,7 +146,7 @@ pub struct SidecarToken {
     #[serde(default = "defaults::token_lifetime", with = "humantime_serde")]
     pub lifetime: Duration,
     /// The `iss` of minted tokens; istiod is told to trust it (JWT_RULE). Defaults to
-    /// `https://<first dev name or localhost>:<port>`.
+    /// `https://<first dev name or localhost>:<the port the endpoint listens on>`.
     #[serde(default)]
     pub issuer: Option<String>,
 }
@@ -278,8 +278,10 @@ pub struct Config {
     pub file: File,
     /// This replica's name.
     pub replica: String,
-    /// The `iss` of minted sidecar tokens.
+    /// The `iss` of minted sidecar tokens (until the bound port is known, when defaulted).
     pub token_issuer: String,
+    /// Whether `token_issuer` was defaulted (so it follows the port actually bound).
+    pub token_issuer_defaulted: bool,
 }
 
 impl Config {
@@ -367,16 +369,25 @@ impl Config {
             Some(r) if !r.is_empty() => r.clone(),
             _ => hostname(),
         };
-        let token_issuer = file.sidecar_token.issuer.clone().unwrap_or_else(|| {
-            let host = file.tls.dev_names.first().map_or("localhost", String::as_str);
-            format!("https://{host}:{}", file.listen.port())
-        });
+        let token_issuer_defaulted = file.sidecar_token.issuer.is_none();
+        let token_issuer = file
+            .sidecar_token
+            .issuer
+            .clone()
+            .unwrap_or_else(|| default_issuer(&file, file.listen.port()));
         Ok(Self {
             file,
             replica,
             token_issuer,
+            token_issuer_defaulted,
         })
     }
+}
+
+/// `https://<first dev name or localhost>:<port>`.
+pub fn default_issuer(file: &File, port: u16) -> String {
+    let host = file.tls.dev_names.first().map_or("localhost", String::as_str);
+    format!("https://{host}:{port}")
 }
 
 fn hostname() -> String {

@@ -56,7 +56,7 @@ pub struct Keys {
     x: String,
     y: String,
     nonce_key: hmac::Key,
-    issuer: String,
+    issuer: std::sync::RwLock<String>,
 }
 
 impl fmt::Debug for Keys {
@@ -190,7 +190,7 @@ impl Keys {
             x,
             y,
             nonce_key,
-            issuer: issuer.to_string(),
+            issuer: std::sync::RwLock::new(issuer.to_string()),
         })
     }
 
@@ -201,8 +201,15 @@ impl Keys {
     }
 
     /// The `iss` of sidecar tokens.
-    pub fn issuer(&self) -> &str {
-        &self.issuer
+    pub fn issuer(&self) -> String {
+        self.issuer.read().map(|i| i.clone()).unwrap_or_default()
+    }
+
+    /// Sets the `iss` of sidecar tokens (once the endpoint knows the port it listens on).
+    pub fn set_issuer(&self, issuer: String) {
+        if let Ok(mut i) = self.issuer.write() {
+            *i = issuer;
+        }
     }
 
     /// Mints an `istio-token` for `namespace/service_account`.
@@ -214,8 +221,9 @@ impl Keys {
     ) -> Result<SidecarToken, Error> {
         let iat = now();
         let exp = iat + lifetime.as_secs() as i64;
+        let issuer = self.issuer();
         let claims = SidecarClaims {
-            iss: &self.issuer,
+            iss: &issuer,
             sub: format!("system:serviceaccount:{namespace}:{service_account}"),
             aud: [ISTIO_CA_AUDIENCE],
             iat,
@@ -245,9 +253,10 @@ impl Keys {
 
     /// The OIDC discovery document of the sidecar-token issuer.
     pub fn openid_configuration(&self) -> serde_json::Value {
+        let issuer = self.issuer();
         serde_json::json!({
-            "issuer": self.issuer,
-            "jwks_uri": format!("{}/openid/v1/jwks", self.issuer),
+            "issuer": issuer,
+            "jwks_uri": format!("{issuer}/openid/v1/jwks"),
             "response_types_supported": ["id_token"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["ES256"],

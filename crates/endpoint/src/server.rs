@@ -180,6 +180,11 @@ pub async fn start(plane: Plane) -> anyhow::Result<Endpoint> {
         .await
         .with_context(|| format!("listen: cannot bind {listen}"))?;
     let addr = listener.local_addr()?;
+    if plane.config.token_issuer_defaulted {
+        plane
+            .keys
+            .set_issuer(crate::config::default_issuer(&plane.config.file, addr.port()));
+    }
     let monitoring = TcpListener::bind(monitoring_listen)
         .await
         .with_context(|| format!("monitoringListen: cannot bind {monitoring_listen}"))?;

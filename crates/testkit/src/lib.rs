@@ -2,6 +2,7 @@
 
 pub mod cloud;
 pub mod crd;
+pub mod kube_api;
 pub mod oidc;
-pub mod sshd;
 pub mod process;
+pub mod sshd;

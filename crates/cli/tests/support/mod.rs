@@ -33,6 +33,8 @@ pub struct Options {
     pub propagation_delay: &'static str,
     /// A trusted JWT issuer (`issuer url`, `jwks uri`, `ca bundle path`).
     pub jwt: Option<(String, String, PathBuf)>,
+    /// More `identities:` lines, indented two spaces (e.g. `  awsEc2: {...}\n`).
+    pub identities: String,
 }
 
 impl Default for Options {
@@ -43,6 +45,7 @@ impl Default for Options {
             token_lifetime: "1h",
             propagation_delay: "1s",
             jwt: None,
+            identities: String::new(),
         }
     }
 }
@@ -201,7 +204,7 @@ sidecarToken:
   lifetime: {lifetime}
 identities:
   joinTokens: true
-{jwt}workloads:
+{jwt}{more}workloads:
   gracePeriod: {grace}
   heartbeat: {heartbeat}
   propagationDelay: {delay}
@@ -211,6 +214,7 @@ identities:
                 grace = options.grace,
                 heartbeat = options.heartbeat,
                 delay = options.propagation_delay,
+                more = options.identities,
             ),
         );
         let (endpoint, addr) = Self::spawn_endpoint(&config);
@@ -307,6 +311,8 @@ pub fn write(path: &Path, text: &str) {
 pub enum Credential {
     JoinToken(String),
     JwtFile(String),
+    /// `identity:` lines for a cloud platform, indented two spaces (`  platform: {...}\n`).
+    Platform(String),
 }
 
 /// A `gangplank-agent` process for one VM.
@@ -349,6 +355,7 @@ workloadGroup:                                 # join to
                 write(&root.join("etc/jwt"), &t);
                 format!("  jwt:\n    file: {}/etc/jwt\n", root.display())
             }
+            Credential::Platform(lines) => lines,
         };
         // The stand-in sidecar records its environment and pid, then waits to be stopped.
         let sidecar =
