@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod install;
 mod instance;
 mod policy;
 mod quickstart;
@@ -35,6 +36,8 @@ enum Command {
     Policy(policy::Args),
     /// Cloud instance registrations (`release` a re-imaged EC2 instance).
     Instance(instance::Args),
+    /// Install Gangplank into a cluster: `gangplank install crds | kubectl apply -f -`.
+    Install(install::Args),
     /// Push the sidecar's bootstrap to VMs over SSH, from annotated WorkloadEntries.
     SidecarBootstrap(sidecar_bootstrap::Args),
     /// The quickstart's stand-in sidecar (started by the quickstart's agent).
@@ -51,6 +54,7 @@ async fn main() -> ExitCode {
         Command::Token(args) => token::run(args).await,
         Command::Policy(args) => policy::run(args).await,
         Command::Instance(args) => instance::run(args).await,
+        Command::Install(args) => install::run(args).await,
         Command::SidecarBootstrap(args) => sidecar_bootstrap::run(args).await,
         Command::QuickstartSidecar => quickstart::standin().await,
     };

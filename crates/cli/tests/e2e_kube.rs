@@ -1,0 +1,255 @@
+//! End to end on Kubernetes: a `gangplank-endpoint` process with `registry.kubernetes` against
+//! the Kubernetes API stand-in, and a real `gangplank-agent`.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use gangplank_api::NamespacedName;
+use gangplank_api::names::annotation;
+use gangplank_testkit::kube_api::{Server, TOKEN_ISSUER};
+use gangplank_testkit::process::{Proc, bin, until};
+use serde_json::{Value, json};
+use support::*;
+
+const ROOT_CERT: &str = "-----BEGIN CERTIFICATE-----\nY2x1c3Rlci1yb290\n-----END CERTIFICATE-----\n";
+
+fn seed_as<T: serde::Serialize>(server: &Server, api_version: &str, kind: &str, obj: &T) -> Value {
+    let mut v = serde_json::to_value(obj).unwrap();
+    v["apiVersion"] = json!(api_version);
+    v["kind"] = json!(kind);
+    server.seed(v).unwrap()
+}
+
+fn claims_of(jwt: &str) -> Value {
+    use base64::Engine;
+    let payload = jwt.split('.').nth(1).expect("a JWT");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboards_against_the_kubernetes_api_one_write_per_event_none_per_heartbeat() {
+    let server = Server::start().await.unwrap();
+    server.install_istio_crds(&["v1", "v1beta1"]).unwrap();
+    for crd in gangplank_registry::crds::all().unwrap() {
+        server.install_crd(&serde_json::to_value(crd).unwrap()).unwrap();
+    }
+    let group = seed_as(
+        &server,
+        "networking.istio.io/v1",
+        "WorkloadGroup",
+        &group("bookinfo", "ratings", &[("app", "ratings"), ("version", "v1")]),
+    );
+    seed_as(
+        &server,
+        "onboarding.gangplank.dev/v1alpha1",
+        "OnboardingPolicy",
+        &policy(
+            "bookinfo",
+            "allow-ratings",
+            vec![join_tokens()],
+            &[("app", "ratings")],
+        ),
+    );
+    server
+        .seed(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "ratings-sa", "namespace": "bookinfo"}}))
+        .unwrap();
+    server
+        .seed(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio-ca-root-cert", "namespace": "bookinfo"}, "data": {"root-cert.pem": ROOT_CERT}}))
+        .unwrap();
+    server
+        .seed(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio", "namespace": "istio-system"},
+            "data": {"mesh": "trustDomain: cluster.local\ndefaultConfig:\n  proxyMetadata:\n    FROM_CLUSTER: \"yes\"\n"}}))
+        .unwrap();
+    let (token, secret) = gangplank_identity::token::create(
+        &NamespacedName::new("bookinfo", "ratings"),
+        Duration::from_secs(3600),
+        1,
+        time::OffsetDateTime::now_utc(),
+    );
+    seed_as(&server, "onboarding.gangplank.dev/v1alpha1", "JoinToken", &token);
+
+    // The endpoint, with the Kubernetes registry.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let kubeconfig = server.write_kubeconfig(root).unwrap();
+    let ca = gangplank_tls::dev::Ca::generate("e2e-kube").unwrap();
+    let leaf = ca
+        .issue(
+            &["localhost"],
+            &[std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)],
+        )
+        .unwrap();
+    write(&root.join("tls/tls.crt"), &leaf.cert_pem);
+    write(&root.join("tls/tls.key"), &leaf.key_pem);
+    let ca_bundle = root.join("tls/ca.pem");
+    write(&ca_bundle, ca.cert_pem());
+    let config = root.join("endpoint.yaml");
+    write(
+        &config,
+        &format!(
+            "apiVersion: onboarding.gangplank.dev/v1alpha1
+kind: EndpointConfiguration
+planeId: {PLANE_ID}
+listen: 127.0.0.1:0
+monitoringListen: 127.0.0.1:0
+replica: endpoint-0
+tls:
+  certFile: {root}/tls/tls.crt
+  keyFile: {root}/tls/tls.key
+registry:
+  kubernetes:
+    kubeconfig: {kubeconfig}
+    namespace: gangplank-system
+    leaseDuration: 3s
+stateDir: {root}/state
+mesh:
+  istiodIp: 10.10.10.11
+identities:
+  joinTokens: true
+workloads:
+  gracePeriod: 5m
+  heartbeat: 200ms
+  propagationDelay: 1s
+",
+            root = root.display(),
+            kubeconfig = kubeconfig.display(),
+        ),
+    );
+    let mut cmd = Command::new(bin("gangplank-endpoint"));
+    cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
+    let mut endpoint = Proc::spawn("endpoint", cmd);
+    let addr: std::net::SocketAddr = endpoint
+        .wait_for(r"endpoint listening addr=(\S+)", WAIT)
+        .parse()
+        .unwrap();
+
+    // The agent.
+    let vm = root.join("vm");
+    write(
+        &vm.join("etc/onboarding.yaml"),
+        &format!(
+            "apiVersion: config.agent.onboarding.tetrate.io/v1alpha1
+kind: OnboardingConfiguration
+onboardingEndpoint:
+  host: 127.0.0.1
+  port: {port}
+  transportSecurity:
+    tls:
+      caBundle: {ca}
+workloadGroup:
+  namespace: bookinfo
+  name: ratings
+",
+            port = addr.port(),
+            ca = ca_bundle.display()
+        ),
+    );
+    write(&vm.join("etc/join-token"), secret.expose());
+    let sidecar = "env > sidecar.env.tmp && mv sidecar.env.tmp sidecar.env; exec sleep 3600";
+    write(
+        &vm.join("etc/agent.yaml"),
+        &format!(
+            "apiVersion: onboarding.gangplank.dev/v1alpha1
+kind: AgentConfiguration
+identity:
+  joinToken:
+    file: {vm}/etc/join-token
+sidecar:
+  launcher: process
+  process:
+    command: [sh, -c, {sidecar:?}]
+files:
+  root: {vm}/fs
+settings:
+  retry:
+    initial: 100ms
+    max: 1s
+",
+            vm = vm.display()
+        ),
+    );
+    let mut cmd = Command::new(bin("gangplank-agent"));
+    cmd.arg("--onboarding-config")
+        .arg(vm.join("etc/onboarding.yaml"))
+        .arg("--agent-config")
+        .arg(vm.join("etc/agent.yaml"))
+        .env("RUST_LOG", "info");
+    let agent = Proc::spawn("agent", cmd);
+    let fs = vm.join("fs");
+    let started = until(WAIT, || std::fs::read_to_string(fs.join("sidecar.env")).ok());
+    assert!(
+        started.is_some(),
+        "the sidecar never started; agent:\n{}\nendpoint:\n{}",
+        agent.output(),
+        endpoint.output()
+    );
+
+    // The entry: applied once by Onboard (server-side apply), then the stream's connect
+    // annotations (one merge patch) and the first health report (the status subresource):
+    // one write per event, and it is valid for Istio's schema (the stand-in refuses anything
+    // else).
+    let writes = until(WAIT, || {
+        let w: Vec<_> = server
+            .writes()
+            .into_iter()
+            .filter(|w| w.resource == "workloadentries")
+            .collect();
+        (w.len() >= 3).then_some(w)
+    })
+    .unwrap_or_else(|| panic!("writes: {:?}", server.writes()));
+    let kinds: Vec<_> = writes
+        .iter()
+        .map(|w| (w.verb, w.subresource.as_deref()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("apply", None), ("patch", None), ("apply", Some("status"))],
+        "{writes:?}"
+    );
+    let name = &writes[0].name;
+    let entry = server
+        .object("networking.istio.io", "workloadentries", "bookinfo", name)
+        .unwrap();
+    assert_eq!(
+        entry["metadata"]["ownerReferences"][0]["uid"],
+        group["metadata"]["uid"]
+    );
+    assert_eq!(
+        entry["metadata"]["annotations"][annotation::ENDPOINT_REPLICA],
+        "endpoint-0"
+    );
+    assert_eq!(entry["metadata"]["labels"]["app"], "ratings");
+
+    // Boot inputs from the cluster: a TokenRequest token for the group's service account,
+    // the root certificate and the mesh config from the ConfigMaps.
+    let token = std::fs::read_to_string(fs.join("var/run/secrets/tokens/istio-token")).unwrap();
+    let claims = claims_of(token.trim());
+    assert_eq!(claims["iss"], TOKEN_ISSUER);
+    assert_eq!(claims["sub"], "system:serviceaccount:bookinfo:ratings-sa");
+    assert_eq!(claims["aud"], json!(["istio-ca"]));
+    assert_eq!(
+        std::fs::read_to_string(fs.join("etc/certs/root-cert.pem")).unwrap(),
+        ROOT_CERT
+    );
+    let mesh = std::fs::read_to_string(fs.join("etc/istio/config/mesh")).unwrap();
+    assert!(mesh.contains("FROM_CLUSTER"), "{mesh}");
+
+    // Steady state: heartbeats (every 200ms) write nothing to WorkloadEntries.
+    server.reset_writes();
+    // Across processes there is no shared clock to pause: ten heartbeat intervals pass.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let entry_writes: Vec<_> = server
+        .writes()
+        .into_iter()
+        .filter(|w| w.resource == "workloadentries")
+        .collect();
+    assert!(entry_writes.is_empty(), "heartbeats wrote {entry_writes:?}");
+    drop(agent);
+}
