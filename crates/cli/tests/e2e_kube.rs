@@ -253,3 +253,258 @@ settings:
     assert!(entry_writes.is_empty(), "heartbeats wrote {entry_writes:?}");
     drop(agent);
 }
+
+/// Starts `gangplank-endpoint` as `replica` with the Kubernetes registry of `server`, on
+/// `listen`; returns the process and its address.
+fn spawn_endpoint(
+    root: &std::path::Path,
+    server: &Server,
+    replica: &str,
+    listen: &str,
+) -> (Proc, std::net::SocketAddr) {
+    let kubeconfig = server.write_kubeconfig(root).unwrap();
+    let config = root.join(format!("endpoint-{replica}.yaml"));
+    write(
+        &config,
+        &format!(
+            "apiVersion: onboarding.gangplank.dev/v1alpha1
+kind: EndpointConfiguration
+planeId: {PLANE_ID}
+listen: {listen}
+monitoringListen: 127.0.0.1:0
+replica: {replica}
+tls:
+  certFile: {root}/tls/tls.crt
+  keyFile: {root}/tls/tls.key
+registry:
+  kubernetes:
+    kubeconfig: {kubeconfig}
+    namespace: gangplank-system
+    leaseDuration: 3s
+stateDir: {root}/state
+mesh:
+  istiodIp: 10.10.10.11
+identities:
+  joinTokens: true
+workloads:
+  gracePeriod: 6s
+  heartbeat: 500ms
+  propagationDelay: 1s
+",
+            root = root.display(),
+            kubeconfig = kubeconfig.display(),
+        ),
+    );
+    let mut cmd = Command::new(bin("gangplank-endpoint"));
+    cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
+    let mut endpoint = Proc::spawn(&format!("endpoint-{replica}"), cmd);
+    let addr = endpoint
+        .wait_for(r"endpoint listening addr=(\S+)", WAIT)
+        .parse()
+        .unwrap();
+    (endpoint, addr)
+}
+
+/// Starts `gangplank-agent` for VM `name` with join token `secret` against `addr`.
+fn spawn_agent(
+    root: &std::path::Path,
+    name: &str,
+    addr: std::net::SocketAddr,
+    secret: &str,
+) -> (Proc, std::path::PathBuf) {
+    let vm = root.join(format!("vm-{name}"));
+    write(
+        &vm.join("etc/onboarding.yaml"),
+        &format!(
+            "apiVersion: config.agent.onboarding.tetrate.io/v1alpha1
+kind: OnboardingConfiguration
+onboardingEndpoint:
+  host: 127.0.0.1
+  port: {port}
+  transportSecurity:
+    tls:
+      caBundle: {root}/tls/ca.pem
+workloadGroup:
+  namespace: bookinfo
+  name: ratings
+",
+            port = addr.port(),
+            root = root.display()
+        ),
+    );
+    write(&vm.join("etc/join-token"), secret);
+    let sidecar = "env > sidecar.env.tmp && mv sidecar.env.tmp sidecar.env; exec sleep 3600";
+    write(
+        &vm.join("etc/agent.yaml"),
+        &format!(
+            "apiVersion: onboarding.gangplank.dev/v1alpha1
+kind: AgentConfiguration
+identity:
+  joinToken:
+    file: {vm}/etc/join-token
+sidecar:
+  launcher: process
+  process:
+    command: [sh, -c, {sidecar:?}]
+files:
+  root: {vm}/fs
+settings:
+  retry:
+    initial: 100ms
+    max: 500ms
+",
+            vm = vm.display()
+        ),
+    );
+    let mut cmd = Command::new(bin("gangplank-agent"));
+    cmd.arg("--onboarding-config")
+        .arg(vm.join("etc/onboarding.yaml"))
+        .arg("--agent-config")
+        .arg(vm.join("etc/agent.yaml"))
+        .env("RUST_LOG", "info");
+    (Proc::spawn(&format!("agent-{name}"), cmd), vm.join("fs"))
+}
+
+fn annotations_of(server: &Server, name: &str) -> Option<Value> {
+    server
+        .object("networking.istio.io", "workloadentries", "bookinfo", name)
+        .map(|e| e["metadata"]["annotations"].clone())
+}
+
+/// Replica A dies with its agents' streams; B takes over its address. The agent that comes
+/// back keeps its entry (now served by B); the one that does not is removed after the grace
+/// period, by the sweeper B became.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_returning_agents_stay_and_vanished_ones_are_removed() {
+    let server = Server::start().await.unwrap();
+    server.install_istio_crds(&["v1"]).unwrap();
+    for crd in gangplank_registry::crds::all().unwrap() {
+        server.install_crd(&serde_json::to_value(crd).unwrap()).unwrap();
+    }
+    seed_as(
+        &server,
+        "networking.istio.io/v1",
+        "WorkloadGroup",
+        &group("bookinfo", "ratings", &[("app", "ratings")]),
+    );
+    seed_as(
+        &server,
+        "onboarding.gangplank.dev/v1alpha1",
+        "OnboardingPolicy",
+        &policy(
+            "bookinfo",
+            "allow-ratings",
+            vec![join_tokens()],
+            &[("app", "ratings")],
+        ),
+    );
+    for (kind, name, ns, data) in [
+        ("ServiceAccount", "ratings-sa", "bookinfo", None),
+        (
+            "ConfigMap",
+            "istio-ca-root-cert",
+            "bookinfo",
+            Some(json!({"root-cert.pem": ROOT_CERT})),
+        ),
+        (
+            "ConfigMap",
+            "istio",
+            "istio-system",
+            Some(json!({"mesh": "trustDomain: cluster.local\n"})),
+        ),
+    ] {
+        let mut o = json!({"apiVersion": "v1", "kind": kind, "metadata": {"name": name, "namespace": ns}});
+        if let Some(d) = data {
+            o["data"] = d;
+        }
+        server.seed(o).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ca = gangplank_tls::dev::Ca::generate("e2e-kube").unwrap();
+    let leaf = ca
+        .issue(
+            &["localhost"],
+            &[std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)],
+        )
+        .unwrap();
+    write(&root.join("tls/tls.crt"), &leaf.cert_pem);
+    write(&root.join("tls/tls.key"), &leaf.key_pem);
+    write(&root.join("tls/ca.pem"), ca.cert_pem());
+    let mut secrets = Vec::new();
+    for _ in 0..2 {
+        let (token, secret) = gangplank_identity::token::create(
+            &NamespacedName::new("bookinfo", "ratings"),
+            Duration::from_secs(3600),
+            1,
+            time::OffsetDateTime::now_utc(),
+        );
+        seed_as(&server, "onboarding.gangplank.dev/v1alpha1", "JoinToken", &token);
+        let id = token.metadata.name.clone().unwrap();
+        secrets.push((format!("ratings-token-{id}"), secret.expose().to_owned()));
+    }
+
+    let (mut a, addr) = spawn_endpoint(root, &server, "endpoint-a", "127.0.0.1:0");
+    let (stays, stays_fs) = spawn_agent(root, "stays", addr, &secrets[0].1);
+    let (mut goes, goes_fs) = spawn_agent(root, "goes", addr, &secrets[1].1);
+    for fs in [&stays_fs, &goes_fs] {
+        assert!(
+            until(WAIT, || std::fs::read_to_string(fs.join("sidecar.env")).ok()).is_some(),
+            "not onboarded; endpoint:\n{}",
+            a.output()
+        );
+    }
+    let (stays_entry, goes_entry) = (&secrets[0].0, &secrets[1].0);
+    for e in [stays_entry, goes_entry] {
+        assert_eq!(
+            annotations_of(&server, e).unwrap()[annotation::ENDPOINT_REPLICA],
+            "endpoint-a"
+        );
+    }
+
+    // A dies without a word, and so does one VM.
+    a.signal("KILL");
+    a.wait_exit(WAIT);
+    goes.signal("KILL");
+    goes.wait_exit(WAIT);
+
+    // B comes up on A's address: the surviving agent reconnects to it.
+    let (b, _) = spawn_endpoint(root, &server, "endpoint-b", &addr.to_string());
+    let moved = until(WAIT, || {
+        let a = annotations_of(&server, stays_entry)?;
+        (a[annotation::ENDPOINT_REPLICA] == "endpoint-b" && a.get(annotation::DISCONNECTED_AT).is_none())
+            .then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "the agent did not move to B: {:?}\n{}",
+        annotations_of(&server, stays_entry),
+        b.output()
+    );
+
+    // The vanished VM's entry is marked by the sweeper and removed after the grace period.
+    let removed = until(Duration::from_secs(40), || {
+        annotations_of(&server, goes_entry).is_none().then_some(())
+    });
+    assert!(
+        removed.is_some(),
+        "the vanished VM's entry stayed: {:?}\n{}",
+        annotations_of(&server, goes_entry),
+        b.output()
+    );
+    let lease = server
+        .object(
+            "coordination.k8s.io",
+            "leases",
+            "gangplank-system",
+            "gangplank-endpoint-sweeper",
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "endpoint-b");
+    // The returning agent's entry is still there, served by B.
+    assert_eq!(
+        annotations_of(&server, stays_entry).unwrap()[annotation::ENDPOINT_REPLICA],
+        "endpoint-b"
+    );
+    drop(stays);
+}
