@@ -81,6 +81,7 @@ pub async fn plane(config: Config) -> anyhow::Result<Plane> {
         verifiers.insert(gangplank_api::kind::JWT, Arc::new(v));
     }
     crate::server::cloud_verifiers(file, &registry, &mut verifiers)?;
+    crate::server::cloud_verifiers(file, &registry, &mut verifiers)?;
     let mesh = Arc::new(Cluster::new(
         client,
         &file.mesh.istio_namespace,
