@@ -33,6 +33,8 @@ pub mod defaults {
     pub const PORT: u16 = 15443;
     /// `identity.joinToken.file` when no identity is configured.
     pub const JOIN_TOKEN_FILE: &str = "/etc/gangplank/join-token";
+    /// `identity.platform.keyFile`: the agent's AWS instance key.
+    pub const INSTANCE_KEY_FILE: &str = "/var/lib/gangplank/instance-key.pem";
     /// `sidecar.launcher`.
     pub const LAUNCHER: &str = "systemd";
     /// `sidecar.systemd.command`.
@@ -211,6 +213,15 @@ pub enum Identity {
     JwtCommand {
         /// Program and arguments.
         command: Vec<String>,
+    },
+    /// The cloud platform's own credential (AWS EC2, GCP GCE, Azure), fixed or detected.
+    Platform {
+        /// `auto` or the platform.
+        host: gangplank_identity::detect::Host,
+        /// Metadata service base URLs (defaults: the platforms' link-local services).
+        urls: gangplank_identity::detect::MetadataUrls,
+        /// Where the AWS instance key is kept.
+        key_file: PathBuf,
     },
 }
 
@@ -399,6 +410,30 @@ struct RawIdentity {
     join_token: Option<RawFileSource>,
     #[serde(skip_serializing_if = "Option::is_none")]
     jwt: Option<RawJwt>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    platform: Option<RawPlatform>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPlatform {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata_urls: Option<RawMetadataUrls>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMetadataUrls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aws: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gcp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    azure: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -821,21 +856,33 @@ impl Agent {
                 join_token: Some(RawFileSource {
                     file: Some(file.display().to_string()),
                 }),
-                jwt: None,
+                ..Default::default()
             },
             Identity::JwtFile { file } => RawIdentity {
-                join_token: None,
                 jwt: Some(RawJwt {
                     file: Some(file.display().to_string()),
                     command: None,
                 }),
+                ..Default::default()
             },
             Identity::JwtCommand { command } => RawIdentity {
-                join_token: None,
                 jwt: Some(RawJwt {
                     file: None,
                     command: Some(command.clone()),
                 }),
+                ..Default::default()
+            },
+            Identity::Platform { host, urls, key_file } => RawIdentity {
+                platform: Some(RawPlatform {
+                    host: Some(host.to_string()),
+                    key_file: Some(key_file.display().to_string()),
+                    metadata_urls: Some(RawMetadataUrls {
+                        aws: Some(urls.aws.clone()),
+                        gcp: Some(urls.gcp.clone()),
+                        azure: Some(urls.azure.clone()),
+                    }),
+                }),
+                ..Default::default()
             },
         };
         let raw = RawAgent {
@@ -1033,13 +1080,22 @@ impl Validator<'_> {
                 file: PathBuf::from(defaults::JOIN_TOKEN_FILE),
             });
         };
+        if let Some(p) = raw.platform {
+            if raw.join_token.is_some() || raw.jwt.is_some() {
+                return Err(self.invalid(
+                    "identity",
+                    "sets platform together with joinToken or jwt: keep exactly one",
+                ));
+            }
+            return self.platform(p);
+        }
         match (raw.join_token, raw.jwt) {
             (Some(_), Some(_)) => {
                 Err(self.invalid("identity", "sets both joinToken and jwt: keep exactly one"))
             }
             (None, None) => Err(self.invalid(
                 "identity",
-                "is empty: set identity.joinToken.file or identity.jwt.file / identity.jwt.command",
+                "is empty: set identity.joinToken.file, identity.jwt.file / identity.jwt.command or identity.platform.host",
             )),
             (Some(t), None) => {
                 let file = t.file.filter(|f| !f.trim().is_empty()).ok_or_else(|| {
@@ -1072,6 +1128,43 @@ impl Validator<'_> {
                 }),
             },
         }
+    }
+
+    fn platform(&self, raw: RawPlatform) -> Result<Identity> {
+        let host = raw
+            .host
+            .as_deref()
+            .unwrap_or("auto")
+            .parse()
+            .map_err(|e: String| self.invalid("identity.platform.host", e))?;
+        let key_file = self.non_empty(
+            "identity.platform.keyFile",
+            raw.key_file,
+            defaults::INSTANCE_KEY_FILE,
+        )?;
+        let mut urls = gangplank_identity::detect::MetadataUrls::default();
+        if let Some(u) = raw.metadata_urls {
+            for (field, value, slot) in [
+                ("aws", u.aws, &mut urls.aws),
+                ("gcp", u.gcp, &mut urls.gcp),
+                ("azure", u.azure, &mut urls.azure),
+            ] {
+                if let Some(v) = value {
+                    if !(v.starts_with("http://") || v.starts_with("https://")) {
+                        return Err(self.invalid(
+                            &format!("identity.platform.metadataUrls.{field}"),
+                            format!("{v:?} is not an http(s) URL"),
+                        ));
+                    }
+                    *slot = v;
+                }
+            }
+        }
+        Ok(Identity::Platform {
+            host,
+            urls,
+            key_file: PathBuf::from(key_file),
+        })
     }
 
     fn non_empty(&self, field: &str, value: Option<String>, default: &str) -> Result<String> {
@@ -1414,6 +1507,41 @@ settings:
             Ok(c) => panic!("accepted: {c:?}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn platform_identity_parses_validates_and_prints() {
+        use gangplank_identity::detect::{Host, MetadataUrls, Platform};
+        let a = agent("identity:\n  platform: {host: auto}\n").expect("auto");
+        assert_eq!(
+            a.identity,
+            Identity::Platform {
+                host: Host::Auto,
+                urls: MetadataUrls::default(),
+                key_file: PathBuf::from(defaults::INSTANCE_KEY_FILE),
+            }
+        );
+        let a = agent(
+            "identity:\n  platform:\n    host: aws-ec2\n    keyFile: /var/lib/k.pem\n    metadataUrls: {aws: \"http://127.0.0.1:9\"}\n",
+        )
+        .expect("aws");
+        let Identity::Platform { host, urls, key_file } = &a.identity else {
+            panic!("{:?}", a.identity);
+        };
+        assert_eq!(*host, Host::Fixed(Platform::Aws));
+        assert_eq!(urls.aws, "http://127.0.0.1:9");
+        assert_eq!(key_file, &PathBuf::from("/var/lib/k.pem"));
+        assert_eq!(agent(&a.to_yaml()).expect("round trip").identity, a.identity);
+
+        let e = agent_err("identity:\n  platform: {host: cloud}\n");
+        assert!(
+            e.contains("identity.platform.host") && e.contains("auto, aws-ec2, gcp-gce or azure-vm"),
+            "{e}"
+        );
+        let e = agent_err("identity:\n  platform: {host: auto}\n  jwt: {file: /x}\n");
+        assert!(e.contains("keep exactly one"), "{e}");
+        let e = agent_err("identity:\n  platform: {metadataUrls: {gcp: metadata.internal}}\n");
+        assert!(e.contains("identity.platform.metadataUrls.gcp"), "{e}");
     }
 
     #[test]

@@ -118,6 +118,9 @@ pub fn provider(identity: &config::Identity) -> gangplank_identity::Result<Box<d
         config::Identity::JwtCommand { command } => {
             Box::new(gangplank_identity::jwt::Provider::from_command(command.clone())?)
         }
+        config::Identity::Platform { host, urls, key_file } => Box::new(
+            gangplank_identity::detect::PlatformProvider::new(*host, urls.clone(), key_file.clone()),
+        ),
     })
 }
 

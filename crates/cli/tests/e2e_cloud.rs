@@ -1,0 +1,259 @@
+//! End to end on the cloud platforms: `gangplank-agent` and `gangplank-endpoint` as real
+//! processes, each metadata service emulated on loopback, the endpoint's production
+//! verifiers configured to trust the emulators' test roots.
+
+mod support;
+
+use std::path::Path;
+
+use gangplank_api::istio::WorkloadEntry;
+use gangplank_api::names::annotation;
+use gangplank_api::policy::{AwsMatcher, AzureMatcher, GcpMatcher, WorkloadMatcher};
+use gangplank_testkit::cloud::{aws, azure, gcp};
+use support::*;
+
+/// A loopback URL where nothing listens (a metadata service that is not there).
+fn closed() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+fn platform(host: &str, key_file: &Path, aws: &str, gcp: &str, azure: &str) -> Credential {
+    Credential::Platform(format!(
+        "  platform:\n    host: {host}\n    keyFile: {}\n    metadataUrls: {{aws: \"{aws}\", gcp: \"{gcp}\", azure: \"{azure}\"}}\n",
+        key_file.display()
+    ))
+}
+
+async fn wait_entry(mesh: &Mesh, vm: &mut Vm) -> WorkloadEntry {
+    let found = gangplank_testkit::process::until(WAIT, || vm.read("sidecar.env"));
+    assert!(
+        found.is_some(),
+        "the sidecar never started; agent output:\n{}\nendpoint:\n{}",
+        vm.agent.output(),
+        mesh.endpoint.output()
+    );
+    let entries = mesh.entries().await;
+    assert_eq!(entries.len(), 1, "{entries:#?}");
+    entries.into_iter().next().expect("one entry")
+}
+
+fn annotation_of<'a>(entry: &'a WorkloadEntry, key: &str) -> Option<&'a str> {
+    entry
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_onboards_and_a_copied_document_from_a_second_agent_is_refused() {
+    let keys = aws::SigningKeys::generate(&["us-east-1"]).expect("keys");
+    let certs = tempfile::tempdir().expect("tempdir");
+    let cert = certs.path().join("us-east-1.pem");
+    write(&cert, &keys.certificate_pem("us-east-1").expect("pem"));
+    let imds = aws::Imds::start(aws::Instance::example(), keys)
+        .await
+        .expect("imds");
+    let mut mesh = Mesh::start(Options {
+        identities: format!(
+            "  awsEc2:\n    certificates:\n      us-east-1: {}\n",
+            cert.display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let matcher = WorkloadMatcher {
+        aws: Some(AwsMatcher {
+            accounts: vec!["123456789012".into()],
+            regions: vec!["us-east-1".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    mesh.registry
+        .put(&policy(
+            "bookinfo",
+            "allow-aws",
+            vec![matcher],
+            &[("app", "ratings")],
+        ))
+        .await
+        .expect("policy");
+
+    let key_a = mesh.root().join("vm-a-key.pem");
+    let mut vm = Vm::start(
+        &mesh,
+        "a",
+        platform("aws-ec2", &key_a, &imds.url(), &closed(), &closed()),
+    );
+    let entry = wait_entry(&mesh, &mut vm).await;
+    assert_eq!(
+        entry.metadata.name.as_deref(),
+        Some("ratings-aws-123456789012-us-east-1a-i-0abc1234def567890")
+    );
+    assert_eq!(entry.spec.address, "10.0.1.7", "the verified private IP");
+    assert_eq!(
+        annotation_of(&entry, annotation::IDENTITY),
+        Some("aws:123456789012/us-east-1/i-0abc1234def567890")
+    );
+    assert!(
+        annotation_of(&entry, "onboarding.gangplank.dev/agent-public-key").is_some_and(|k| !k.is_empty())
+    );
+    assert_eq!(
+        entry
+            .spec
+            .labels
+            .get("onboarding.gangplank.dev/aws-account")
+            .map(String::as_str),
+        Some("123456789012")
+    );
+    assert!(key_a.exists(), "the agent keeps its instance key");
+
+    // A second machine presenting the same (copied) document, with its own key.
+    let before = mesh.entry_files();
+    let key_b = mesh.root().join("vm-b-key.pem");
+    let mut copy = Vm::start(
+        &mesh,
+        "b",
+        platform("aws-ec2", &key_b, &imds.url(), &closed(), &closed()),
+    );
+    copy.agent.wait_for(r"belongs to (a different agent key)", WAIT);
+    mesh.endpoint.wait_for(r"(different agent key)", WAIT);
+    assert!(
+        copy.read("sidecar.env").is_none(),
+        "the copy never starts a sidecar"
+    );
+    assert_eq!(mesh.entry_files(), before, "nothing written");
+    let entries = mesh.entries().await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        annotation_of(&entries[0], "onboarding.gangplank.dev/agent-public-key"),
+        annotation_of(&entry, "onboarding.gangplank.dev/agent-public-key"),
+        "the first agent's key is still the recorded one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcp_onboards_with_host_auto() {
+    let server = gcp::MetadataServer::start(gcp::Instance::example())
+        .await
+        .expect("metadata");
+    let mesh = Mesh::start(Options {
+        identities: format!("  gcpGce:\n    jwksUrl: {}\n", server.jwks_url()),
+        ..Options::default()
+    })
+    .await;
+    let matcher = WorkloadMatcher {
+        gcp: Some(GcpMatcher {
+            projects: vec!["bookinfo-prod".into()],
+            service_accounts: vec!["ratings@bookinfo-prod.iam.gserviceaccount.com".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    mesh.registry
+        .put(&policy(
+            "bookinfo",
+            "allow-gcp",
+            vec![matcher],
+            &[("app", "ratings")],
+        ))
+        .await
+        .expect("policy");
+    let key = mesh.root().join("unused-key.pem");
+    let mut vm = Vm::start(
+        &mesh,
+        "g",
+        platform("auto", &key, &closed(), &server.url(), &closed()),
+    );
+    let entry = wait_entry(&mesh, &mut vm).await;
+    assert_eq!(
+        entry.metadata.name.as_deref(),
+        Some("ratings-gcp-bookinfo-prod-us-central1-a-ratings-vm-1")
+    );
+    assert_eq!(
+        annotation_of(&entry, annotation::IDENTITY),
+        Some("gcp:bookinfo-prod/us-central1-a/4732895401234567890")
+    );
+    assert_eq!(
+        entry
+            .spec
+            .labels
+            .get("onboarding.gangplank.dev/gcp-project")
+            .map(String::as_str),
+        Some("bookinfo-prod")
+    );
+    assert!(!key.exists(), "no AWS key on GCP");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_is_refused_until_a_policy_allows_its_subscription_then_onboards() {
+    let imds = azure::Imds::start(azure::Vm::example()).await.expect("imds");
+    let pems = tempfile::tempdir().expect("tempdir");
+    let roots = pems.path().join("roots.pem");
+    let intermediates = pems.path().join("intermediates.pem");
+    std::fs::write(&roots, imds.chain().root_pem()).expect("write");
+    std::fs::write(&intermediates, imds.chain().intermediate_pem()).expect("write");
+    let mut mesh = Mesh::start(Options {
+        identities: format!(
+            "  azureVm:\n    roots: {}\n    intermediates: {}\n",
+            roots.display(),
+            intermediates.display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let other = WorkloadMatcher {
+        azure: Some(AzureMatcher {
+            subscriptions: vec!["00000000-0000-0000-0000-000000000000".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    mesh.registry
+        .put(&policy("bookinfo", "other-subscription", vec![other], &[]))
+        .await
+        .expect("policy");
+
+    let key = mesh.root().join("unused-key.pem");
+    let mut vm = Vm::start(
+        &mesh,
+        "z",
+        platform("azure-vm", &key, &closed(), &closed(), &imds.url()),
+    );
+    // The refusal names the group and the unmatched identity facts, in both logs.
+    let pattern = r"(no OnboardingPolicy in namespace bookinfo allows azure vm 02aab8a4-74ef-476e-8182-f6d2ba4166a6 \(subscription 8d10da13-8125-4ba9-a717-bf7490507b3d, sku 22_04-lts-gen2\) to join WorkloadGroup ratings.*azure subscription 8d10da13-8125-4ba9-a717-bf7490507b3d not in \[00000000-0000-0000-0000-000000000000\])";
+    vm.agent.wait_for(pattern, WAIT);
+    mesh.endpoint.wait_for(pattern, WAIT);
+    assert!(mesh.entries().await.is_empty(), "nothing written");
+
+    let allow = WorkloadMatcher {
+        azure: Some(AzureMatcher {
+            subscriptions: vec!["8d10da13-8125-4ba9-a717-bf7490507b3d".into()],
+            vm_ids: vec!["02aab8a4-74ef-476e-8182-f6d2ba4166a6".into()],
+        }),
+        ..Default::default()
+    };
+    mesh.registry
+        .put(&policy(
+            "bookinfo",
+            "allow-azure",
+            vec![allow],
+            &[("app", "ratings")],
+        ))
+        .await
+        .expect("policy");
+    let entry = wait_entry(&mesh, &mut vm).await;
+    assert_eq!(
+        entry.metadata.name.as_deref(),
+        Some("ratings-azure-8d10da13-8125-4ba9-a717-bf7490507b3d-02aab8a4-74ef-476e-8182-f6d2ba4166a6")
+    );
+    assert_eq!(
+        annotation_of(&entry, annotation::IDENTITY),
+        Some("azure:8d10da13-8125-4ba9-a717-bf7490507b3d/02aab8a4-74ef-476e-8182-f6d2ba4166a6")
+    );
+}
