@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::Stream;
+use gangplank_api::istio::WorkloadEntry;
 use gangplank_api::names::annotation;
 use gangplank_api::proto::onboarding_server::Onboarding;
 use gangplank_api::proto::{self, agent_message, endpoint_message};
@@ -44,7 +45,7 @@ impl Service {
 
     /// Checks the bearer session of a Session or Leave call and that it is the entry's
     /// current session.
-    async fn authenticate<T>(&self, request: &Request<T>) -> Result<NamespacedName, Status> {
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<(NamespacedName, WorkloadEntry), Status> {
         let header = request
             .metadata()
             .get("authorization")
@@ -75,7 +76,7 @@ impl Service {
                 "WorkloadEntry {key} was onboarded again by a newer session; this session is over: onboard again"
             )));
         }
-        Ok(key)
+        Ok((key, entry))
     }
 
     async fn onboard_inner(&self, req: proto::OnboardRequest) -> Result<proto::OnboardResponse, Status> {
@@ -251,9 +252,16 @@ impl Onboarding for Service {
         &self,
         request: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<EndpointStream>, Status> {
-        let key = self.authenticate(&request).await?;
+        let (key, entry) = self.authenticate(&request).await?;
         let plane = self.plane.clone();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        // Onboard already recorded this replica as connected: the first stream after it then
+        // writes nothing (one write per onboarding). A reconnect after a disconnect, or to
+        // another replica, records itself.
+        let annotations = entry.metadata.annotations.unwrap_or_default();
+        let recorded = annotations.get(annotation::ENDPOINT_REPLICA) == Some(&plane.config.replica)
+            && annotations.contains_key(annotation::CONNECTED_AT)
+            && !annotations.contains_key(annotation::DISCONNECTED_AT);
         let patch = AnnotationPatch {
             set: [
                 (annotation::CONNECTED_AT.to_string(), now_rfc3339()),
@@ -265,11 +273,13 @@ impl Onboarding for Service {
             .into(),
             remove: vec![annotation::DISCONNECTED_AT.into()],
         };
-        plane
-            .registry
-            .annotate_entry(&key, &patch)
-            .await
-            .map_err(registry_status)?;
+        if !recorded {
+            plane
+                .registry
+                .annotate_entry(&key, &patch)
+                .await
+                .map_err(registry_status)?;
+        }
         plane.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
             key.clone(),
             Live {
@@ -315,7 +325,7 @@ impl Onboarding for Service {
         &self,
         request: Request<proto::LeaveRequest>,
     ) -> Result<Response<proto::LeaveResponse>, Status> {
-        let key = self.authenticate(&request).await?;
+        let (key, _) = self.authenticate(&request).await?;
         self.plane
             .live
             .lock()
