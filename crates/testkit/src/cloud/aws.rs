@@ -237,7 +237,9 @@ impl Imds {
 }
 
 fn rejection_session(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
-    let token = headers.get("X-aws-ec2-metadata-token").and_then(|v| v.to_str().ok());
+    let token = headers
+        .get("X-aws-ec2-metadata-token")
+        .and_then(|v| v.to_str().ok());
     match token.and_then(|t| lock(&shared.tokens).get(t).copied()) {
         Some(expiry) if expiry > Instant::now() => None,
         _ => Some(StatusCode::UNAUTHORIZED.into_response()),
