@@ -338,23 +338,35 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
         .unwrap()
         .into_inner()
         .nonce;
+    let request = OnboardRequest {
+        workload_group: Some(WorkloadGroupRef {
+            namespace: "bookinfo".into(),
+            name: "ratings".into(),
+        }),
+        credential: jwt(issuer.sign(&claims("vm-1"))),
+        nonce,
+        host: Some(HostFacts {
+            hostname: "vm".into(),
+            addresses: vec!["10.0.0.7".into()],
+            ..Default::default()
+        }),
+    };
     let ok = client
-        .onboard(OnboardRequest {
-            workload_group: Some(WorkloadGroupRef {
-                namespace: "bookinfo".into(),
-                name: "ratings".into(),
-            }),
-            credential: jwt(issuer.sign(&claims("vm-1"))),
-            nonce,
-            host: Some(HostFacts {
-                hostname: "vm".into(),
-                addresses: vec!["10.0.0.7".into()],
-                ..Default::default()
-            }),
-        })
+        .onboard(request.clone())
         .await
         .expect("vm-1 is allowed")
         .into_inner();
     assert_eq!(ok.registration.unwrap().address, "10.0.0.7");
+    let after = snapshot(&mesh);
+
+    // The very same request again (a captured credential with its nonce) is refused.
+    let replay = client.onboard(request).await.expect_err("a replayed nonce");
+    assert_eq!(replay.code(), Code::FailedPrecondition, "{}", replay.message());
+    assert!(
+        replay.message().contains("nonce was already used"),
+        "{}",
+        replay.message()
+    );
+    assert_eq!(snapshot(&mesh), after, "the replay changed the registry");
     assert_eq!(mesh.entry_files().len(), 1);
 }

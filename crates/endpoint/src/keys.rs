@@ -57,6 +57,8 @@ pub struct Keys {
     y: String,
     nonce_key: hmac::Key,
     issuer: std::sync::RwLock<String>,
+    /// Nonces already presented, with their expiry, so each is accepted once (per replica).
+    used_nonces: std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>>,
 }
 
 impl fmt::Debug for Keys {
@@ -191,6 +193,7 @@ impl Keys {
             y,
             nonce_key,
             issuer: std::sync::RwLock::new(issuer.to_string()),
+            used_nonces: Default::default(),
         })
     }
 
@@ -297,7 +300,8 @@ impl Keys {
         B64.encode(body)
     }
 
-    /// Checks that `nonce` was issued by this plane and has not expired.
+    /// Checks that `nonce` was issued by this plane, has not expired and was not presented
+    /// before (to this replica), and marks it used.
     pub fn check_nonce(&self, nonce: &str) -> Result<(), Error> {
         let bytes = B64
             .decode(nonce)
@@ -316,9 +320,18 @@ impl Keys {
         }
         let mut exp = [0u8; 8];
         exp.copy_from_slice(&body[16..24]);
-        if i64::from_be_bytes(exp) < now() {
+        let expires = i64::from_be_bytes(exp);
+        let now = now();
+        if expires < now {
             return Err(Error::Invalid(
                 "nonce has expired: call Discover for a new one".into(),
+            ));
+        }
+        let mut used = self.used_nonces.lock().unwrap_or_else(|p| p.into_inner());
+        used.retain(|_, exp| *exp >= now);
+        if used.insert(body[..16].to_vec(), expires).is_some() {
+            return Err(Error::Invalid(
+                "nonce was already used: call Discover for a new one for every onboarding".into(),
             ));
         }
         Ok(())
@@ -368,6 +381,8 @@ mod tests {
         let again = Keys::load(dir.path(), "https://endpoint.test:15443").unwrap();
         assert_eq!(again.verify_session(&session).unwrap().sub, "bookinfo/x");
         again.check_nonce(&nonce).unwrap();
+        let replay = again.check_nonce(&nonce).unwrap_err().to_string();
+        assert!(replay.contains("already used"), "{replay}");
         let mode = std::fs::metadata(dir.path().join("signing-key.pem"))
             .unwrap()
             .permissions();
