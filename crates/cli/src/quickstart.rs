@@ -54,7 +54,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         time::OffsetDateTime::now_utc(),
     );
     registry.put(&token).await?;
-    write_private(&dir.join("vm/etc/join-token"), secret.expose().as_bytes())?;
+    gangplank_agent::files::write_atomic(
+        &dir.join("vm/etc/join-token"),
+        secret.expose().as_bytes(),
+        0o600,
+        None,
+    )?;
     say(
         "  created WorkloadGroup bookinfo/ratings, OnboardingPolicy bookinfo/allow-ratings and a single-use join token",
     );
@@ -207,22 +212,6 @@ fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    Ok(())
 }
 
 fn sample_group() -> WorkloadGroup {

@@ -128,7 +128,7 @@ fn random(n: usize) -> Vec<u8> {
 }
 
 /// Writes a secret file atomically with mode 0600.
-fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+pub(crate) fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt;
     let io = |source| Error::Io {
         path: path.display().to_string(),

@@ -69,7 +69,7 @@ fn tls(config: &Config) -> anyhow::Result<(rustls::ServerConfig, Option<tokio::t
                 names.extend(tls.dev_names.iter().map(String::as_str));
                 let ips = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
                 let issued = dev_ca.issue(&names, &ips)?;
-                write_private(&key, issued.key_pem.as_bytes())?;
+                crate::keys::write_secret(&key, issued.key_pem.as_bytes())?;
                 std::fs::write(&cert, &issued.cert_pem)?;
                 std::fs::write(&ca, dev_ca.cert_pem())?;
                 tracing::warn!(ca = %ca.display(), "serving a generated DEV certificate; agents must trust this CA. Never in production");
@@ -80,19 +80,6 @@ fn tls(config: &Config) -> anyhow::Result<(rustls::ServerConfig, Option<tokio::t
     let reloading = gangplank_tls::ReloadingServer::load(&cert, &key)?;
     let watcher = reloading.watch(Duration::from_secs(10));
     Ok((reloading.server_config()?, Some(watcher)))
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    Ok(())
 }
 
 /// Builds the plane from the configuration.
