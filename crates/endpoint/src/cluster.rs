@@ -12,11 +12,9 @@ use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use kube::api::{Api, PostParams};
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use gangplank_identity::Verifier;
 use gangplank_registry::Registry;
 
 use crate::config::Config;
@@ -67,21 +65,7 @@ pub async fn plane(config: Config) -> anyhow::Result<Plane> {
     let registry: Arc<dyn Registry> = Arc::new(registry);
     let file = &config.file;
     let keys = Arc::new(Keys::load(&file.state_dir, &config.token_issuer)?);
-    let mut verifiers: BTreeMap<&'static str, Arc<dyn Verifier>> = BTreeMap::new();
-    if file.identities.join_tokens {
-        let v = gangplank_identity::token::Verifier::new(registry.clone());
-        verifiers.insert(gangplank_api::kind::JOIN_TOKEN, Arc::new(v));
-    }
-    if !file.identities.jwt.issuers.is_empty() {
-        let v = gangplank_identity::jwt::Verifier::new(
-            file.identities.jwt.issuers.clone(),
-            file.plane_id.clone(),
-        )
-        .context("identities.jwt")?;
-        verifiers.insert(gangplank_api::kind::JWT, Arc::new(v));
-    }
-    crate::server::cloud_verifiers(file, &registry, &mut verifiers)?;
-    crate::server::cloud_verifiers(file, &registry, &mut verifiers)?;
+    let verifiers = crate::server::verifiers(file, &registry)?;
     let mesh = Arc::new(Cluster::new(
         client,
         &file.mesh.istio_namespace,

@@ -95,20 +95,7 @@ pub fn plane(config: Config) -> anyhow::Result<Plane> {
         gangplank_registry::dir::Registry::open(&file.registry.directory)
             .with_context(|| format!("registry.directory {}", file.registry.directory.display()))?,
     );
-    let mut verifiers: BTreeMap<&'static str, Arc<dyn Verifier>> = BTreeMap::new();
-    if file.identities.join_tokens {
-        let v = gangplank_identity::token::Verifier::new(registry.clone());
-        verifiers.insert(gangplank_api::kind::JOIN_TOKEN, Arc::new(v));
-    }
-    if !file.identities.jwt.issuers.is_empty() {
-        let v = gangplank_identity::jwt::Verifier::new(
-            file.identities.jwt.issuers.clone(),
-            file.plane_id.clone(),
-        )
-        .context("identities.jwt")?;
-        verifiers.insert(gangplank_api::kind::JWT, Arc::new(v));
-    }
-    cloud_verifiers(file, &registry, &mut verifiers)?;
+    let verifiers = verifiers(file, &registry)?;
     let mesh_config = match &file.mesh.mesh_config_file {
         Some(path) => {
             let text = String::from_utf8(read_file(path, "mesh.meshConfigFile")?)
@@ -286,13 +273,23 @@ async fn serve_monitoring(listener: TcpListener, plane: Arc<Plane>, mut stop: wa
     }
 }
 
-/// Adds the verifiers of the enabled cloud platforms (`identities.awsEc2`, `gcpGce`, `azureVm`).
-pub fn cloud_verifiers(
+/// The credential verifiers `identities` enables, by kind: join tokens, OIDC JWTs and the
+/// cloud platforms (`awsEc2`, `gcpGce`, `azureVm`). Used by every kind of plane.
+pub fn verifiers(
     file: &crate::config::File,
     registry: &Arc<dyn Registry>,
-    verifiers: &mut BTreeMap<&'static str, Arc<dyn Verifier>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<BTreeMap<&'static str, Arc<dyn Verifier>>> {
     let ids = &file.identities;
+    let mut verifiers: BTreeMap<&'static str, Arc<dyn Verifier>> = BTreeMap::new();
+    if ids.join_tokens {
+        let v = gangplank_identity::token::Verifier::new(registry.clone());
+        verifiers.insert(gangplank_api::kind::JOIN_TOKEN, Arc::new(v));
+    }
+    if !ids.jwt.issuers.is_empty() {
+        let v = gangplank_identity::jwt::Verifier::new(ids.jwt.issuers.clone(), file.plane_id.clone())
+            .context("identities.jwt")?;
+        verifiers.insert(gangplank_api::kind::JWT, Arc::new(v));
+    }
     if let Some(aws) = &ids.aws_ec2 {
         let v = aws.verifier(registry.clone()).context("identities.awsEc2")?;
         verifiers.insert(gangplank_api::kind::AWS_EC2, Arc::new(v));
@@ -305,5 +302,5 @@ pub fn cloud_verifiers(
         let v = azure.verifier().context("identities.azureVm")?;
         verifiers.insert(gangplank_api::kind::AZURE_VM, Arc::new(v));
     }
-    Ok(())
+    Ok(verifiers)
 }
