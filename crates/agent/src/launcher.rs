@@ -573,6 +573,9 @@ impl Child {
             .envs(env)
             .current_dir(&self.workdir)
             .stdin(std::process::Stdio::null())
+            // Its own process group: a terminal's Ctrl-C reaches the agent, which then leaves
+            // the mesh and stops the sidecar in order, instead of killing the sidecar first.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|source| Error::Spawn {
