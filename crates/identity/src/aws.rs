@@ -565,15 +565,14 @@ pub async fn release(registry: &dyn Registry, instance_id: &str) -> Result<Vec<N
 
 /// The agent half: IMDSv2 client and the instance key.
 pub struct Provider {
-    base: String,
+    metadata: crate::detect::Metadata,
     key_path: PathBuf,
-    client: reqwest::Client,
 }
 
 impl fmt::Debug for Provider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Provider")
-            .field("base", &self.base)
+            .field("base", &self.metadata.base)
             .field("key_path", &self.key_path)
             .finish()
     }
@@ -590,18 +589,14 @@ impl Provider {
             ));
         }
         Ok(Self {
-            base: base
-                .unwrap_or_else(|| DEFAULT_IMDS_URL.into())
-                .trim_end_matches('/')
-                .to_string(),
+            metadata: crate::detect::Metadata::new(base, DEFAULT_IMDS_URL, IMDS_TIMEOUT)?,
             key_path,
-            client: crate::detect::metadata_client(IMDS_TIMEOUT)?,
         })
     }
 
     async fn imds(&self, method: reqwest::Method, path: &str, token: Option<&str>) -> Result<String> {
-        let url = format!("{}{path}", self.base);
-        let mut req = self.client.request(method, &url);
+        let url = format!("{}{path}", self.metadata.base);
+        let mut req = self.metadata.client.request(method, &url);
         req = match token {
             Some(t) => req.header("X-aws-ec2-metadata-token", t),
             None => req.header("X-aws-ec2-metadata-token-ttl-seconds", IMDS_TOKEN_TTL.to_string()),

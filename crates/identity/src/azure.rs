@@ -417,13 +417,14 @@ impl crate::Verifier for Verifier {
 
 /// The agent half: asks IMDS for attested data bound to the challenge.
 pub struct Provider {
-    base: String,
-    client: reqwest::Client,
+    metadata: crate::detect::Metadata,
 }
 
 impl fmt::Debug for Provider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Provider").field("base", &self.base).finish()
+        f.debug_struct("Provider")
+            .field("base", &self.metadata.base)
+            .finish()
     }
 }
 
@@ -431,11 +432,7 @@ impl Provider {
     /// Talks to IMDS at `base` (default [`DEFAULT_IMDS_URL`]).
     pub fn new(base: Option<String>) -> Result<Self> {
         Ok(Self {
-            base: base
-                .unwrap_or_else(|| DEFAULT_IMDS_URL.into())
-                .trim_end_matches('/')
-                .to_string(),
-            client: crate::detect::metadata_client(IMDS_TIMEOUT)?,
+            metadata: crate::detect::Metadata::new(base, DEFAULT_IMDS_URL, IMDS_TIMEOUT)?,
         })
     }
 }
@@ -447,14 +444,14 @@ impl crate::Provider for Provider {
     }
 
     async fn credential(&self, challenge: &Challenge) -> Result<proto::Credential> {
-        let base = format!("{}/metadata/attested/document", self.base);
+        let base = format!("{}/metadata/attested/document", self.metadata.base);
         let nonce = imds_nonce(challenge);
         let url = reqwest::Url::parse_with_params(
             &base,
             &[("api-version", API_VERSION), ("nonce", nonce.as_str())],
         )
         .map_err(|e| Error::Unavailable(format!("Azure IMDS URL {base}: {e}")))?;
-        let req = self.client.get(url.clone()).header("Metadata", "true");
+        let req = self.metadata.client.get(url.clone()).header("Metadata", "true");
         let body = crate::detect::read_text(req, url.as_str(), "Azure IMDS").await?;
         Ok(proto::Credential {
             kind: kind::AZURE_VM.into(),

@@ -226,6 +226,30 @@ pub async fn detect(urls: &MetadataUrls, timeout: Duration) -> Result<Platform> 
 }
 
 /// An HTTP client for link-local metadata services: no proxy, short timeout.
+/// A platform's metadata service as a provider talks to it: the base URL (no trailing `/`)
+/// and an HTTP client with the platform's timeouts, no proxy and no redirects.
+#[derive(Debug, Clone)]
+pub(crate) struct Metadata {
+    /// Base URL, e.g. `http://169.254.169.254`.
+    pub(crate) base: String,
+    /// The client.
+    pub(crate) client: reqwest::Client,
+}
+
+impl Metadata {
+    /// The service at `base`, or at `default` when none is configured.
+    pub(crate) fn new(base: Option<String>, default: &str, timeout: Duration) -> Result<Self> {
+        let base = base
+            .unwrap_or_else(|| default.into())
+            .trim_end_matches('/')
+            .to_string();
+        Ok(Self {
+            base,
+            client: metadata_client(timeout)?,
+        })
+    }
+}
+
 pub(crate) fn metadata_client(timeout: Duration) -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .no_proxy()

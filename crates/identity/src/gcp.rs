@@ -269,13 +269,14 @@ impl crate::Verifier for Verifier {
 
 /// The agent half: asks the metadata server for an identity token for the plane.
 pub struct Provider {
-    base: String,
-    client: reqwest::Client,
+    metadata: crate::detect::Metadata,
 }
 
 impl fmt::Debug for Provider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Provider").field("base", &self.base).finish()
+        f.debug_struct("Provider")
+            .field("base", &self.metadata.base)
+            .finish()
     }
 }
 
@@ -283,11 +284,7 @@ impl Provider {
     /// Talks to the metadata server at `base` (default [`DEFAULT_METADATA_URL`]).
     pub fn new(base: Option<String>) -> Result<Self> {
         Ok(Self {
-            base: base
-                .unwrap_or_else(|| DEFAULT_METADATA_URL.into())
-                .trim_end_matches('/')
-                .to_string(),
-            client: crate::detect::metadata_client(METADATA_TIMEOUT)?,
+            metadata: crate::detect::Metadata::new(base, DEFAULT_METADATA_URL, METADATA_TIMEOUT)?,
         })
     }
 }
@@ -301,14 +298,18 @@ impl crate::Provider for Provider {
     async fn credential(&self, challenge: &Challenge) -> Result<proto::Credential> {
         let base = format!(
             "{}/computeMetadata/v1/instance/service-accounts/default/identity",
-            self.base
+            self.metadata.base
         );
         let url = reqwest::Url::parse_with_params(
             &base,
             &[("audience", challenge.plane_id.as_str()), ("format", "full")],
         )
         .map_err(|e| Error::Unavailable(format!("GCE metadata URL {base}: {e}")))?;
-        let req = self.client.get(url.clone()).header("Metadata-Flavor", "Google");
+        let req = self
+            .metadata
+            .client
+            .get(url.clone())
+            .header("Metadata-Flavor", "Google");
         let url = url.to_string();
         let token = crate::detect::read_text(req, &url, "GCE metadata server").await?;
         Ok(proto::Credential {
