@@ -1,6 +1,8 @@
 //! Compiles `proto/` with protox, so no system `protoc` is needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time (not `env!`): a cached build script must not remember another checkout.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let root = std::path::Path::new(&manifest_dir).join("../../proto");
     let file = root.join("gangplank/onboarding/v1/onboarding.proto");
     println!("cargo:rerun-if-changed={}", file.display());
     let fds = protox::compile([&file], [&root])?;
