@@ -131,58 +131,14 @@ workloads:
         .unwrap();
 
     // The agent.
-    let vm = root.join("vm");
-    write(
-        &vm.join("etc/onboarding.yaml"),
-        &format!(
-            "apiVersion: config.agent.onboarding.tetrate.io/v1alpha1
-kind: OnboardingConfiguration
-onboardingEndpoint:
-  host: 127.0.0.1
-  port: {port}
-  transportSecurity:
-    tls:
-      caBundle: {ca}
-workloadGroup:
-  namespace: bookinfo
-  name: ratings
-",
-            port = addr.port(),
-            ca = ca_bundle.display()
-        ),
+    let vm = Vm::start_at(
+        root,
+        "a",
+        addr,
+        &ca_bundle,
+        Credential::JoinToken(secret.expose().to_owned()),
     );
-    write(&vm.join("etc/join-token"), secret.expose());
-    let sidecar = "env > sidecar.env.tmp && mv sidecar.env.tmp sidecar.env; exec sleep 3600";
-    write(
-        &vm.join("etc/agent.yaml"),
-        &format!(
-            "apiVersion: onboarding.gangplank.dev/v1alpha1
-kind: AgentConfiguration
-identity:
-  joinToken:
-    file: {vm}/etc/join-token
-sidecar:
-  launcher: process
-  process:
-    command: [sh, -c, {sidecar:?}]
-files:
-  root: {vm}/fs
-settings:
-  retry:
-    initial: 100ms
-    max: 1s
-",
-            vm = vm.display()
-        ),
-    );
-    let mut cmd = Command::new(bin("gangplank-agent"));
-    cmd.arg("--onboarding-config")
-        .arg(vm.join("etc/onboarding.yaml"))
-        .arg("--agent-config")
-        .arg(vm.join("etc/agent.yaml"))
-        .env("RUST_LOG", "info");
-    let agent = Proc::spawn("agent", cmd);
-    let fs = vm.join("fs");
+    let (agent, fs) = (vm.agent, vm.root.join("fs"));
     let started = until(WAIT, || std::fs::read_to_string(fs.join("sidecar.env")).ok());
     assert!(
         started.is_some(),
@@ -308,57 +264,14 @@ fn spawn_agent(
     addr: std::net::SocketAddr,
     secret: &str,
 ) -> (Proc, std::path::PathBuf) {
-    let vm = root.join(format!("vm-{name}"));
-    write(
-        &vm.join("etc/onboarding.yaml"),
-        &format!(
-            "apiVersion: config.agent.onboarding.tetrate.io/v1alpha1
-kind: OnboardingConfiguration
-onboardingEndpoint:
-  host: 127.0.0.1
-  port: {port}
-  transportSecurity:
-    tls:
-      caBundle: {root}/tls/ca.pem
-workloadGroup:
-  namespace: bookinfo
-  name: ratings
-",
-            port = addr.port(),
-            root = root.display()
-        ),
+    let vm = Vm::start_at(
+        root,
+        name,
+        addr,
+        &root.join("tls/ca.pem"),
+        Credential::JoinToken(secret.to_owned()),
     );
-    write(&vm.join("etc/join-token"), secret);
-    let sidecar = "env > sidecar.env.tmp && mv sidecar.env.tmp sidecar.env; exec sleep 3600";
-    write(
-        &vm.join("etc/agent.yaml"),
-        &format!(
-            "apiVersion: onboarding.gangplank.dev/v1alpha1
-kind: AgentConfiguration
-identity:
-  joinToken:
-    file: {vm}/etc/join-token
-sidecar:
-  launcher: process
-  process:
-    command: [sh, -c, {sidecar:?}]
-files:
-  root: {vm}/fs
-settings:
-  retry:
-    initial: 100ms
-    max: 500ms
-",
-            vm = vm.display()
-        ),
-    );
-    let mut cmd = Command::new(bin("gangplank-agent"));
-    cmd.arg("--onboarding-config")
-        .arg(vm.join("etc/onboarding.yaml"))
-        .arg("--agent-config")
-        .arg(vm.join("etc/agent.yaml"))
-        .env("RUST_LOG", "info");
-    (Proc::spawn(&format!("agent-{name}"), cmd), vm.join("fs"))
+    (vm.agent, vm.root.join("fs"))
 }
 
 fn annotations_of(server: &Server, name: &str) -> Option<Value> {

@@ -325,7 +325,19 @@ impl Vm {
     /// Writes the seed's OnboardingConfiguration (host 127.0.0.1, plus the CA bundle) and an
     /// AgentConfiguration whose sidecar is a stand-in, then starts the agent.
     pub fn start(mesh: &Mesh, name: &str, credential: Credential) -> Self {
-        let root = mesh.root().join(format!("vm-{name}"));
+        Self::start_at(mesh.root(), name, mesh.addr, &mesh.ca_bundle, credential)
+    }
+
+    /// Like [`Vm::start`], for an endpoint at `addr` trusted through `ca_bundle`; the VM's
+    /// files live under `<dir>/vm-<name>`.
+    pub fn start_at(
+        dir: &Path,
+        name: &str,
+        addr: SocketAddr,
+        ca_bundle: &Path,
+        credential: Credential,
+    ) -> Self {
+        let root = dir.join(format!("vm-{name}"));
         let onboarding = root.join("etc/onboarding.yaml");
         write(
             &onboarding,
@@ -342,8 +354,8 @@ workloadGroup:                                 # join to
   namespace: bookinfo
   name: ratings
 ",
-                port = mesh.addr.port(),
-                ca = mesh.ca_bundle.display()
+                port = addr.port(),
+                ca = ca_bundle.display()
             ),
         );
         let identity = match credential {
