@@ -78,7 +78,6 @@ async fn onboards_against_the_kubernetes_api_one_write_per_event_none_per_heartb
     // The endpoint, with the Kubernetes registry.
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let kubeconfig = server.write_kubeconfig(root).unwrap();
     let ca = gangplank_tls::dev::Ca::generate("e2e-kube").unwrap();
     let leaf = ca
         .issue(
@@ -90,45 +89,8 @@ async fn onboards_against_the_kubernetes_api_one_write_per_event_none_per_heartb
     write(&root.join("tls/tls.key"), &leaf.key_pem);
     let ca_bundle = root.join("tls/ca.pem");
     write(&ca_bundle, ca.cert_pem());
-    let config = root.join("endpoint.yaml");
-    write(
-        &config,
-        &format!(
-            "apiVersion: onboarding.gangplank.dev/v1alpha1
-kind: EndpointConfiguration
-planeId: {PLANE_ID}
-listen: 127.0.0.1:0
-monitoringListen: 127.0.0.1:0
-replica: endpoint-0
-tls:
-  certFile: {root}/tls/tls.crt
-  keyFile: {root}/tls/tls.key
-registry:
-  kubernetes:
-    kubeconfig: {kubeconfig}
-    namespace: gangplank-system
-    leaseDuration: 3s
-stateDir: {root}/state
-mesh:
-  istiodIp: 10.10.10.11
-identities:
-  joinTokens: true
-workloads:
-  gracePeriod: 5m
-  heartbeat: 200ms
-  propagationDelay: 1s
-",
-            root = root.display(),
-            kubeconfig = kubeconfig.display(),
-        ),
-    );
-    let mut cmd = Command::new(bin("gangplank-endpoint"));
-    cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
-    let mut endpoint = Proc::spawn("endpoint", cmd);
-    let addr: std::net::SocketAddr = endpoint
-        .wait_for(r"endpoint listening addr=(\S+)", WAIT)
-        .parse()
-        .unwrap();
+    // Heartbeats every 200ms, so the steady-state window below sees about ten of them.
+    let (endpoint, addr) = spawn_endpoint(root, &server, "endpoint-0", "127.0.0.1:0", ("5m", "200ms"));
 
     // The agent.
     let vm = Vm::start_at(
@@ -207,12 +169,13 @@ workloads:
 }
 
 /// Starts `gangplank-endpoint` as `replica` with the Kubernetes registry of `server`, on
-/// `listen`; returns the process and its address.
+/// `listen`, with `(grace period, heartbeat)`; returns the process and its address.
 fn spawn_endpoint(
     root: &std::path::Path,
     server: &Server,
     replica: &str,
     listen: &str,
+    (grace, heartbeat): (&str, &str),
 ) -> (Proc, std::net::SocketAddr) {
     let kubeconfig = server.write_kubeconfig(root).unwrap();
     let config = root.join(format!("endpoint-{replica}.yaml"));
@@ -239,8 +202,8 @@ mesh:
 identities:
   joinTokens: true
 workloads:
-  gracePeriod: 6s
-  heartbeat: 500ms
+  gracePeriod: {grace}
+  heartbeat: {heartbeat}
   propagationDelay: 1s
 ",
             root = root.display(),
@@ -353,7 +316,7 @@ async fn a_dead_replicas_returning_agents_stay_and_vanished_ones_are_removed() {
         secrets.push((format!("ratings-token-{id}"), secret.expose().to_owned()));
     }
 
-    let (mut a, addr) = spawn_endpoint(root, &server, "endpoint-a", "127.0.0.1:0");
+    let (mut a, addr) = spawn_endpoint(root, &server, "endpoint-a", "127.0.0.1:0", ("6s", "500ms"));
     let (stays, stays_fs) = spawn_agent(root, "stays", addr, &secrets[0].1);
     let (mut goes, goes_fs) = spawn_agent(root, "goes", addr, &secrets[1].1);
     for fs in [&stays_fs, &goes_fs] {
@@ -378,7 +341,7 @@ async fn a_dead_replicas_returning_agents_stay_and_vanished_ones_are_removed() {
     goes.wait_exit(WAIT);
 
     // B comes up on A's address: the surviving agent reconnects to it.
-    let (b, _) = spawn_endpoint(root, &server, "endpoint-b", &addr.to_string());
+    let (b, _) = spawn_endpoint(root, &server, "endpoint-b", &addr.to_string(), ("6s", "500ms"));
     let moved = until(WAIT, || {
         let a = annotations_of(&server, stays_entry)?;
         (a[annotation::ENDPOINT_REPLICA] == "endpoint-b" && a.get(annotation::DISCONNECTED_AT).is_none())
