@@ -33,7 +33,8 @@
 //!
 //! Namespaces need not exist before objects are created in them. There is no authentication or
 //! authorisation. Every successful write request is recorded ([`Server::writes`]) so tests can
-//! count API writes; garbage-collection deletes are not requests and are not recorded.
+//! count API writes; garbage-collection deletes are not requests and are not recorded. Read
+//! requests are recorded too ([`Server::reads`]), so tests can show what is served from a cache.
 //!
 //! TokenRequest (`POST .../serviceaccounts/<sa>/token`) needs the ServiceAccount to exist and
 //! returns an ES256 JWT signed by the stand-in ([`Server::token_key`]), with the requested
@@ -104,6 +105,19 @@ pub struct Write {
     /// The namespace, empty for cluster-scoped objects.
     pub namespace: String,
     /// The object's name.
+    pub name: String,
+}
+
+/// One read request (`get`, `list` or `watch`), as recorded by [`Server::reads`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    /// `get`, `list` or `watch`.
+    pub verb: &'static str,
+    /// The resource's plural, e.g. `configmaps`.
+    pub resource: String,
+    /// The namespace, empty for a cluster-wide request.
+    pub namespace: String,
+    /// The object's name; empty for `list` and `watch`.
     pub name: String,
 }
 
@@ -287,6 +301,11 @@ impl Server {
             .count()
     }
 
+    /// Every read request so far (answered or not), in order.
+    pub fn reads(&self) -> Vec<Read> {
+        self.shared.lock().reads.clone()
+    }
+
     /// Forgets the recorded writes.
     pub fn reset_writes(&self) {
         self.shared.lock().writes.clear();
@@ -460,6 +479,7 @@ struct Store {
     /// How many events `history` keeps.
     history_len: usize,
     writes: Vec<Write>,
+    reads: Vec<Read>,
 }
 
 struct Target {
@@ -514,6 +534,7 @@ impl Store {
             floor: 1,
             history_len: HISTORY,
             writes: Vec::new(),
+            reads: Vec::new(),
         }
     }
 
@@ -1134,6 +1155,19 @@ fn route(
         .unwrap_or_default()
         .trim()
         .to_owned();
+    if method == Method::GET {
+        let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+        shared.lock().reads.push(Read {
+            verb: match (&target.name, watching) {
+                (Some(_), _) => "get",
+                (None, true) => "watch",
+                (None, false) => "list",
+            },
+            resource: target.kind.plural.clone(),
+            namespace: target.ns(),
+            name: target.name.clone().unwrap_or_default(),
+        });
+    }
     match (method.clone(), target.name.clone()) {
         (Method::GET, None) => {
             if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {

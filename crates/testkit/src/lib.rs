@@ -5,4 +5,5 @@ pub mod crd;
 pub mod kube_api;
 pub mod oidc;
 pub mod process;
+pub mod service;
 pub mod sshd;
