@@ -2,15 +2,24 @@
 //! the `istio-token` from TokenRequest for the group's service account (audience `istio-ca`),
 //! `root-cert.pem` from ConfigMap `istio-ca-root-cert` in the group's namespace and the mesh
 //! config from ConfigMap `istio[-<revision>]` (key `mesh`) in Istio's namespace.
+//!
+//! The two ConfigMaps are read through watch-backed caches (a field selector on the name, as
+//! istiod watches them), so an onboarding reads nothing from the API: only the TokenRequest is
+//! a call. A rotated root certificate or an edited mesh config reaches the next onboarding
+//! as soon as the watch delivers it.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use gangplank_bootstrap::MeshConfig;
 use gangplank_registry::kube::ApiCall;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use kube::api::{Api, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::task::JoinHandle;
 
 use std::sync::{Arc, Mutex};
 
@@ -30,8 +39,12 @@ pub const ROOT_CERT_CONFIGMAP: &str = "istio-ca-root-cert";
 /// Its key.
 pub const ROOT_CERT_KEY: &str = "root-cert.pem";
 
+/// How long a read waits for a ConfigMap cache's first listing.
+const CACHE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Every call [`Cluster`] makes. With a revision, the mesh ConfigMap is `istio-<revision>`:
-/// add that name to the ClusterRole's `configmaps` rule.
+/// add that name to the ClusterRole's `configmaps` rule. (Kubernetes authorises a list or
+/// watch against `resourceNames` when it selects `metadata.name`, as these caches do.)
 pub const API_CALLS: &[ApiCall] = &[
     ApiCall {
         group: "",
@@ -42,7 +55,13 @@ pub const API_CALLS: &[ApiCall] = &[
     ApiCall {
         group: "",
         resource: "configmaps",
-        verb: "get",
+        verb: "list",
+        names: &[ROOT_CERT_CONFIGMAP, "istio"],
+    },
+    ApiCall {
+        group: "",
+        resource: "configmaps",
+        verb: "watch",
         names: &[ROOT_CERT_CONFIGMAP, "istio"],
     },
 ];
@@ -66,7 +85,7 @@ pub async fn plane(config: Config) -> anyhow::Result<Plane> {
     let file = &config.file;
     let keys = Arc::new(Keys::load(&file.state_dir, &config.token_issuer)?);
     let verifiers = crate::server::verifiers(file, &registry)?;
-    let mesh = Arc::new(Cluster::new(
+    let mesh = Arc::new(Cluster::start(
         client,
         &file.mesh.istio_namespace,
         &file.mesh.revision,
@@ -135,55 +154,114 @@ async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Cl
 pub struct Cluster {
     client: kube::Client,
     istio_namespace: String,
-    revision: String,
+    mesh_configmap: String,
+    /// `istio-ca-root-cert` in every namespace.
+    roots: Store<ConfigMap>,
+    /// The mesh ConfigMap in Istio's namespace.
+    mesh: Store<ConfigMap>,
+    _tasks: Arc<Tasks>,
+}
+
+/// The cache tasks, stopped with the last clone of their [`Cluster`].
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
             .field("istio_namespace", &self.istio_namespace)
-            .field("revision", &self.revision)
+            .field("mesh_configmap", &self.mesh_configmap)
             .finish_non_exhaustive()
     }
 }
 
 impl Cluster {
     /// A source reading Istio's ConfigMaps from `istio_namespace` for `revision` (`""` or
-    /// `default` for the default revision).
-    pub fn new(client: kube::Client, istio_namespace: &str, revision: &str) -> Self {
+    /// `default` for the default revision). Starts watching them at once; reads wait for the
+    /// first listing.
+    pub fn start(client: kube::Client, istio_namespace: &str, revision: &str) -> Self {
+        let mesh_configmap = match revision {
+            "" | "default" => "istio".to_owned(),
+            rev => format!("istio-{rev}"),
+        };
+        let mut tasks = Vec::new();
+        let roots = cache(Api::all(client.clone()), ROOT_CERT_CONFIGMAP, &mut tasks);
+        let mesh = cache(
+            Api::namespaced(client.clone(), istio_namespace),
+            &mesh_configmap,
+            &mut tasks,
+        );
         Self {
             client,
             istio_namespace: istio_namespace.to_owned(),
-            revision: revision.to_owned(),
+            mesh_configmap,
+            roots,
+            mesh,
+            _tasks: Arc::new(Tasks(tasks)),
         }
     }
 
     /// The mesh ConfigMap's name: `istio`, or `istio-<revision>`.
     pub fn mesh_configmap(&self) -> String {
-        match self.revision.as_str() {
-            "" | "default" => "istio".to_owned(),
-            rev => format!("istio-{rev}"),
-        }
+        self.mesh_configmap.clone()
     }
 
-    async fn configmap_key(&self, namespace: &str, name: &str, key: &str) -> Result<String, Error> {
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
-        let cm = api.get_opt(name).await.map_err(|e| {
-            Error(format!(
-                "reading ConfigMap {namespace}/{name}: {e}: check that the API server is reachable and \
-                 the endpoint's RBAC allows get on it"
-            ))
-        })?;
-        let cm = cm.ok_or_else(|| {
-            Error(format!(
-                "ConfigMap {namespace}/{name} does not exist: is Istio installed (and, for \
-                 istio-ca-root-cert, is istiod running so it publishes it in every namespace)?"
-            ))
-        })?;
+    async fn configmap_key(
+        store: &Store<ConfigMap>,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<String, Error> {
+        tokio::time::timeout(CACHE_TIMEOUT, store.wait_until_ready())
+            .await
+            .map_err(|_| {
+                Error(format!(
+                    "listing ConfigMap {namespace}/{name} did not finish within {CACHE_TIMEOUT:?}: \
+                     check that the API server is reachable and the endpoint's RBAC allows list \
+                     and watch on it"
+                ))
+            })?
+            .map_err(|_| Error(format!("the cache of ConfigMap {name} stopped")))?;
+        let cm = store
+            .get(&ObjectRef::new(name).within(namespace))
+            .ok_or_else(|| {
+                Error(format!(
+                    "ConfigMap {namespace}/{name} does not exist: is Istio installed (and, for \
+                     istio-ca-root-cert, is istiod running so it publishes it in every namespace)?"
+                ))
+            })?;
         cm.data
-            .and_then(|mut d| d.remove(key))
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .cloned()
             .ok_or_else(|| Error(format!("ConfigMap {namespace}/{name} has no key {key:?}")))
     }
+}
+
+/// Starts a reflector over the ConfigMaps named `name` that `api` sees.
+fn cache(api: Api<ConfigMap>, name: &str, tasks: &mut Vec<JoinHandle<()>>) -> Store<ConfigMap> {
+    let (reader, writer) = reflector::store();
+    let config = watcher::Config::default()
+        .fields(&format!("metadata.name={name}"))
+        .any_semantic();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let name = name.to_owned();
+    tasks.push(tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                tracing::warn!(configmap = %name, error = %e, "watching the Kubernetes API failed; retrying");
+            }
+        }
+    }));
+    reader
 }
 
 #[async_trait]
@@ -227,14 +305,14 @@ impl Source for Cluster {
     }
 
     async fn root_cert(&self, namespace: &str) -> Result<Vec<u8>, Error> {
-        self.configmap_key(namespace, ROOT_CERT_CONFIGMAP, ROOT_CERT_KEY)
+        Self::configmap_key(&self.roots, namespace, ROOT_CERT_CONFIGMAP, ROOT_CERT_KEY)
             .await
             .map(String::into_bytes)
     }
 
     async fn mesh_config(&self) -> Result<MeshConfig, Error> {
-        let name = self.mesh_configmap();
-        let text = self.configmap_key(&self.istio_namespace, &name, "mesh").await?;
+        let name = &self.mesh_configmap;
+        let text = Self::configmap_key(&self.mesh, &self.istio_namespace, name, "mesh").await?;
         MeshConfig::from_yaml(&text)
             .map_err(|e| Error(format!("ConfigMap {}/{name} key mesh: {e}", self.istio_namespace)))
     }

@@ -20,7 +20,7 @@ async fn token_is_a_token_request_for_the_groups_service_account() {
     server
         .seed(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "ratings", "namespace": "bookinfo"}}))
         .unwrap();
-    let source = Cluster::new(client, "istio-system", "");
+    let source = Cluster::start(client, "istio-system", "");
     let token = source
         .token("bookinfo", "ratings", Duration::from_secs(7200))
         .await
@@ -59,7 +59,7 @@ async fn root_cert_and_mesh_config_come_from_the_configmaps() {
         .seed(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio-canary", "namespace": "istio-system"},
             "data": {"mesh": "trustDomain: example.org\n"}}))
         .unwrap();
-    let source = Cluster::new(client.clone(), "istio-system", "canary");
+    let source = Cluster::start(client.clone(), "istio-system", "canary");
     assert_eq!(source.mesh_configmap(), "istio-canary");
     let root = source.root_cert("bookinfo").await.unwrap();
     assert!(
@@ -76,11 +76,47 @@ async fn root_cert_and_mesh_config_come_from_the_configmaps() {
         e.contains("ConfigMap other/istio-ca-root-cert does not exist"),
         "{e}"
     );
-    let e = Cluster::new(client, "istio-system", "")
+    let e = Cluster::start(client.clone(), "istio-system", "")
         .mesh_config()
         .await
         .unwrap_err()
         .to_string();
     assert!(e.contains("ConfigMap istio-system/istio does not exist"), "{e}");
     assert!(server.writes().is_empty(), "reading boot inputs writes nothing");
+
+    // Reads come from watches on the two names, never a GET per onboarding.
+    let reads = server.reads();
+    assert!(
+        reads
+            .iter()
+            .filter(|r| r.resource == "configmaps")
+            .all(|r| r.verb != "get"),
+        "{reads:?}"
+    );
+    let before = reads.len();
+    for _ in 0..5 {
+        source.root_cert("bookinfo").await.unwrap();
+        source.mesh_config().await.unwrap();
+    }
+    assert_eq!(server.reads().len(), before, "{:?}", server.reads());
+
+    // A rotated root certificate reaches the next read through the watch.
+    let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(client, "bookinfo");
+    let rotated = "-----BEGIN CERTIFICATE-----\nUk9UQVRFRA==\n-----END CERTIFICATE-----\n";
+    api.patch(
+        "istio-ca-root-cert",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"data": {"root-cert.pem": rotated}})),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        seen = source.root_cert("bookinfo").await.unwrap();
+        if seen == rotated.as_bytes() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(String::from_utf8(seen).unwrap(), rotated);
 }
