@@ -23,6 +23,9 @@ pub mod annotation {
     pub const SESSION: &str = "onboarding.gangplank.dev/session";
     /// The endpoint replica that holds the agent's stream.
     pub const ENDPOINT_REPLICA: &str = "onboarding.gangplank.dev/endpoint-replica";
+    /// Istio's marker for a health-checked WorkloadEntry: istiod leaves the entry out of
+    /// service endpoints unless its `Healthy` condition is `True`.
+    pub const HEALTH_CHECKS_ENABLED: &str = "proxy.istio.io/health-checks-enabled";
 }
 
 /// Labels Gangplank sets on every WorkloadEntry it registers.

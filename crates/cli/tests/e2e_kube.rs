@@ -141,6 +141,25 @@ async fn onboards_against_the_kubernetes_api_one_write_per_event_none_per_heartb
     );
     assert_eq!(entry["metadata"]["labels"]["app"], "ratings");
 
+    // Health, the way istiod records it for a health-checked entry: the entry is marked
+    // health-checked (istiod sends it traffic only while Healthy is True), and the agent's
+    // first report set the condition.
+    assert_eq!(
+        entry["metadata"]["annotations"][annotation::HEALTH_CHECKS_ENABLED],
+        "true"
+    );
+    let conditions = entry["status"]["conditions"].as_array().expect("conditions");
+    assert_eq!(conditions.len(), 1, "{conditions:?}");
+    let healthy = &conditions[0];
+    assert_eq!(healthy["type"], "Healthy");
+    assert_eq!(healthy["status"], "True");
+    assert!(healthy.get("message").is_none(), "{healthy}");
+    for t in ["lastProbeTime", "lastTransitionTime"] {
+        let at = healthy[t].as_str().unwrap_or_else(|| panic!("{t}: {healthy}"));
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|e| panic!("{t} {at:?}: {e}"));
+    }
+
     // Boot inputs from the cluster: a TokenRequest token for the group's service account,
     // the root certificate and the mesh config from the ConfigMaps.
     let token = std::fs::read_to_string(fs.join("var/run/secrets/tokens/istio-token")).unwrap();
@@ -154,6 +173,19 @@ async fn onboards_against_the_kubernetes_api_one_write_per_event_none_per_heartb
     );
     let mesh = std::fs::read_to_string(fs.join("etc/istio/config/mesh")).unwrap();
     assert!(mesh.contains("FROM_CLUSTER"), "{mesh}");
+    // Read through the endpoint's watches, not fetched per onboarding.
+    let reads = server.reads();
+    let configmap_gets: Vec<_> = reads
+        .iter()
+        .filter(|r| r.resource == "configmaps" && r.verb == "get")
+        .collect();
+    assert!(configmap_gets.is_empty(), "{configmap_gets:?}");
+    assert!(
+        reads
+            .iter()
+            .any(|r| r.resource == "configmaps" && r.verb == "watch"),
+        "{reads:?}"
+    );
 
     // Steady state: heartbeats (every 200ms) write nothing to WorkloadEntries.
     server.reset_writes();
@@ -243,11 +275,12 @@ fn annotations_of(server: &Server, name: &str) -> Option<Value> {
         .map(|e| e["metadata"]["annotations"].clone())
 }
 
-/// Replica A dies with its agents' streams; B takes over its address. The agent that comes
-/// back keeps its entry (now served by B); the one that does not is removed after the grace
-/// period, by the sweeper B became.
+/// Two replicas serve side by side behind a Service. Replica A dies with its agents' streams;
+/// the agent that comes back reconnects through the Service to B and keeps its entry; the
+/// one that does not is removed after the grace period, by the sweeper B became. B's own
+/// agent is never touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_replicas_returning_agents_stay_and_vanished_ones_are_removed() {
+async fn two_replicas_behind_a_service_failover_keeps_returning_agents_and_removes_vanished_ones() {
     let server = Server::start().await.unwrap();
     server.install_istio_crds(&["v1"]).unwrap();
     for crd in gangplank_registry::crds::all().unwrap() {
@@ -304,7 +337,7 @@ async fn a_dead_replicas_returning_agents_stay_and_vanished_ones_are_removed() {
     write(&root.join("tls/tls.key"), &leaf.key_pem);
     write(&root.join("tls/ca.pem"), ca.cert_pem());
     let mut secrets = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let (token, secret) = gangplank_identity::token::create(
             &NamespacedName::new("bookinfo", "ratings"),
             Duration::from_secs(3600),
@@ -315,33 +348,60 @@ async fn a_dead_replicas_returning_agents_stay_and_vanished_ones_are_removed() {
         let id = token.metadata.name.clone().unwrap();
         secrets.push((format!("ratings-token-{id}"), secret.expose().to_owned()));
     }
+    let (stays_entry, goes_entry, other_entry) = (&secrets[0].0, &secrets[1].0, &secrets[2].0);
 
-    let (mut a, addr) = spawn_endpoint(root, &server, "endpoint-a", "127.0.0.1:0", ("6s", "500ms"));
-    let (stays, stays_fs) = spawn_agent(root, "stays", addr, &secrets[0].1);
-    let (mut goes, goes_fs) = spawn_agent(root, "goes", addr, &secrets[1].1);
+    // Two replicas (sharing the signing keys, as the Deployment's Secret gives them), one
+    // Service in front. The test plays the EndpointSlice controller: while the first two VMs
+    // join only A is ready, then only B, then both.
+    let (mut a, a_addr) = spawn_endpoint(root, &server, "endpoint-a", "127.0.0.1:0", ("6s", "500ms"));
+    let (b, b_addr) = spawn_endpoint(root, &server, "endpoint-b", "127.0.0.1:0", ("6s", "500ms"));
+    let service = gangplank_testkit::service::Service::start(&[a_addr])
+        .await
+        .unwrap();
+    let (stays, stays_fs) = spawn_agent(root, "stays", service.addr(), &secrets[0].1);
+    let (mut goes, goes_fs) = spawn_agent(root, "goes", service.addr(), &secrets[1].1);
+    let onboarded =
+        |fs: &std::path::Path| until(WAIT, || std::fs::read_to_string(fs.join("sidecar.env")).ok()).is_some();
     for fs in [&stays_fs, &goes_fs] {
-        assert!(
-            until(WAIT, || std::fs::read_to_string(fs.join("sidecar.env")).ok()).is_some(),
-            "not onboarded; endpoint:\n{}",
-            a.output()
-        );
+        assert!(onboarded(fs), "not onboarded; A:\n{}", a.output());
     }
-    let (stays_entry, goes_entry) = (&secrets[0].0, &secrets[1].0);
-    for e in [stays_entry, goes_entry] {
-        assert_eq!(
-            annotations_of(&server, e).unwrap()[annotation::ENDPOINT_REPLICA],
-            "endpoint-a"
+    service.set_backends(&[b_addr]);
+    let (other, other_fs) = spawn_agent(root, "other", service.addr(), &secrets[2].1);
+    assert!(onboarded(&other_fs), "not onboarded; B:\n{}", b.output());
+    service.set_backends(&[a_addr, b_addr]);
+    let served_by =
+        |entry: &str| annotations_of(&server, entry).map(|a| a[annotation::ENDPOINT_REPLICA].clone());
+    for (e, replica) in [
+        (stays_entry, "endpoint-a"),
+        (goes_entry, "endpoint-a"),
+        (other_entry, "endpoint-b"),
+    ] {
+        assert_eq!(served_by(e), Some(json!(replica)), "{e}");
+    }
+    // Both replicas hold their own Lease.
+    for replica in ["endpoint-a", "endpoint-b"] {
+        let name = format!("gangplank-replica-{replica}");
+        assert!(
+            until(WAIT, || server.object(
+                "coordination.k8s.io",
+                "leases",
+                "gangplank-system",
+                &name
+            ))
+            .is_some(),
+            "no Lease {name}"
         );
     }
 
-    // A dies without a word, and so does one VM.
+    // A dies without a word, and so does one of its VMs; A leaves the Service's endpoints.
+    server.reset_writes();
     a.signal("KILL");
     a.wait_exit(WAIT);
     goes.signal("KILL");
     goes.wait_exit(WAIT);
+    service.set_backends(&[b_addr]);
 
-    // B comes up on A's address: the surviving agent reconnects to it.
-    let (b, _) = spawn_endpoint(root, &server, "endpoint-b", &addr.to_string(), ("6s", "500ms"));
+    // The surviving agent reconnects through the Service to B.
     let moved = until(WAIT, || {
         let a = annotations_of(&server, stays_entry)?;
         (a[annotation::ENDPOINT_REPLICA] == "endpoint-b" && a.get(annotation::DISCONNECTED_AT).is_none())
@@ -373,10 +433,24 @@ async fn a_dead_replicas_returning_agents_stay_and_vanished_ones_are_removed() {
         )
         .unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "endpoint-b");
-    // The returning agent's entry is still there, served by B.
-    assert_eq!(
-        annotations_of(&server, stays_entry).unwrap()[annotation::ENDPOINT_REPLICA],
-        "endpoint-b"
+
+    // Across the failover: the returning agent's entry was never deleted and its health,
+    // unchanged, was not written again; B's own agent was never touched.
+    let writes = server.writes();
+    let deleted: Vec<_> = writes
+        .iter()
+        .filter(|w| w.resource == "workloadentries" && w.verb == "delete")
+        .map(|w| w.name.as_str())
+        .collect();
+    assert_eq!(deleted, [goes_entry.as_str()], "{writes:?}");
+    assert!(
+        !writes
+            .iter()
+            .any(|w| w.name == *stays_entry && w.subresource.is_some()),
+        "{writes:?}"
     );
-    drop(stays);
+    assert!(!writes.iter().any(|w| w.name == *other_entry), "{writes:?}");
+    assert_eq!(served_by(stays_entry), Some(json!("endpoint-b")));
+    assert_eq!(served_by(other_entry), Some(json!("endpoint-b")));
+    drop((stays, other));
 }

@@ -203,6 +203,12 @@ pub struct Workloads {
     /// How often agents send a heartbeat.
     #[serde(default = "defaults::heartbeat", with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// Whether entries carry `proxy.istio.io/health-checks-enabled: "true"`, so istiod sends
+    /// them traffic only while the sidecar's health (reported by the agent, recorded as the
+    /// `Healthy` condition) is good. Default: on with `registry.kubernetes`, off with a
+    /// directory (istiod's `fs://` source does not read status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_checks: Option<bool>,
 }
 
 impl Default for Workloads {
@@ -211,6 +217,7 @@ impl Default for Workloads {
             grace_period: defaults::grace_period(),
             propagation_delay: defaults::propagation_delay(),
             heartbeat: defaults::heartbeat(),
+            health_checks: None,
         }
     }
 }
@@ -381,6 +388,16 @@ impl Config {
             token_issuer,
             token_issuer_defaulted,
         })
+    }
+}
+
+impl Config {
+    /// Whether registered entries are health-checked (see [`Workloads::health_checks`]).
+    pub fn health_checks(&self) -> bool {
+        self.file
+            .workloads
+            .health_checks
+            .unwrap_or(self.file.registry.kubernetes.is_some())
     }
 }
 

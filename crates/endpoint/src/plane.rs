@@ -143,6 +143,9 @@ impl Plane {
         annotations.insert(annotation::CONNECTED_AT.into(), now);
         annotations.insert(annotation::ENDPOINT_REPLICA.into(), self.config.replica.clone());
         annotations.insert(annotation::SESSION.into(), session_id.into());
+        if self.config.health_checks() {
+            annotations.insert(annotation::HEALTH_CHECKS_ENABLED.into(), "true".into());
+        }
 
         let template = group.spec.template.clone().unwrap_or_default();
         let spec = WorkloadEntrySpec {

@@ -280,13 +280,14 @@ impl Onboarding for Service {
                 .await
                 .map_err(registry_status)?;
         }
-        plane.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            key.clone(),
-            Live {
-                generation,
-                healthy: None,
-            },
-        );
+        // The health already recorded (by this or another replica): a reconnect that reports
+        // the same health writes nothing.
+        let healthy = recorded_health(entry.status.as_ref());
+        plane
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), Live { generation, healthy });
         plane
             .metrics
             .sessions
@@ -383,7 +384,8 @@ impl Service {
         )))
     }
 
-    /// Records the sidecar's health as the entry's `Healthy` condition, only when it changes.
+    /// Records the sidecar's health as the entry's `Healthy` condition, only when it changes
+    /// (as istiod does for a health-checked entry: the agent reports transitions only).
     async fn health(plane: &Plane, key: &NamespacedName, health: proto::Health) {
         let changed = {
             let mut live = plane.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -398,16 +400,83 @@ impl Service {
         if !changed {
             return;
         }
-        let now = now_rfc3339();
-        let status = serde_json::json!({ "conditions": [{
-            "type": "Healthy",
-            "status": if health.healthy { "True" } else { "False" },
-            "message": health.message,
-            "lastProbeTime": now,
-            "lastTransitionTime": now,
-        }]});
+        let status = healthy_condition(&health, &now_rfc3339());
         if let Err(err) = plane.registry.set_entry_status(key, &status).await {
             tracing::warn!(entry = %key, %err, "could not record the sidecar's health");
         }
+    }
+}
+
+/// The entry status istiod writes for a health report (`pilot/pkg/autoregistration`
+/// `transformHealthEvent`): one `Healthy` condition, probe and transition time both now (only
+/// transitions are reported), and a message only when unhealthy.
+pub fn healthy_condition(health: &proto::Health, now: &str) -> serde_json::Value {
+    let mut condition = serde_json::json!({
+        "type": "Healthy",
+        "status": if health.healthy { "True" } else { "False" },
+        "lastProbeTime": now,
+        "lastTransitionTime": now,
+    });
+    if !health.healthy {
+        condition["message"] = serde_json::Value::String(health.message.clone());
+    }
+    serde_json::json!({ "conditions": [condition] })
+}
+
+/// The health recorded in an entry's `Healthy` condition, if any.
+pub fn recorded_health(status: Option<&serde_json::Value>) -> Option<bool> {
+    status?
+        .get("conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(|t| t.as_str()) == Some("Healthy"))
+        .and_then(|c| match c.get("status").and_then(|s| s.as_str()) {
+            Some("True") => Some(true),
+            Some("False") => Some(false),
+            _ => None,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_reports_become_istiods_healthy_condition() {
+        let now = "2026-11-21T08:00:00Z";
+        let up = healthy_condition(
+            &proto::Health {
+                healthy: true,
+                message: "sidecar running".into(),
+            },
+            now,
+        );
+        assert_eq!(
+            up,
+            serde_json::json!({"conditions": [{"type": "Healthy", "status": "True",
+                "lastProbeTime": now, "lastTransitionTime": now}]})
+        );
+        let down = healthy_condition(
+            &proto::Health {
+                healthy: false,
+                message: "sidecar exited with status 7".into(),
+            },
+            now,
+        );
+        assert_eq!(down["conditions"][0]["status"], "False");
+        assert_eq!(down["conditions"][0]["message"], "sidecar exited with status 7");
+        assert_eq!(recorded_health(Some(&up)), Some(true));
+        assert_eq!(recorded_health(Some(&down)), Some(false));
+    }
+
+    #[test]
+    fn recorded_health_ignores_other_conditions_and_unknown_status() {
+        let status = serde_json::json!({"conditions": [
+            {"type": "Reconciled", "status": "True"},
+            {"type": "Healthy", "status": "Unknown"},
+        ]});
+        assert_eq!(recorded_health(Some(&status)), None);
+        assert_eq!(recorded_health(None), None);
+        assert_eq!(recorded_health(Some(&serde_json::json!({}))), None);
     }
 }
