@@ -51,6 +51,8 @@ pub mod defaults {
     pub const CONTAINER_NAME: &str = "istio-proxy";
     /// `sidecar.proxyUser`.
     pub const PROXY_USER: &str = "istio-proxy";
+    /// Istio's proxy readiness endpoint (Envoy's `:15021`, answered by pilot-agent).
+    pub const READINESS_URL: &str = "http://127.0.0.1:15021/healthz/ready";
     /// `files.root`.
     pub const ROOT: &str = "/";
     /// `files.clusterEnv`.
@@ -239,6 +241,10 @@ pub struct Sidecar {
     /// The user the sidecar runs as; the token is given to it when the agent runs as root.
     /// A name or a numeric uid.
     pub proxy_user: String,
+    /// The proxy's readiness endpoint (`sidecar.readinessUrl`); `None` (`""`) when only the
+    /// launcher's view counts. Default: Istio's `http://127.0.0.1:15021/healthz/ready` with
+    /// the systemd and docker launchers, none with `process`.
+    pub readiness_url: Option<String>,
 }
 
 /// `sidecar.launcher`.
@@ -465,6 +471,8 @@ struct RawSidecar {
     docker: Option<RawDocker>,
     #[serde(skip_serializing_if = "Option::is_none")]
     proxy_user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    readiness_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -765,6 +773,22 @@ impl Agent {
             ));
         }
         let proxy_user = v.non_empty("sidecar.proxyUser", sidecar.proxy_user, defaults::PROXY_USER)?;
+        let readiness_url = match sidecar.readiness_url {
+            Some(u) if u.trim().is_empty() => None,
+            Some(u) => {
+                crate::readiness::Readiness::new(&u).map_err(|e| {
+                    v.invalid(
+                        "sidecar.readinessUrl",
+                        format!("{e}; or \"\" to turn the probe off"),
+                    )
+                })?;
+                Some(u)
+            }
+            None => match launcher {
+                LauncherKind::Systemd | LauncherKind::Docker => Some(defaults::READINESS_URL.to_owned()),
+                LauncherKind::Process => None,
+            },
+        };
 
         let files = raw.files.unwrap_or_default();
         let root = PathBuf::from(v.non_empty("files.root", files.root, defaults::ROOT)?);
@@ -831,6 +855,7 @@ impl Agent {
                 process,
                 docker,
                 proxy_user,
+                readiness_url,
             },
             files,
             settings: Settings {
@@ -907,6 +932,7 @@ impl Agent {
                     name: Some(self.sidecar.docker.name.clone()),
                 }),
                 proxy_user: Some(self.sidecar.proxy_user.clone()),
+                readiness_url: Some(self.sidecar.readiness_url.clone().unwrap_or_default()),
             }),
             files: Some(RawFiles {
                 root: Some(self.files.root.display().to_string()),

@@ -4,6 +4,7 @@
 //! - [`config`]: the `OnboardingConfiguration` and `AgentConfiguration` files;
 //! - [`files`]: atomic boot-file writing and the hosts-file block;
 //! - [`launcher`]: starting the sidecar (systemd, docker or a supervised process);
+//! - [`readiness`]: probing the sidecar's readiness endpoint;
 //! - [`host`]: the facts the agent reports about its host;
 //! - [`backoff`]: retry delays;
 //! - [`run`]: the onboarding loop.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod files;
 pub mod host;
 pub mod launcher;
+pub mod readiness;
 pub mod run;
 
 pub use config::Config;

@@ -160,6 +160,7 @@ pub struct Agent {
     channel: Channel,
     identity: Identity,
     launcher: Box<dyn Launcher>,
+    readiness: Option<crate::readiness::Readiness>,
     writer: files::Writer,
     status: watch::Sender<Status>,
 }
@@ -215,6 +216,12 @@ impl Agent {
             channel,
             identity: Identity::Config(agent.identity.clone()),
             launcher: launcher::from_config(agent),
+            // Validated with the configuration.
+            readiness: agent
+                .sidecar
+                .readiness_url
+                .as_deref()
+                .and_then(|u| crate::readiness::Readiness::new(u).ok()),
             writer: files::Writer::new(agent.files.clone(), &agent.sidecar.proxy_user),
             status: watch::channel(Status::Onboarding { last_error: None }).0,
         }
@@ -534,7 +541,10 @@ impl Agent {
                     }
                 }
                 _ = health_poll.tick() => {
-                    let health = self.launcher.health();
+                    let health = match &self.readiness {
+                        Some(probe) => probe.check(self.launcher.health()).await,
+                        None => self.launcher.health(),
+                    };
                     if reported.as_ref() != Some(&health) {
                         tracing::info!(healthy = health.is_healthy(), "sidecar health: {}", health.message());
                         let message = proto::Health { healthy: health.is_healthy(), message: health.message() };

@@ -369,7 +369,8 @@ workload:
     let agent = config::Agent::parse(
         Path::new("agent.yaml"),
         &format!(
-            "files:\n  root: {}\nsettings:\n  retry: {{initial: 1s, max: 4s}}\n",
+            // The recording launcher is the whole sidecar: no readiness endpoint to probe.
+            "sidecar:\n  readinessUrl: \"\"\nfiles:\n  root: {}\nsettings:\n  retry: {{initial: 1s, max: 4s}}\n",
             dir.path().display()
         ),
     )

@@ -22,6 +22,17 @@ fn seed_as<T: serde::Serialize>(server: &Server, api_version: &str, kind: &str, 
     server.seed(v).unwrap()
 }
 
+/// The entry's only condition, which must be `Healthy`.
+fn healthy_condition(entry: &Value) -> Value {
+    let conditions = entry["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(conditions.len(), 1, "{conditions:?}");
+    assert_eq!(conditions[0]["type"], "Healthy");
+    conditions[0].clone()
+}
+
 fn claims_of(jwt: &str) -> Value {
     use base64::Engine;
     let payload = jwt.split('.').nth(1).expect("a JWT");
@@ -92,13 +103,16 @@ async fn onboards_against_the_kubernetes_api_one_write_per_event_none_per_heartb
     // Heartbeats every 200ms, so the steady-state window below sees about ten of them.
     let (endpoint, addr) = spawn_endpoint(root, &server, "endpoint-0", "127.0.0.1:0", ("5m", "200ms"));
 
-    // The agent.
-    let vm = Vm::start_at(
+    // The agent; its sidecar's readiness endpoint says "not ready" (503) at first, as Envoy's
+    // does until istiod has configured it.
+    let readiness = gangplank_testkit::probe::Probe::start(503).await.unwrap();
+    let vm = Vm::start_probed(
         root,
         "a",
         addr,
         &ca_bundle,
         Credential::JoinToken(secret.expose().to_owned()),
+        Some(&readiness.url()),
     );
     let (agent, fs) = (vm.agent, vm.root.join("fs"));
     let started = until(WAIT, || std::fs::read_to_string(fs.join("sidecar.env")).ok());
@@ -143,22 +157,38 @@ async fn onboards_against_the_kubernetes_api_one_write_per_event_none_per_heartb
 
     // Health, the way istiod records it for a health-checked entry: the entry is marked
     // health-checked (istiod sends it traffic only while Healthy is True), and the agent's
-    // first report set the condition.
+    // first report (running, not ready) set the condition False, with the reason.
     assert_eq!(
         entry["metadata"]["annotations"][annotation::HEALTH_CHECKS_ENABLED],
         "true"
     );
-    let conditions = entry["status"]["conditions"].as_array().expect("conditions");
-    assert_eq!(conditions.len(), 1, "{conditions:?}");
-    let healthy = &conditions[0];
-    assert_eq!(healthy["type"], "Healthy");
-    assert_eq!(healthy["status"], "True");
+    let healthy = healthy_condition(&entry);
+    assert_eq!(healthy["status"], "False");
+    assert_eq!(
+        healthy["message"],
+        format!("sidecar not ready: GET {} answered 503", readiness.url())
+    );
+
+    // The sidecar becomes ready: one more status write, True, without a message.
+    readiness.set_status(200);
+    let entry = until(WAIT, || {
+        let e = server.object("networking.istio.io", "workloadentries", "bookinfo", name)?;
+        (healthy_condition(&e)["status"] == "True").then_some(e)
+    })
+    .unwrap_or_else(|| panic!("never Healthy; agent:\n{}", agent.output()));
+    let healthy = healthy_condition(&entry);
     assert!(healthy.get("message").is_none(), "{healthy}");
     for t in ["lastProbeTime", "lastTransitionTime"] {
         let at = healthy[t].as_str().unwrap_or_else(|| panic!("{t}: {healthy}"));
         time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
             .unwrap_or_else(|e| panic!("{t} {at:?}: {e}"));
     }
+    let status_writes = server
+        .writes()
+        .iter()
+        .filter(|w| w.resource == "workloadentries" && w.subresource.as_deref() == Some("status"))
+        .count();
+    assert_eq!(status_writes, 2, "{:?}", server.writes());
 
     // Boot inputs from the cluster: a TokenRequest token for the group's service account,
     // the root certificate and the mesh config from the ConfigMaps.

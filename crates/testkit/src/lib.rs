@@ -4,6 +4,7 @@ pub mod cloud;
 pub mod crd;
 pub mod kube_api;
 pub mod oidc;
+pub mod probe;
 pub mod process;
 pub mod service;
 pub mod sshd;

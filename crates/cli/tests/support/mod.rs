@@ -337,6 +337,19 @@ impl Vm {
         ca_bundle: &Path,
         credential: Credential,
     ) -> Self {
+        Self::start_probed(dir, name, addr, ca_bundle, credential, None)
+    }
+
+    /// Like [`Vm::start_at`], with the agent probing the sidecar's readiness at
+    /// `readiness_url` (the stand-in sidecar serves none: the test does).
+    pub fn start_probed(
+        dir: &Path,
+        name: &str,
+        addr: SocketAddr,
+        ca_bundle: &Path,
+        credential: Credential,
+        readiness_url: Option<&str>,
+    ) -> Self {
         let root = dir.join(format!("vm-{name}"));
         let onboarding = root.join("etc/onboarding.yaml");
         write(
@@ -381,6 +394,7 @@ kind: AgentConfiguration
 identity:
 {identity}sidecar:
   launcher: process
+  readinessUrl: {readiness:?}
   process:
     command: [sh, -c, {sidecar:?}]
 files:
@@ -390,7 +404,8 @@ settings:
     initial: 100ms
     max: 1s
 ",
-                root = root.display()
+                root = root.display(),
+                readiness = readiness_url.unwrap_or_default(),
             ),
         );
         let mut cmd = Command::new(bin("gangplank-agent"));
