@@ -57,7 +57,11 @@ pub struct Keys {
     y: String,
     nonce_key: hmac::Key,
     issuer: std::sync::RwLock<String>,
-    /// Nonces already presented, with their expiry, so each is accepted once (per replica).
+    /// Names this process: a nonce is accepted only by the process that issued it, which
+    /// remembers the ones presented, so each is accepted once across every replica and
+    /// restart.
+    instance: [u8; 8],
+    /// Nonces already presented, with their expiry.
     used_nonces: std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>>,
 }
 
@@ -193,6 +197,9 @@ impl Keys {
             y,
             nonce_key,
             issuer: std::sync::RwLock::new(issuer.to_string()),
+            instance: random(8)
+                .try_into()
+                .map_err(|_| Error::Key("random instance id".into()))?,
             used_nonces: Default::default(),
         })
     }
@@ -290,32 +297,39 @@ impl Keys {
             .map_err(|e| Error::Invalid(format!("session token is not valid ({e}): onboard again")))
     }
 
-    /// A fresh nonce, valid for [`NONCE_TTL`].
+    /// A fresh nonce, valid for [`NONCE_TTL`], for this process only: random (16 bytes),
+    /// expiry (8), this process's instance id (8), then a truncated HMAC (16).
     pub fn nonce(&self) -> String {
         let expires = (now() + NONCE_TTL.as_secs() as i64).to_be_bytes();
         let mut body = random(16);
         body.extend_from_slice(&expires);
+        body.extend_from_slice(&self.instance);
         let tag = hmac::sign(&self.nonce_key, &body);
         body.extend_from_slice(&tag.as_ref()[..16]);
         B64.encode(body)
     }
 
-    /// Checks that `nonce` was issued by this plane, has not expired and was not presented
-    /// before (to this replica), and marks it used.
+    /// Checks that `nonce` was issued by this process, has not expired and was not presented
+    /// before, and marks it used. (An agent whose Onboard reaches another replica than its
+    /// Discover, or a restarted one, is told to call Discover again.)
     pub fn check_nonce(&self, nonce: &str) -> Result<(), Error> {
-        let bytes = B64
-            .decode(nonce)
-            .map_err(|_| Error::Invalid("nonce is malformed: call Discover for a new one".into()))?;
-        if bytes.len() != 40 {
-            return Err(Error::Invalid(
-                "nonce is malformed: call Discover for a new one".into(),
-            ));
+        let malformed = || Error::Invalid("nonce is malformed: call Discover for a new one".into());
+        let bytes = B64.decode(nonce).map_err(|_| malformed())?;
+        if bytes.len() != 48 {
+            return Err(malformed());
         }
-        let (body, tag) = bytes.split_at(24);
+        let (body, tag) = bytes.split_at(32);
         let expected = hmac::sign(&self.nonce_key, body);
         if !bool::from(subtle::ConstantTimeEq::ct_eq(&expected.as_ref()[..16], tag)) {
             return Err(Error::Invalid(
                 "nonce was not issued by this onboarding plane: call Discover again".into(),
+            ));
+        }
+        if body[24..32] != self.instance {
+            return Err(Error::Invalid(
+                "nonce was issued by another endpoint replica, or before this one restarted: \
+                 call Discover again (on the same connection as Onboard)"
+                    .into(),
             ));
         }
         let mut exp = [0u8; 8];
@@ -380,8 +394,15 @@ mod tests {
         let nonce = keys.nonce();
         let again = Keys::load(dir.path(), "https://endpoint.test:15443").unwrap();
         assert_eq!(again.verify_session(&session).unwrap().sub, "bookinfo/x");
-        again.check_nonce(&nonce).unwrap();
-        let replay = again.check_nonce(&nonce).unwrap_err().to_string();
+        // A nonce is for the process that issued it: not another replica sharing the keys,
+        // not the same one after a restart (which forgot the nonces it saw).
+        let elsewhere = again.check_nonce(&nonce).unwrap_err().to_string();
+        assert!(
+            elsewhere.contains("issued by another endpoint replica"),
+            "{elsewhere}"
+        );
+        keys.check_nonce(&nonce).unwrap();
+        let replay = keys.check_nonce(&nonce).unwrap_err().to_string();
         assert!(replay.contains("already used"), "{replay}");
         let mode = std::fs::metadata(dir.path().join("signing-key.pem"))
             .unwrap()
