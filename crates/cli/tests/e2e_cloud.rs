@@ -195,14 +195,14 @@ async fn azure_is_refused_until_a_policy_allows_its_subscription_then_onboards()
     let imds = azure::Imds::start(azure::Vm::example()).await.expect("imds");
     let pems = tempfile::tempdir().expect("tempdir");
     let roots = pems.path().join("roots.pem");
-    let intermediates = pems.path().join("intermediates.pem");
     std::fs::write(&roots, imds.chain().root_pem()).expect("write");
-    std::fs::write(&intermediates, imds.chain().intermediate_pem()).expect("write");
+    // Only the root is configured: the endpoint fetches the issuing CA from the URL in the
+    // signer's certificate, as it does from www.microsoft.com for Azure's.
     let mut mesh = Mesh::start(Options {
         identities: format!(
-            "  azureVm:\n    roots: {}\n    intermediates: {}\n",
+            "  azureVm:\n    roots: {}\n    issuerHosts: [\"{}\"]\n",
             roots.display(),
-            intermediates.display()
+            imds.issuer_host()
         ),
         ..Options::default()
     })
@@ -256,4 +256,6 @@ async fn azure_is_refused_until_a_policy_allows_its_subscription_then_onboards()
         annotation_of(&entry, annotation::IDENTITY),
         Some("azure:8d10da13-8125-4ba9-a717-bf7490507b3d/02aab8a4-74ef-476e-8182-f6d2ba4166a6")
     );
+    // The issuing CA was fetched once, then served from the endpoint's cache.
+    assert_eq!(imds.issuer_fetches(), 1);
 }

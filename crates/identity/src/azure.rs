@@ -9,6 +9,13 @@
 //! in, see `data/README.md`; overridable), the signer must be `metadata.azure.com` or a
 //! sovereign cloud's name, the signed nonce must equal the expected one and `timeStamp`
 //! must be current. The identity is the subscription id, vmId and sku.
+//!
+//! The document carries only the signer's certificate. Its issuing CA (one of Azure's
+//! rotating "Microsoft Azure … TLS Issuing CA"s) is taken from `azureVm.intermediates`, else
+//! fetched once from the certificate's AIA `caIssuers` URL and cached — only from the hosts in
+//! `azureVm.issuerHosts` (default `www.microsoft.com`, where Microsoft publishes them), so a
+//! forged certificate cannot make the endpoint fetch arbitrary URLs. A fetched certificate is
+//! untrusted like any intermediate: the chain must still end at a configured root.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -40,6 +47,11 @@ pub const SIGNER_NAMES: &[&str] = &[
 ];
 /// How old (by `timeStamp.createdOn`) a document may be, unless configured.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(10 * 60);
+/// Hosts the signer's issuing CA is fetched from (its AIA URL), unless configured.
+pub const DEFAULT_ISSUER_HOSTS: &[&str] = &["www.microsoft.com"];
+/// Largest issuing-CA certificate fetched.
+const MAX_ISSUER: usize = 64 * 1024;
+const ISSUER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Microsoft's roots built in.
 const BUILTIN_ROOTS: &str = include_str!("../data/azure/roots.pem");
 const IMDS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -125,6 +137,9 @@ pub struct VerifierConfig {
     pub signer_names: Vec<String>,
     /// How old a document may be; `None` uses [`DEFAULT_MAX_AGE`].
     pub max_age: Option<Duration>,
+    /// Hosts (`name` or `name:port`) whose AIA URLs may be fetched; `None` uses
+    /// [`DEFAULT_ISSUER_HOSTS`], empty turns fetching off.
+    pub issuer_hosts: Option<Vec<String>>,
 }
 
 impl fmt::Debug for VerifierConfig {
@@ -133,6 +148,7 @@ impl fmt::Debug for VerifierConfig {
             .field("custom_roots", &self.roots_pem.is_some())
             .field("signer_names", &self.signer_names)
             .field("max_age", &self.max_age)
+            .field("issuer_hosts", &self.issuer_hosts)
             .finish_non_exhaustive()
     }
 }
@@ -145,6 +161,7 @@ impl fmt::Debug for VerifierConfig {
 ///   roots: /etc/gangplank/azure-roots.pem                   # instead of Microsoft's built in
 ///   signerNames: [metadata.azure.com]
 ///   maxAge: 10m
+///   issuerHosts: [www.microsoft.com]   # where the issuing CA may be fetched from; [] = never
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -161,6 +178,10 @@ pub struct Settings {
     /// How old a document may be (default 10m).
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub max_age: Option<Duration>,
+    /// Hosts the signer's issuing CA may be fetched from through its AIA URL (default
+    /// `www.microsoft.com`; `[]` never fetches, so `intermediates` must hold it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_hosts: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -183,6 +204,7 @@ impl Settings {
             intermediates_pem: read("intermediates", &self.intermediates)?,
             signer_names: self.signer_names.clone(),
             max_age: self.max_age,
+            issuer_hosts: self.issuer_hosts.clone(),
         })
     }
 }
@@ -190,9 +212,19 @@ impl Settings {
 /// The endpoint half.
 pub struct Verifier {
     store: X509Store,
+    /// Roots and configured intermediates, to build a store with fetched issuers.
+    anchors: Vec<X509>,
     intermediates: Vec<X509>,
     signer_names: Vec<String>,
     max_age: Duration,
+    issuers: Issuers,
+}
+
+/// Issuing CAs fetched through AIA URLs, by URL.
+struct Issuers {
+    hosts: Vec<String>,
+    client: reqwest::Client,
+    cache: std::sync::Mutex<std::collections::HashMap<String, X509>>,
 }
 
 impl fmt::Debug for Verifier {
@@ -277,6 +309,24 @@ impl Verifier {
             field: "roots",
             message,
         })?;
+        let client = reqwest::Client::builder()
+            .timeout(ISSUER_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ConfigError::Certificates {
+                field: "issuerHosts",
+                message: format!("building the HTTP client: {e}"),
+            })?;
+        let issuers = Issuers {
+            hosts: config
+                .issuer_hosts
+                .unwrap_or_else(|| DEFAULT_ISSUER_HOSTS.iter().map(|h| h.to_string()).collect())
+                .into_iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            client,
+            cache: Default::default(),
+        };
         let signer_names = if config.signer_names.is_empty() {
             SIGNER_NAMES.iter().map(|s| s.to_string()).collect()
         } else {
@@ -284,14 +334,102 @@ impl Verifier {
         };
         Ok(Self {
             store,
+            anchors,
             intermediates,
             signer_names,
             max_age: config.max_age.unwrap_or(DEFAULT_MAX_AGE),
+            issuers,
         })
     }
 
-    /// Verifies an IMDS attested-document response for `challenge`.
+    /// Verifies an IMDS attested-document response for `challenge` with the configured
+    /// certificates only (nothing is fetched).
     pub fn verify_document(&self, response: &[u8], challenge: &Challenge) -> Result<Facts> {
+        self.verify_with(response, challenge, &self.store)
+    }
+
+    /// Verifies like [`Verifier::verify_document`], first fetching the signer's issuing CA
+    /// through its AIA URL when no configured certificate issued it.
+    pub async fn verify_fetching(&self, response: &[u8], challenge: &Challenge) -> Result<Facts> {
+        let Some((url, issuer)) = self.missing_issuer(response).await? else {
+            return self.verify_document(response, challenge);
+        };
+        let mut anchors = self.anchors.clone();
+        anchors.push(issuer.clone());
+        let store =
+            pkcs7::store(&anchors).map_err(|m| Error::Unavailable(format!("building a trust store: {m}")))?;
+        let facts = self.verify_with(response, challenge, &store)?;
+        // Cached only once it proved to chain to a root, so a bad answer is not kept.
+        self.issuers
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(url, issuer);
+        Ok(facts)
+    }
+
+    /// The issuing CA of the document's signer and its URL, fetched (or from the cache), when none of the
+    /// configured certificates issued it and fetching is allowed; `None` otherwise (the
+    /// verification then says what is missing).
+    async fn missing_issuer(&self, response: &[u8]) -> Result<Option<(String, X509)>> {
+        let Some(signer) = embedded_signer(response) else {
+            return Ok(None);
+        };
+        let issued_by = |c: &X509| {
+            c.subject_name()
+                .try_cmp(signer.issuer_name())
+                .is_ok_and(|o| o.is_eq())
+        };
+        if self.issuers.hosts.is_empty() || self.anchors.iter().any(issued_by) {
+            return Ok(None);
+        }
+        let urls: Vec<String> = signer
+            .authority_info()
+            .into_iter()
+            .flatten()
+            .filter(|ad| ad.method().nid() == Nid::AD_CA_ISSUERS)
+            .filter_map(|ad| ad.location().uri().map(str::to_owned))
+            .collect();
+        let Some(url) = urls.first() else {
+            return Ok(None);
+        };
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|_| reject(format!("signer names its issuer at {url:?}, which is not a URL")))?;
+        let host = match (parsed.host_str(), parsed.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            (None, _) => String::new(),
+        };
+        let host_allowed = self.issuers.hosts.contains(&host);
+        if !matches!(parsed.scheme(), "http" | "https") || !host_allowed {
+            return Err(reject(format!(
+                "was signed by a certificate whose issuer is published at {url}, a host not in \
+                 azureVm.issuerHosts ({}): add the host if it is Microsoft's, or put the issuing CA \
+                 in azureVm.intermediates",
+                self.issuers.hosts.join(", ")
+            )));
+        }
+        if let Some(c) = self
+            .issuers
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(url)
+        {
+            return Ok(Some((url.clone(), c.clone())));
+        }
+        let fetched = fetch_certificate(&self.issuers.client, url).await?;
+        if !issued_by(&fetched) {
+            return Err(reject(format!(
+                "names {url} as its issuer, but the certificate there is {}, not the signer's issuer",
+                subject_name(&fetched)
+            )));
+        }
+        tracing::info!(%url, issuer = %subject_name(&fetched), "fetched Azure's issuing CA");
+        Ok(Some((url.clone(), fetched)))
+    }
+
+    fn verify_with(&self, response: &[u8], challenge: &Challenge, store: &X509Store) -> Result<Facts> {
         if response.len() > MAX_PAYLOAD {
             return Err(reject(format!("is larger than {MAX_PAYLOAD} bytes")));
         }
@@ -312,7 +450,7 @@ impl Verifier {
             .decode(compact.as_bytes())
             .map_err(|_| reject("signature is not base64"))?;
         let p7 = pkcs7::parse(&der).map_err(|m| reject(format!("signature {m}")))?;
-        let (content, signer) = pkcs7::verify_chain(&p7, &self.store, &self.intermediates).map_err(|m| {
+        let (content, signer) = pkcs7::verify_chain(&p7, store, &self.intermediates).map_err(|m| {
             reject(format!(
                 "{m}: it was not signed by Azure (or azureVm.roots/intermediates lack its chain)"
             ))
@@ -383,6 +521,49 @@ impl Verifier {
     }
 }
 
+/// The signer certificate embedded in an IMDS response, if it has one (checked later).
+fn embedded_signer(response: &[u8]) -> Option<X509> {
+    let envelope: Envelope = serde_json::from_slice(response).ok()?;
+    let compact: String = envelope
+        .signature
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    let der = STANDARD.decode(compact.as_bytes()).ok()?;
+    let p7 = pkcs7::parse(&der).ok()?;
+    let none = openssl::stack::Stack::new().ok()?;
+    let signers = p7.signers(&none, openssl::pkcs7::Pkcs7Flags::empty()).ok()?;
+    signers.iter().next().map(|c| c.to_owned())
+}
+
+/// GETs a certificate (DER, as AIA URLs serve it, or PEM), at most [`MAX_ISSUER`] bytes.
+async fn fetch_certificate(client: &reqwest::Client, url: &str) -> Result<X509> {
+    let unavailable =
+        |why: String| Error::Unavailable(format!("fetching Azure's issuing CA from {url}: {why}"));
+    let mut response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| unavailable(e.without_url().to_string()))?;
+    if !response.status().is_success() {
+        return Err(unavailable(format!("HTTP {}", response.status().as_u16())));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| unavailable(e.without_url().to_string()))?
+    {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_ISSUER {
+            return Err(unavailable(format!("larger than {MAX_ISSUER} bytes")));
+        }
+    }
+    X509::from_der(&body)
+        .or_else(|_| X509::from_pem(&body))
+        .map_err(|_| unavailable("not a DER or PEM certificate".into()))
+}
+
 fn subject_name(cert: &X509Ref) -> String {
     cert.subject_name()
         .entries_by_nid(Nid::COMMONNAME)
@@ -407,7 +588,7 @@ impl crate::Verifier for Verifier {
         if credential.kind != kind::AZURE_VM {
             return Err(Error::UnsupportedKind(credential.kind.clone()));
         }
-        let facts = self.verify_document(&credential.payload, challenge)?;
+        let facts = self.verify_fetching(&credential.payload, challenge).await?;
         Ok(Identity {
             facts: crate::Facts::Azure(facts),
             address: None,

@@ -177,3 +177,105 @@ async fn imds_requires_the_metadata_header() {
     let resp = reqwest::Client::new().get(&url).send().await.expect("get");
     assert_eq!(resp.status(), 400);
 }
+
+/// A verifier trusting only the emulator's root, fetching issuers from `hosts`.
+fn fetching_verifier(imds: &Imds, hosts: Option<Vec<String>>) -> Verifier {
+    Verifier::new(VerifierConfig {
+        roots_pem: Some(imds.chain().root_pem()),
+        issuer_hosts: hosts,
+        ..Default::default()
+    })
+    .expect("verifier")
+}
+
+async fn document(imds: &Imds, nonce: &str) -> (proto::Credential, Challenge) {
+    let c = challenge(nonce);
+    let credential = Provider::new(Some(imds.url()))
+        .expect("provider")
+        .credential(&c)
+        .await
+        .expect("document");
+    (credential, c)
+}
+
+#[tokio::test]
+async fn the_issuing_ca_is_fetched_from_the_signers_aia_url_once_and_cached() {
+    let imds = Imds::start(Vm::example()).await.expect("imds");
+    let v = fetching_verifier(&imds, Some(vec![imds.issuer_host()]));
+    for nonce in ["n1", "n2", "n3"] {
+        let (credential, c) = document(&imds, nonce).await;
+        let identity = v.verify(&credential, &c, &group()).await.expect("verified");
+        assert!(matches!(identity.facts, Facts::Azure(_)));
+    }
+    assert_eq!(imds.issuer_fetches(), 1);
+}
+
+#[tokio::test]
+async fn issuer_urls_outside_issuer_hosts_are_never_fetched() {
+    let imds = Imds::start(Vm::example()).await.expect("imds");
+    let (credential, c) = document(&imds, "n1").await;
+
+    // Default hosts (www.microsoft.com): the emulator's URL is not one of them.
+    let err = fetching_verifier(&imds, None)
+        .verify(&credential, &c, &group())
+        .await
+        .expect_err("host not allowed");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("not in azureVm.issuerHosts (www.microsoft.com)"),
+        "{msg}"
+    );
+    assert!(msg.contains(&imds.issuer_host()), "{msg}");
+
+    // Fetching off: the chain is incomplete, so the document is refused.
+    let err = fetching_verifier(&imds, Some(vec![]))
+        .verify(&credential, &c, &group())
+        .await
+        .expect_err("no issuer");
+    assert!(err.to_string().contains("not signed by Azure"), "{err}");
+    assert_eq!(imds.issuer_fetches(), 0);
+}
+
+#[tokio::test]
+async fn a_fetched_certificate_cannot_make_an_untrusted_chain_trusted() {
+    let imds = Imds::start(Vm::example()).await.expect("imds");
+    let verifier = fetching_verifier(&imds, Some(vec![imds.issuer_host()]));
+    let v = || &verifier;
+    let (credential, c) = document(&imds, "n1").await;
+
+    // Another chain's issuing CA, with the very same name but another key: the signer's
+    // signature does not verify under it.
+    let impostor = Chain::generate("metadata.azure.com").expect("chain");
+    imds.serve_issuer(impostor.intermediate_der());
+    let err = v()
+        .verify(&credential, &c, &group())
+        .await
+        .expect_err("impostor issuer");
+    assert!(err.to_string().contains("not signed by Azure"), "{err}");
+
+    // A certificate of another name is not the issuer at all.
+    imds.serve_issuer(imds.chain().intermediate_der()[..0].to_vec());
+    let err = v()
+        .verify(&credential, &c, &group())
+        .await
+        .expect_err("not a certificate");
+    assert!(err.to_string().contains("not a DER or PEM certificate"), "{err}");
+    let root_der = openssl::x509::X509::from_pem(&imds.chain().root_pem())
+        .expect("root")
+        .to_der()
+        .expect("der");
+    imds.serve_issuer(root_der);
+    let err = v()
+        .verify(&credential, &c, &group())
+        .await
+        .expect_err("wrong certificate");
+    assert!(err.to_string().contains("not the signer's issuer"), "{err}");
+
+    // Nothing bad was kept: the genuine one, once served, verifies, and is then cached.
+    imds.serve_issuer(imds.chain().intermediate_der());
+    v().verify(&credential, &c, &group()).await.expect("genuine");
+    let fetches = imds.issuer_fetches();
+    assert_eq!(fetches, 4);
+    v().verify(&credential, &c, &group()).await.expect("cached");
+    assert_eq!(imds.issuer_fetches(), fetches);
+}

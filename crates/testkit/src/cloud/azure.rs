@@ -5,8 +5,10 @@
 //! returns `{"encoding":"pkcs7","signature":"<base64 DER>"}` whose signed content is the JSON
 //! with `nonce`, `vmId`, `subscriptionId`, `sku`, `plan`, `licenseType` and
 //! `timeStamp{createdOn,expiresOn}` (`MM/DD/YY HH:MM:SS -0000`, six hours apart). The
-//! PKCS#7 embeds only the signing certificate, like Azure's; the test root and
-//! intermediate are what the verifier is configured with.
+//! PKCS#7 embeds only the signing certificate, like Azure's, whose AIA extension names where
+//! its issuing CA is published: this emulator also plays Microsoft's PKI site and serves it
+//! at `/pkiops/certs/test-issuing-ca.crt` (DER). The test root is what the verifier trusts;
+//! the intermediate is configured or fetched.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -43,6 +45,12 @@ impl fmt::Debug for Chain {
 impl Chain {
     /// A fresh chain whose signer is named `signer_name` (e.g. `metadata.azure.com`).
     pub fn generate(signer_name: &str) -> anyhow::Result<Self> {
+        Self::generate_with_issuer_url(signer_name, None)
+    }
+
+    /// Like [`Chain::generate`], the signer naming `issuer_url` (AIA `caIssuers`) as where
+    /// the intermediate is published.
+    pub fn generate_with_issuer_url(signer_name: &str, issuer_url: Option<&str>) -> anyhow::Result<Self> {
         let root_key = super::rsa_key()?;
         let root = super::certificate(
             &[
@@ -66,12 +74,13 @@ impl Chain {
             None,
         )?;
         let signer_key = super::rsa_key()?;
-        let signer = super::certificate(
+        let signer = super::certificate_with_issuer_url(
             &[("CN", signer_name)],
             &signer_key,
             Some((&intermediate, &int_key)),
             false,
             Some(signer_name),
+            issuer_url,
         )?;
         Ok(Self {
             root,
@@ -89,6 +98,11 @@ impl Chain {
     /// The intermediate certificate (PEM): the verifier's `intermediates`.
     pub fn intermediate_pem(&self) -> Vec<u8> {
         self.intermediate.to_pem().unwrap_or_default()
+    }
+
+    /// The intermediate certificate (DER), as an AIA URL serves it.
+    pub fn intermediate_der(&self) -> Vec<u8> {
+        self.intermediate.to_der().unwrap_or_default()
     }
 
     /// IMDS's response for signed `content`.
@@ -164,7 +178,13 @@ struct Shared {
     vm: Vm,
     chain: Chain,
     age: Mutex<i64>,
+    /// What the issuer URL serves (the chain's intermediate unless replaced).
+    issuer_der: Mutex<Vec<u8>>,
+    issuer_fetches: std::sync::atomic::AtomicUsize,
 }
+
+/// Where the emulator publishes the intermediate.
+pub const ISSUER_PATH: &str = "/pkiops/certs/test-issuing-ca.crt";
 
 /// A running Azure IMDS emulator. Stops when dropped.
 pub struct Imds {
@@ -190,17 +210,45 @@ impl Drop for Imds {
 impl Imds {
     /// Serves `vm`, signing with a fresh `metadata.azure.com` test chain.
     pub async fn start(vm: Vm) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let chain = Chain::generate_with_issuer_url(
+            "metadata.azure.com",
+            Some(&format!("http://{addr}{ISSUER_PATH}")),
+        )?;
         let shared = Arc::new(Shared {
             vm,
-            chain: Chain::generate("metadata.azure.com")?,
+            issuer_der: Mutex::new(chain.intermediate_der()),
+            chain,
             age: Mutex::new(0),
+            issuer_fetches: Default::default(),
         });
         let router = axum::Router::new()
             .route("/metadata/attested/document", get(attested))
             .route("/metadata/instance/compute/vmId", get(vm_id))
+            .route(ISSUER_PATH, get(issuer))
             .with_state(shared.clone());
-        let (addr, task) = super::serve(router).await?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
         Ok(Self { shared, addr, task })
+    }
+
+    /// `host:port` of the issuer URL (for the verifier's `issuerHosts`).
+    pub fn issuer_host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// How many times the issuer URL was fetched.
+    pub fn issuer_fetches(&self) -> usize {
+        self.shared
+            .issuer_fetches
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Serves `der` at the issuer URL from now on (e.g. another chain's intermediate).
+    pub fn serve_issuer(&self, der: Vec<u8>) {
+        *self.shared.issuer_der.lock().unwrap_or_else(|p| p.into_inner()) = der;
     }
 
     /// The base URL (`http://127.0.0.1:PORT`), the agent's `imdsUrl`.
@@ -258,6 +306,18 @@ async fn attested(
         Ok(body) => ([("content-type", "application/json")], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+async fn issuer(State(shared): State<Arc<Shared>>) -> Response {
+    shared
+        .issuer_fetches
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let der = shared
+        .issuer_der
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    ([("content-type", "application/pkix-cert")], der).into_response()
 }
 
 async fn vm_id(

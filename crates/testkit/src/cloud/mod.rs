@@ -49,6 +49,19 @@ pub(crate) fn certificate(
     ca: bool,
     dns_name: Option<&str>,
 ) -> anyhow::Result<X509> {
+    certificate_with_issuer_url(subject, key, issuer, ca, dns_name, None)
+}
+
+/// Like [`certificate`], naming where its issuer's certificate is published (the
+/// Authority Information Access `caIssuers` URL), as public CAs do.
+pub(crate) fn certificate_with_issuer_url(
+    subject: &[(&str, &str)],
+    key: &PKey<Private>,
+    issuer: Option<(&X509, &PKey<Private>)>,
+    ca: bool,
+    dns_name: Option<&str>,
+    issuer_url: Option<&str>,
+) -> anyhow::Result<X509> {
     let mut name = X509NameBuilder::new()?;
     for (field, value) in subject {
         name.append_entry_by_text(field, value)?;
@@ -78,6 +91,18 @@ pub(crate) fn certificate(
             .dns(dns)
             .build(&b.x509v3_context(issuer.map(|(c, _)| c.as_ref()), None))?;
         b.append_extension(san)?;
+    }
+    if let Some(url) = issuer_url {
+        // openssl's crate has no typed builder for this extension; the config string is
+        // OpenSSL's own syntax (`man x509v3_config`).
+        #[allow(deprecated)]
+        let aia = openssl::x509::X509Extension::new_nid(
+            None,
+            None,
+            openssl::nid::Nid::INFO_ACCESS,
+            &format!("caIssuers;URI:{url}"),
+        )?;
+        b.append_extension(aia)?;
     }
     b.sign(issuer.map_or(key, |(_, k)| k), MessageDigest::sha256())?;
     Ok(b.build())
