@@ -7,7 +7,6 @@
 //! must happen within the endpoint's `firstJoinWindow` after the instance's `pendingTime`
 //! (stop and start the instance to renew it).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Arguments of `gangplank instance`.
@@ -27,9 +26,9 @@ enum Command {
 struct ReleaseArgs {
     /// The EC2 instance id, e.g. i-0abc1234def567890.
     instance_id: String,
-    /// The directory registry the endpoint uses.
-    #[arg(long, env = "GANGPLANK_REGISTRY", value_name = "DIR")]
-    registry: PathBuf,
+    /// Where the instance's registration is.
+    #[command(flatten)]
+    registry: crate::registry::Args,
 }
 
 /// Runs `gangplank instance`.
@@ -47,13 +46,10 @@ async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
     if !valid {
         anyhow::bail!("{id:?} is not an EC2 instance id: it looks like i-0abc1234def567890");
     }
-    let registry = crate::token::open_registry(&args.registry)?;
-    let released = gangplank_identity::aws::release(&registry, id).await?;
+    let crate::registry::Opened { registry, place } = args.registry.open().await?;
+    let released = gangplank_identity::aws::release(registry.as_ref(), id).await?;
     if released.is_empty() {
-        println!(
-            "instance {id} holds no registration in {}",
-            args.registry.display()
-        );
+        println!("instance {id} holds no registration in {place}");
         return Ok(ExitCode::from(1));
     }
     for key in &released {

@@ -12,6 +12,7 @@ mod install;
 mod instance;
 mod policy;
 mod quickstart;
+mod registry;
 mod sidecar_bootstrap;
 mod token;
 mod workload;

@@ -76,7 +76,7 @@ async fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
 async fn load(args: &ExplainArgs) -> anyhow::Result<(Vec<OnboardingPolicy>, WorkloadGroup, Identity)> {
     let key = &args.workload_group;
     let registry = match &args.registry {
-        Some(dir) => Some(crate::token::open_registry(dir)?),
+        Some(dir) => Some(crate::registry::open_dir(dir)?),
         None => None,
     };
     let group = match (&args.group_file, &registry) {

@@ -3,14 +3,12 @@
 //! The token is printed alone on stdout (so `TOKEN=$(gangplank token create …)` works) and
 //! shown only this once: the registry keeps its SHA-256 only. A human line goes to stderr.
 
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use gangplank_api::NamespacedName;
 use gangplank_identity::token;
-use gangplank_registry::Registry as _;
 use time::OffsetDateTime;
 
 /// Arguments of `gangplank token`.
@@ -37,9 +35,9 @@ struct CreateArgs {
     /// How many VMs may join with the token.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     uses: u32,
-    /// The directory registry holding the WorkloadGroup.
-    #[arg(long, env = "GANGPLANK_REGISTRY", value_name = "DIR")]
-    registry: PathBuf,
+    /// Where the WorkloadGroup is and the token goes.
+    #[command(flatten)]
+    registry: crate::registry::Args,
     /// Output format: the token alone (default) or `json` with its details.
     #[arg(short = 'o', long, value_enum)]
     output: Option<Output>,
@@ -62,18 +60,6 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Opens an existing directory registry; never creates one from a typo.
-pub(crate) fn open_registry(dir: &Path) -> anyhow::Result<gangplank_registry::dir::Registry> {
-    if !dir.is_dir() {
-        bail!(
-            "registry folder {} does not exist: pass --registry DIR or set GANGPLANK_REGISTRY",
-            dir.display()
-        );
-    }
-    gangplank_registry::dir::Registry::open(dir)
-        .with_context(|| format!("opening the registry in {}", dir.display()))
-}
-
 /// Runs `gangplank token`.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
@@ -82,13 +68,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
-    let registry = open_registry(&args.registry)?;
+    let crate::registry::Opened { registry, place } = args.registry.open().await?;
     let group = &args.workload_group;
     if registry.workload_group(group).await?.is_none() {
-        bail!(
-            "WorkloadGroup {group} not found in registry {}: create it first, or fix --workload-group",
-            args.registry.display()
-        );
+        bail!("WorkloadGroup {group} not found in {place}: create it first, or fix --workload-group");
     }
     let (stored, secret) = token::create(group, args.ttl, args.uses, OffsetDateTime::now_utc());
     registry
