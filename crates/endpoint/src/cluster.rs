@@ -11,14 +11,13 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use gangplank_bootstrap::MeshConfig;
 use gangplank_registry::kube::ApiCall;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use kube::api::{Api, PostParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use tokio::task::JoinHandle;
 
 use std::sync::{Arc, Mutex};
@@ -247,21 +246,12 @@ impl Cluster {
 
 /// Starts a reflector over the ConfigMaps named `name` that `api` sees.
 fn cache(api: Api<ConfigMap>, name: &str, tasks: &mut Vec<JoinHandle<()>>) -> Store<ConfigMap> {
-    let (reader, writer) = reflector::store();
     let config = watcher::Config::default()
         .fields(&format!("metadata.name={name}"))
         .any_semantic();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
-    let name = name.to_owned();
-    tasks.push(tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!(configmap = %name, error = %e, "watching the Kubernetes API failed; retrying");
-            }
-        }
-    }));
-    reader
+    let (store, task) = gangplank_registry::kube::reflect(api, config, (), format!("ConfigMap {name}"));
+    tasks.push(task);
+    store
 }
 
 #[async_trait]

@@ -259,20 +259,42 @@ async fn istio_version(client: &kube::Client) -> Result<String> {
 /// Starts a reflector over every namespace for `ar`.
 fn cache(client: &kube::Client, ar: &ApiResource, tasks: &mut Vec<JoinHandle<()>>) -> Store<DynamicObject> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
-    let writer = reflector::store::Writer::new(ar.clone());
+    let (store, task) = reflect(
+        api,
+        watcher::Config::default().any_semantic(),
+        ar.clone(),
+        ar.kind.clone(),
+    );
+    tasks.push(task);
+    store
+}
+
+/// Starts a task keeping a cache of what `api` and `config` select (`dyntype`: `()` for
+/// k8s-openapi types, the [`ApiResource`] for dynamic ones), retrying with backoff and
+/// logging failures as `what`. The store is ready after the first listing; abort the task
+/// to stop.
+pub fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    dyntype: K::DynamicType,
+    what: String,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let writer = reflector::store::Writer::new(dyntype);
     let reader = writer.as_reader();
-    let kind = ar.kind.clone();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default().any_semantic()))
-        .default_backoff();
-    tasks.push(tokio::spawn(async move {
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
             if let Err(e) = ev {
-                tracing::warn!(kind = %kind, error = %e, "watching the Kubernetes API failed; retrying");
+                tracing::warn!(watching = %what, error = %e, "watching the Kubernetes API failed; retrying");
             }
         }
-    }));
-    reader
+    });
+    (reader, task)
 }
 
 fn obj_ref(ar: &ApiResource, key: &NamespacedName) -> ObjectRef<DynamicObject> {
