@@ -22,6 +22,13 @@ fn seed_as<T: serde::Serialize>(server: &Server, api_version: &str, kind: &str, 
     server.seed(v).unwrap()
 }
 
+/// Istio's injector ConfigMap, naming the cluster `cluster-west`.
+fn injector_values() -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio-sidecar-injector", "namespace": "istio-system"},
+        "data": {"values": "{\"global\":{\"multiCluster\":{\"clusterName\":\"cluster-west\"}}}"}})
+}
+
 /// The entry's only condition, which must be `Healthy`.
 fn healthy_condition(entry: &Value) -> Value {
     let conditions = entry["status"]["conditions"]
@@ -78,6 +85,7 @@ async fn onboards_against_the_kubernetes_api_one_write_per_event_none_per_heartb
         .seed(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio", "namespace": "istio-system"},
             "data": {"mesh": "trustDomain: cluster.local\ndefaultConfig:\n  proxyMetadata:\n    FROM_CLUSTER: \"yes\"\n"}}))
         .unwrap();
+    server.seed(injector_values()).unwrap();
     let (token, secret) = gangplank_identity::token::create(
         &NamespacedName::new("bookinfo", "ratings"),
         Duration::from_secs(3600),
@@ -203,6 +211,14 @@ async fn onboards_against_the_kubernetes_api_one_write_per_event_none_per_heartb
     );
     let mesh = std::fs::read_to_string(fs.join("etc/istio/config/mesh")).unwrap();
     assert!(mesh.contains("FROM_CLUSTER"), "{mesh}");
+    // The cluster ID, unset in the endpoint's config, is istiod's, as istioctl finds it.
+    let cluster_env = std::fs::read_to_string(fs.join("var/lib/istio/envoy/cluster.env")).unwrap();
+    assert!(
+        cluster_env
+            .lines()
+            .any(|l| l == "ISTIO_META_CLUSTER_ID='cluster-west'"),
+        "{cluster_env}"
+    );
     // Read through the endpoint's watches, not fetched per onboarding.
     let reads = server.reads();
     let configmap_gets: Vec<_> = reads
@@ -354,6 +370,7 @@ async fn two_replicas_behind_a_service_failover_keeps_returning_agents_and_remov
         }
         server.seed(o).unwrap();
     }
+    server.seed(injector_values()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let ca = gangplank_tls::dev::Ca::generate("e2e-kube").unwrap();

@@ -1,9 +1,11 @@
 //! Boot inputs from a Kubernetes cluster, as `istioctl x workload entry configure` gets them:
 //! the `istio-token` from TokenRequest for the group's service account (audience `istio-ca`),
 //! `root-cert.pem` from ConfigMap `istio-ca-root-cert` in the group's namespace and the mesh
-//! config from ConfigMap `istio[-<revision>]` (key `mesh`) in Istio's namespace.
+//! config from ConfigMap `istio[-<revision>]` (key `mesh`) in Istio's namespace, and (unless
+//! configured) istiod's cluster ID from `istio-sidecar-injector[-<revision>]` (key `values`,
+//! `global.multiCluster.clusterName`).
 //!
-//! The two ConfigMaps are read through watch-backed caches (a field selector on the name, as
+//! The ConfigMaps are read through watch-backed caches (a field selector on the name, as
 //! istiod watches them), so an onboarding reads nothing from the API: only the TokenRequest is
 //! a call. A rotated root certificate or an edited mesh config reaches the next onboarding
 //! as soon as the watch delivers it.
@@ -37,6 +39,8 @@ pub const AUDIENCE: &str = "istio-ca";
 pub const ROOT_CERT_CONFIGMAP: &str = "istio-ca-root-cert";
 /// Its key.
 pub const ROOT_CERT_KEY: &str = "root-cert.pem";
+/// The injector's ConfigMap (`-<revision>` appended for a revision), holding Helm `values`.
+pub const INJECTOR_CONFIGMAP: &str = "istio-sidecar-injector";
 
 /// How long a read waits for a ConfigMap cache's first listing.
 const CACHE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -55,13 +59,13 @@ pub const API_CALLS: &[ApiCall] = &[
         group: "",
         resource: "configmaps",
         verb: "list",
-        names: &[ROOT_CERT_CONFIGMAP, "istio"],
+        names: &[ROOT_CERT_CONFIGMAP, "istio", INJECTOR_CONFIGMAP],
     },
     ApiCall {
         group: "",
         resource: "configmaps",
         verb: "watch",
-        names: &[ROOT_CERT_CONFIGMAP, "istio"],
+        names: &[ROOT_CERT_CONFIGMAP, "istio", INJECTOR_CONFIGMAP],
     },
 ];
 
@@ -158,6 +162,9 @@ pub struct Cluster {
     roots: Store<ConfigMap>,
     /// The mesh ConfigMap in Istio's namespace.
     mesh: Store<ConfigMap>,
+    injector_configmap: String,
+    /// The injector's ConfigMap in Istio's namespace.
+    injector: Store<ConfigMap>,
     _tasks: Arc<Tasks>,
 }
 
@@ -186,9 +193,9 @@ impl Cluster {
     /// `default` for the default revision). Starts watching them at once; reads wait for the
     /// first listing.
     pub fn start(client: kube::Client, istio_namespace: &str, revision: &str) -> Self {
-        let mesh_configmap = match revision {
-            "" | "default" => "istio".to_owned(),
-            rev => format!("istio-{rev}"),
+        let (mesh_configmap, injector_configmap) = match revision {
+            "" | "default" => ("istio".to_owned(), INJECTOR_CONFIGMAP.to_owned()),
+            rev => (format!("istio-{rev}"), format!("{INJECTOR_CONFIGMAP}-{rev}")),
         };
         let mut tasks = Vec::new();
         let roots = cache(Api::all(client.clone()), ROOT_CERT_CONFIGMAP, &mut tasks);
@@ -197,12 +204,19 @@ impl Cluster {
             &mesh_configmap,
             &mut tasks,
         );
+        let injector = cache(
+            Api::namespaced(client.clone(), istio_namespace),
+            &injector_configmap,
+            &mut tasks,
+        );
         Self {
             client,
             istio_namespace: istio_namespace.to_owned(),
             mesh_configmap,
             roots,
             mesh,
+            injector_configmap,
+            injector,
             _tasks: Arc::new(Tasks(tasks)),
         }
     }
@@ -305,5 +319,27 @@ impl Source for Cluster {
         let text = Self::configmap_key(&self.mesh, &self.istio_namespace, name, "mesh").await?;
         MeshConfig::from_yaml(&text)
             .map_err(|e| Error(format!("ConfigMap {}/{name} key mesh: {e}", self.istio_namespace)))
+    }
+
+    async fn cluster_id(&self) -> Result<String, Error> {
+        let (ns, name) = (&self.istio_namespace, &self.injector_configmap);
+        let values = Self::configmap_key(&self.injector, ns, name, "values")
+            .await
+            .map_err(|e| {
+                Error(format!(
+                    "failed to automatically determine the cluster ID ({e}): set mesh.clusterId"
+                ))
+            })?;
+        let values: serde_json::Value = serde_json::from_str(&values).map_err(|e| {
+            Error(format!(
+                "ConfigMap {ns}/{name} key values is not JSON ({e}): set mesh.clusterId"
+            ))
+        })?;
+        // As istioctl: an absent name leaves the cluster ID empty (istiod then accepts any).
+        Ok(values
+            .pointer("/global/multiCluster/clusterName")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned())
     }
 }

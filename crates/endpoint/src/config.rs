@@ -111,9 +111,12 @@ pub struct Mesh {
     /// istiod's revision ("" for the default).
     #[serde(default)]
     pub revision: String,
-    /// The cluster ID istiod runs as (`ISTIO_META_CLUSTER_ID`).
-    #[serde(default = "defaults::cluster_id")]
-    pub cluster_id: String,
+    /// The cluster ID istiod runs as (`ISTIO_META_CLUSTER_ID`). When unset: with
+    /// `registry.kubernetes`, read as `istioctl x workload entry configure` reads it
+    /// (`global.multiCluster.clusterName` in ConfigMap `istio-sidecar-injector[-<rev>]`);
+    /// otherwise `Kubernetes`, istiod's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
     /// A MeshConfig YAML (the `mesh` key of the `istio` ConfigMap); empty when absent.
     #[serde(default)]
     pub mesh_config_file: Option<PathBuf>,
@@ -130,7 +133,7 @@ impl Default for Mesh {
         Self {
             istio_namespace: defaults::istio_namespace(),
             revision: String::new(),
-            cluster_id: defaults::cluster_id(),
+            cluster_id: None,
             mesh_config_file: None,
             root_cert_file: None,
             istiod_ip: None,

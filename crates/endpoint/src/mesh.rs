@@ -1,5 +1,5 @@
-//! Where the sidecar's boot inputs come from: the `istio-token`, the mesh's root certificate
-//! and the mesh config.
+//! Where the sidecar's boot inputs come from: the `istio-token`, the mesh's root certificate,
+//! the mesh config and istiod's cluster ID.
 //!
 //! [`Source`] is the seam. [`Local`] serves a directory-mode mesh: it mints the token itself
 //! (the endpoint's key, trusted by istiod through the JWKS the endpoint publishes) and reads
@@ -33,6 +33,8 @@ pub trait Source: Send + Sync {
     async fn root_cert(&self, namespace: &str) -> Result<Vec<u8>, Error>;
     /// The mesh config (`mesh` key of the `istio[-<rev>]` ConfigMap).
     async fn mesh_config(&self) -> Result<MeshConfig, Error>;
+    /// istiod's cluster ID, when the configuration does not set it.
+    async fn cluster_id(&self) -> Result<String, Error>;
 }
 
 /// A directory-mode mesh: self-minted tokens, root certificate and mesh config from files.
@@ -64,5 +66,9 @@ impl Source for Local {
 
     async fn mesh_config(&self) -> Result<MeshConfig, Error> {
         Ok(self.mesh_config.clone())
+    }
+
+    async fn cluster_id(&self) -> Result<String, Error> {
+        Ok(crate::config::defaults::cluster_id())
     }
 }

@@ -196,6 +196,10 @@ impl Plane {
             .map_err(unavailable)?;
         let root_cert = self.mesh.root_cert(&key.namespace).await.map_err(unavailable)?;
         let mesh_config = self.mesh.mesh_config().await.map_err(unavailable)?;
+        let cluster_id = match &self.config.file.mesh.cluster_id {
+            Some(id) => id.clone(),
+            None => self.mesh.cluster_id().await.map_err(unavailable)?,
+        };
         let group_labels = group.entry_labels();
         let extra_labels = entry
             .spec
@@ -215,7 +219,7 @@ impl Plane {
             mesh_config,
             root_cert,
             token: token.jwt.clone().into_bytes(),
-            cluster_id: mesh.cluster_id.clone(),
+            cluster_id,
             revision: mesh.revision.clone(),
             istio_namespace: mesh.istio_namespace.clone(),
             ingress_ip: mesh.istiod_ip,

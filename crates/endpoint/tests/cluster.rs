@@ -120,3 +120,34 @@ async fn root_cert_and_mesh_config_come_from_the_configmaps() {
     }
     assert_eq!(String::from_utf8(seen).unwrap(), rotated);
 }
+
+#[tokio::test]
+async fn cluster_id_comes_from_the_injector_values_as_istioctl_reads_it() {
+    let (server, client) = stand_in().await;
+    // No injector ConfigMap: a clear error naming the setting that avoids the lookup.
+    let source = Cluster::start(client.clone(), "istio-system", "canary");
+    let e = source.cluster_id().await.unwrap_err().to_string();
+    assert!(
+        e.contains("ConfigMap istio-system/istio-sidecar-injector-canary does not exist")
+            && e.contains("set mesh.clusterId"),
+        "{e}"
+    );
+
+    server
+        .seed(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "istio-sidecar-injector-canary", "namespace": "istio-system"},
+            "data": {"values": "{\"global\":{\"multiCluster\":{\"clusterName\":\"cluster-west\"}}}"}}))
+        .unwrap();
+    let source = Cluster::start(client.clone(), "istio-system", "canary");
+    assert_eq!(source.cluster_id().await.unwrap(), "cluster-west");
+
+    // Values without a cluster name leave it empty, as istioctl does.
+    server
+        .seed(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "istio-sidecar-injector", "namespace": "istio-system"},
+            "data": {"values": "{\"global\":{}}"}}))
+        .unwrap();
+    let source = Cluster::start(client, "istio-system", "");
+    assert_eq!(source.cluster_id().await.unwrap(), "");
+    assert!(server.writes().is_empty());
+}
