@@ -39,6 +39,8 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::{Challenge, Error, Identity, Result, pkcs7};
 
+pub mod sigv4;
+
 /// Where IMDS answers on every EC2 instance.
 pub const DEFAULT_IMDS_URL: &str = "http://169.254.169.254";
 /// How long after `pendingTime` a first join is accepted, unless configured.
