@@ -720,10 +720,17 @@ impl Provider {
                 Some(&token),
             )
             .await?;
+        // A broken instance profile costs the role fact, not the onboarding: policies that
+        // list iamRoles refuse the instance, the others still admit it.
         let iam_role = if challenge.aws_sts_url.is_empty() {
             None
         } else {
-            self.role_proof(&token, &document, challenge).await?
+            self.role_proof(&token, &document, challenge)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!("sending no IAM role proof: {e}");
+                    None
+                })
         };
         Ok(Payload {
             document,
@@ -985,6 +992,29 @@ mod tests {
         ) -> gangplank_registry::Result<gangplank_api::token::JoinToken> {
             unreachable!("document checks write nothing")
         }
+    }
+
+    #[test]
+    fn sts_settings_default_on_and_are_checked() {
+        let parse = |yaml: &str| serde_saphyr::from_str::<Settings>(yaml);
+        let defaults = parse("{}").expect("empty");
+        assert_eq!(defaults.sts.url_template(), Some(role::DEFAULT_STS_URL));
+        let china =
+            parse("sts: {url: \"https://sts.{region}.amazonaws.com.cn/\", timeout: 3s}").expect("china");
+        assert_eq!(
+            china.sts.url_template(),
+            Some("https://sts.{region}.amazonaws.com.cn/")
+        );
+        assert_eq!(china.sts.timeout, Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse("sts: {enabled: false}").expect("off").sts.url_template(),
+            None
+        );
+        assert!(parse("sts: {endpoint: x}").is_err(), "unknown fields are errors");
+
+        let bad = parse("sts: {url: \"ftp://sts.example/\"}").expect("parses");
+        let err = bad.verifier(Arc::new(NoRegistry)).expect_err("not http(s)");
+        assert!(err.to_string().starts_with("awsEc2.sts: url"), "{err}");
     }
 
     #[test]

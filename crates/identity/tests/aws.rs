@@ -680,6 +680,15 @@ async fn a_role_proof_that_is_not_get_caller_identity_is_refused_without_calling
     )
     .await;
     let mut proof = role_proof(&genuine);
+    proof["headers"]["content-type"] = serde_json::json!("text/plain\r\nx-forwarded-for: 10.0.0.1");
+    refused(
+        &s,
+        &with_role_proof(genuine.clone(), proof),
+        &c,
+        "not a printable ASCII value",
+    )
+    .await;
+    let mut proof = role_proof(&genuine);
     proof["headers"]["x-forwarded-for"] = serde_json::json!("10.0.0.1");
     refused(&s, &with_role_proof(genuine, proof), &c, "not forwarded to STS").await;
     assert_eq!(s.sts.requests(), 0);
@@ -756,4 +765,21 @@ async fn imds_serves_role_credentials_only_with_a_session_token() {
             .status(),
         401
     );
+}
+
+#[tokio::test]
+async fn a_broken_instance_profile_costs_the_role_not_the_onboarding() {
+    let s = setup().await;
+    let mut instance = Instance::example();
+    instance.iam_role = Some("not a role name!".into());
+    s.imds.set_instance(instance);
+    let c = s.role_challenge("n1");
+    let credential = s.provider("a.key").credential(&c).await.expect("credential");
+    assert!(role_proof(&credential).is_null(), "no role proof");
+    let identity = s
+        .verifier
+        .verify(&credential, &c, &ratings())
+        .await
+        .expect("verified");
+    assert_eq!(aws_facts(&identity).iam_role, None);
 }

@@ -53,6 +53,8 @@ const FORWARDED: &[&str] = &[
 /// Headers that must be signed.
 const MUST_SIGN: &[&str] = &["host", "x-amz-date", NONCE_HEADER];
 const MAX_RESPONSE: usize = 64 * 1024;
+/// Longest header value forwarded (session tokens are a few kilobytes at most).
+const MAX_HEADER: usize = 8 * 1024;
 
 /// A signed STS `GetCallerIdentity` request: what the agent sends as its role proof.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -270,6 +272,15 @@ fn check_shape(proof: &Proof, challenge: &Challenge, url: &Url) -> Result<Vec<(S
             "carries header {}, which is not forwarded to STS (allowed: {})",
             crate::detect::shown(name),
             FORWARDED.join(", ")
+        )));
+    }
+    if let Some((name, _)) = proof
+        .headers
+        .iter()
+        .find(|(_, v)| v.len() > MAX_HEADER || !v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+    {
+        return Err(reject(format!(
+            "has a {name} header that is not a printable ASCII value of at most {MAX_HEADER} bytes"
         )));
     }
     let header = |name: &str| {
