@@ -423,11 +423,6 @@ impl Verifier {
         self
     }
 
-    /// The STS URL template agents should sign role proofs for, if roles are verified.
-    pub fn sts_url_template(&self) -> Option<&str> {
-        self.sts.as_ref().map(role::Sts::template)
-    }
-
     /// Changes how long after `pendingTime` a first join is accepted.
     pub fn with_first_join_window(mut self, window: Duration) -> Self {
         self.first_join_window = window;
