@@ -312,6 +312,7 @@ impl Agent {
         let challenge = Challenge {
             plane_id: discovered.plane_id,
             nonce: discovered.nonce,
+            aws_sts_url: discovered.aws_sts_url,
         };
 
         let credential = match &self.identity {

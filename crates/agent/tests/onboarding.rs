@@ -135,6 +135,7 @@ impl onboarding_server::Onboarding for Fake {
             credential_kinds: vec!["join-token".into()],
             nonce: "nonce-1".into(),
             nonce_ttl_seconds: 60,
+            aws_sts_url: String::new(),
         }))
     }
 

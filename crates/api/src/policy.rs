@@ -106,6 +106,10 @@ pub struct AwsMatcher {
     /// Instance ids.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instance_ids: Vec<String>,
+    /// IAM role names of the instance profile (without path), as verified through STS; an
+    /// instance without a verified role never matches a non-empty list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub iam_roles: Vec<String>,
 }
 
 /// Matches a verified GCE instance. Every non-empty list must contain the instance's value.

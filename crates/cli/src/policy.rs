@@ -134,7 +134,7 @@ fn identity(path: &Path, group: &NamespacedName) -> anyhow::Result<Identity> {
     let shape = || {
         anyhow!(
             "{}: expected JWT claims (with string iss and sub), {{joinToken: {{id: …}}}}, \
-             {{aws: {{account, region, zone, instanceId}}}}, {{gcp: {{projectId, zone, instanceName}}}} \
+             {{aws: {{account, region, zone, instanceId, iamRole}}}}, {{gcp: {{projectId, zone, instanceName}}}} \
              or {{azure: {{subscriptionId, vmId}}}}",
             path.display()
         )
@@ -176,7 +176,7 @@ fn identity(path: &Path, group: &NamespacedName) -> anyhow::Result<Identity> {
 }
 
 /// Cloud platform facts, as a person writes them: `{aws: {account, region, zone,
-/// instanceId, …}}`, `{gcp: {projectId, zone, instanceName, serviceAccount, …}}` or
+/// instanceId, iamRole, …}}`, `{gcp: {projectId, zone, instanceName, serviceAccount, …}}` or
 /// `{azure: {subscriptionId, vmId, sku}}` (camelCase, as recorded on WorkloadEntries).
 fn cloud_facts(map: &serde_json::Map<String, Value>) -> Result<Option<Facts>, String> {
     if let Some(v) = map.get("aws") {

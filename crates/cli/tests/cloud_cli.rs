@@ -74,6 +74,56 @@ fn explain(dir: &Path, root: &str, facts: &str) -> (Option<i32>, String) {
     )
 }
 
+const ROLE_POLICY: &str = r#"
+apiVersion: onboarding.gangplank.dev/v1alpha1
+kind: OnboardingPolicy
+metadata: {name: ratings-role, namespace: bookinfo}
+spec:
+  allow:
+  - workloads:
+    - aws: {accounts: ["123456789012"], iamRoles: [ratings]}
+    onboardTo:
+    - workloadGroupSelector: {}
+"#;
+
+#[tokio::test]
+async fn explain_takes_the_aws_iam_role_fact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("registry");
+    let registry = Registry::open(&root).expect("registry");
+    let group: WorkloadGroup = serde_saphyr::from_str(GROUP).expect("group");
+    registry.put(&group).await.expect("put group");
+    let policy: OnboardingPolicy = serde_saphyr::from_str(ROLE_POLICY).expect("policy");
+    registry.put(&policy).await.expect("put policy");
+    let root = root.to_str().expect("utf-8");
+    let instance = "account: \"123456789012\", region: us-east-1, zone: us-east-1a, instanceId: i-0abc";
+
+    let (code, out) = explain(
+        dir.path(),
+        root,
+        &format!("aws: {{{instance}, iamRole: ratings}}\n"),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("iam role ratings)"), "{out}");
+    assert!(out.contains("iamRole=ratings"), "{out}");
+
+    let (code, out) = explain(
+        dir.path(),
+        root,
+        &format!("aws: {{{instance}, iamRole: reviews}}\n"),
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("aws iam role reviews not in [ratings]"), "{out}");
+
+    // Without the fact (no instance profile), a role policy does not match.
+    let (code, out) = explain(dir.path(), root, &format!("aws: {{{instance}}}\n"));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("aws iam role (none verified) not in [ratings]"),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn explain_works_with_each_platform_s_facts() {
     let dir = tempfile::tempdir().expect("tempdir");

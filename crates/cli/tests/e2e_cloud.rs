@@ -55,7 +55,8 @@ async fn aws_onboards_and_a_copied_document_from_a_second_agent_is_refused() {
     let certs = tempfile::tempdir().expect("tempdir");
     let cert = certs.path().join("us-east-1.pem");
     write(&cert, &keys.certificate_pem("us-east-1").expect("pem"));
-    let imds = aws::Imds::start(aws::Instance::example(), keys)
+    // No instance profile: the instance onboards without the iamRole fact.
+    let imds = aws::Imds::start(aws::Instance::example().without_instance_profile(), keys)
         .await
         .expect("imds");
     let mut mesh = Mesh::start(Options {
@@ -112,6 +113,13 @@ async fn aws_onboards_and_a_copied_document_from_a_second_agent_is_refused() {
         Some("123456789012")
     );
     assert!(key_a.exists(), "the agent keeps its instance key");
+    assert!(
+        !entry
+            .spec
+            .labels
+            .contains_key("onboarding.gangplank.dev/aws-iam-role"),
+        "no instance profile, no role"
+    );
 
     // A second machine presenting the same (copied) document, with its own key.
     let before = mesh.entry_files();
@@ -134,6 +142,87 @@ async fn aws_onboards_and_a_copied_document_from_a_second_agent_is_refused() {
         annotation_of(&entries[0], "onboarding.gangplank.dev/agent-public-key"),
         annotation_of(&entry, "onboarding.gangplank.dev/agent-public-key"),
         "the first agent's key is still the recorded one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_iam_roles_are_verified_through_sts_and_matched_by_policy() {
+    let keys = aws::SigningKeys::generate(&["us-east-1"]).expect("keys");
+    let certs = tempfile::tempdir().expect("tempdir");
+    let cert = certs.path().join("us-east-1.pem");
+    write(&cert, &keys.certificate_pem("us-east-1").expect("pem"));
+    let imds = aws::Imds::start(aws::Instance::example(), keys)
+        .await
+        .expect("imds");
+    let sts = aws::Sts::start(imds.iam(), "us-east-1").await.expect("sts");
+    let mut mesh = Mesh::start(Options {
+        identities: format!(
+            "  awsEc2:\n    certificates:\n      us-east-1: {}\n    sts:\n      url: {}\n      timeout: 5s\n",
+            cert.display(),
+            sts.url()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let role_matcher = |role: &str| WorkloadMatcher {
+        aws: Some(AwsMatcher {
+            accounts: vec!["123456789012".into()],
+            iam_roles: vec![role.into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    mesh.registry
+        .put(&policy(
+            "bookinfo",
+            "reviews-role",
+            vec![role_matcher("reviews")],
+            &[],
+        ))
+        .await
+        .expect("policy");
+
+    let key = mesh.root().join("vm-r-key.pem");
+    let mut vm = Vm::start(
+        &mesh,
+        "r",
+        platform("aws-ec2", &key, &imds.url(), &closed(), &closed()),
+    );
+    // The refusal names the verified role and the unmatched fact, in both logs.
+    let pattern = r"(allows aws instance i-0abc1234def567890 \(account 123456789012, region us-east-1, zone us-east-1a, iam role ratings\) to join WorkloadGroup ratings.*aws iam role ratings not in \[reviews\])";
+    vm.agent.wait_for(pattern, WAIT);
+    mesh.endpoint.wait_for(pattern, WAIT);
+    assert!(mesh.entries().await.is_empty(), "nothing written");
+    assert!(sts.requests() >= 1, "the endpoint asked STS");
+
+    mesh.registry
+        .put(&policy(
+            "bookinfo",
+            "ratings-role",
+            vec![role_matcher("ratings")],
+            &[("app", "ratings")],
+        ))
+        .await
+        .expect("policy");
+    let entry = wait_entry(&mesh, &mut vm).await;
+    assert_eq!(
+        entry.metadata.name.as_deref(),
+        Some("ratings-aws-123456789012-us-east-1a-i-0abc1234def567890")
+    );
+    assert_eq!(
+        entry
+            .spec
+            .labels
+            .get("onboarding.gangplank.dev/aws-iam-role")
+            .map(String::as_str),
+        Some("ratings"),
+        "the entry records the verified role"
+    );
+    assert!(
+        annotation_of(&entry, "onboarding.gangplank.dev/aws-instance")
+            .is_some_and(|facts| facts.contains("\"iamRole\":\"ratings\"")),
+        "{:?}",
+        entry.metadata.annotations
     );
 }
 

@@ -119,6 +119,7 @@ impl Service {
         let challenge = Challenge {
             plane_id: plane.config.file.plane_id.clone(),
             nonce: req.nonce.clone(),
+            ..Default::default()
         };
         let identity = verifier
             .verify(&credential, &challenge, &group_key)
@@ -227,6 +228,16 @@ impl Onboarding for Service {
             credential_kinds: self.plane.kinds(),
             nonce: self.plane.keys.nonce(),
             nonce_ttl_seconds: NONCE_TTL.as_secs() as u32,
+            aws_sts_url: self
+                .plane
+                .config
+                .file
+                .identities
+                .aws_ec2
+                .as_ref()
+                .and_then(|aws| aws.sts.url_template())
+                .unwrap_or_default()
+                .to_string(),
         }))
     }
 

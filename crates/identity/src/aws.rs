@@ -15,8 +15,10 @@
 //!   onboarding of that instance must be signed with that key over the endpoint's nonce;
 //! - an instance holds one registration at a time (`gangplank instance release` ends it).
 //!
-//! The IAM role of the instance profile is *not* in the signed document, so it is not part
-//! of the verified identity (policies cannot match on it yet).
+//! The IAM role of the instance profile is not in the signed document; it is proven
+//! separately, through STS `GetCallerIdentity` signed with the instance profile's
+//! credentials and bound to the challenge (see [`role`]). An instance without an instance
+//! profile still onboards, without the `iamRole` fact.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -38,6 +40,9 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::{Challenge, Error, Identity, Result, pkcs7};
+
+pub mod role;
+pub mod sigv4;
 
 /// Where IMDS answers on every EC2 instance.
 pub const DEFAULT_IMDS_URL: &str = "http://169.254.169.254";
@@ -113,6 +118,11 @@ pub struct Facts {
     /// The agent's public key (base64 SubjectPublicKeyInfo DER); empty in `policy explain`.
     #[serde(default, skip_serializing)]
     pub agent_public_key: String,
+    /// The instance profile's IAM role name, verified through STS; `None` when the instance
+    /// has no instance profile or the endpoint verifies no roles. The role's path is not
+    /// known (it is not in the assumed-role ARN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam_role: Option<String>,
 }
 
 fn unspecified() -> IpAddr {
@@ -148,6 +158,7 @@ impl Facts {
             ("aws-region", &self.region),
             ("aws-zone", &self.zone),
             ("aws-instance-id", &self.instance_id),
+            ("aws-iam-role", self.iam_role.as_ref().unwrap_or(&String::new())),
         ])
     }
 
@@ -188,6 +199,12 @@ pub enum ConfigError {
     Certificate {
         /// The region it was configured for.
         region: String,
+        /// What is wrong and what to change.
+        message: String,
+    },
+    /// The STS settings are unusable.
+    #[error("awsEc2.sts: {message}")]
+    Sts {
         /// What is wrong and what to change.
         message: String,
     },
@@ -252,6 +269,9 @@ impl Certificates {
 /// awsEc2:
 ///   firstJoinWindow: 15m                         # after pendingTime
 ///   certificates: {eu-north-1: /etc/gangplank/aws/eu-north-1.pem}   # add or replace regions
+///   sts:                                         # verifying instance profile IAM roles
+///     url: https://sts.{region}.amazonaws.com/   # {region}: the instance's region
+///     timeout: 10s
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -262,6 +282,48 @@ pub struct Settings {
     /// How long after `pendingTime` a first join is accepted (default 15m).
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub first_join_window: Option<Duration>,
+    /// How instance profile IAM roles are verified.
+    #[serde(default, skip_serializing_if = "StsSettings::is_default")]
+    pub sts: StsSettings,
+}
+
+/// `identities.awsEc2.sts`: the STS the endpoint verifies IAM role proofs with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StsSettings {
+    /// Verify IAM roles (default true). When false, agents send no role proof and no
+    /// identity has the `iamRole` fact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// The STS URL; `{region}` is replaced by the instance's region (default
+    /// `https://sts.{region}.amazonaws.com/`; e.g. `https://sts.{region}.amazonaws.com.cn/`
+    /// in China, a FIPS or VPC endpoint, or an emulator in tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// How long to wait for STS (default 10s).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+}
+
+impl StsSettings {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The URL template agents sign for (Discover's `aws_sts_url`), or `None` when role
+    /// verification is off.
+    pub fn url_template(&self) -> Option<&str> {
+        self.enabled
+            .unwrap_or(true)
+            .then(|| self.url.as_deref().unwrap_or(role::DEFAULT_STS_URL))
+    }
+
+    /// The STS client these settings describe, or `None` when role verification is off.
+    pub fn sts(&self) -> std::result::Result<Option<role::Sts>, ConfigError> {
+        self.url_template()
+            .map(|url| role::Sts::new(url, self.timeout.unwrap_or(role::DEFAULT_STS_TIMEOUT)))
+            .transpose()
+    }
 }
 
 impl Settings {
@@ -275,16 +337,24 @@ impl Settings {
             })?;
             certificates = certificates.with(region, &pem)?;
         }
-        Ok(Verifier::new(certificates, registry)
-            .with_first_join_window(self.first_join_window.unwrap_or(DEFAULT_FIRST_JOIN_WINDOW)))
+        let mut verifier = Verifier::new(certificates, registry)
+            .with_first_join_window(self.first_join_window.unwrap_or(DEFAULT_FIRST_JOIN_WINDOW));
+        if let Some(sts) = self.sts.sts()? {
+            verifier = verifier.with_sts(sts);
+        }
+        Ok(verifier)
     }
 }
 
-/// The credential payload: the document exactly as IMDS served it, and its signature.
+/// The credential payload: the document exactly as IMDS served it, its signature and,
+/// when the instance has an instance profile and the endpoint asked for it, the IAM role
+/// proof.
 #[derive(Serialize, Deserialize)]
 struct Payload {
     document: String,
     rsa2048: String,
+    #[serde(default, rename = "iamRole", skip_serializing_if = "Option::is_none")]
+    iam_role: Option<role::Proof>,
 }
 
 /// The fields of an instance identity document Gangplank uses.
@@ -318,6 +388,7 @@ pub struct Verifier {
     certificates: Certificates,
     registry: Arc<dyn Registry>,
     first_join_window: Duration,
+    sts: Option<role::Sts>,
 }
 
 impl fmt::Debug for Verifier {
@@ -325,6 +396,7 @@ impl fmt::Debug for Verifier {
         f.debug_struct("Verifier")
             .field("regions", &self.certificates)
             .field("first_join_window", &self.first_join_window)
+            .field("sts", &self.sts)
             .finish_non_exhaustive()
     }
 }
@@ -340,7 +412,15 @@ impl Verifier {
             certificates,
             registry,
             first_join_window: DEFAULT_FIRST_JOIN_WINDOW,
+            sts: None,
         }
+    }
+
+    /// Verifies IAM role proofs with `sts` (without it, role proofs are ignored and no
+    /// identity has a role).
+    pub fn with_sts(mut self, sts: role::Sts) -> Self {
+        self.sts = Some(sts);
+        self
     }
 
     /// Changes how long after `pendingTime` a first join is accepted.
@@ -404,6 +484,7 @@ impl Verifier {
             private_ip,
             pending_time: doc.pending_time,
             agent_public_key: String::new(),
+            iam_role: None,
         })
     }
 
@@ -520,6 +601,18 @@ impl crate::Verifier for Verifier {
                 )));
             }
         }
+        // Last, after every local check: the one network call. An STS the endpoint cannot
+        // reach leaves the role unverified (policies listing iamRoles then refuse) rather
+        // than refusing instances that no role policy needs; STS refusing the proof refuses.
+        if let (Some(sts), Some(proof)) = (&self.sts, &payload.iam_role) {
+            match sts.verify(proof, challenge, &facts).await {
+                Ok(role) => facts.iam_role = Some(role),
+                Err(Error::Unavailable(why)) => {
+                    tracing::warn!(instance = %facts.instance_id, "iam role not verified: {why}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
         facts.agent_public_key = presented;
         Ok(Identity {
             address: Some(facts.private_ip),
@@ -604,8 +697,9 @@ impl Provider {
         crate::detect::read_text(req, &url, "EC2 instance metadata (IMDSv2)").await
     }
 
-    /// The document and its signature, as IMDS serves them.
-    async fn document(&self) -> Result<Payload> {
+    /// The document and its signature as IMDS serves them and, when `challenge` asks for
+    /// one and the instance has an instance profile, the IAM role proof.
+    async fn payload(&self, challenge: &Challenge) -> Result<Payload> {
         let token = self.imds(reqwest::Method::PUT, "/latest/api/token", None).await?;
         let document = self
             .imds(
@@ -621,7 +715,78 @@ impl Provider {
                 Some(&token),
             )
             .await?;
-        Ok(Payload { document, rsa2048 })
+        // A broken instance profile costs the role fact, not the onboarding: policies that
+        // list iamRoles refuse the instance, the others still admit it.
+        let iam_role = if challenge.aws_sts_url.is_empty() {
+            None
+        } else {
+            self.role_proof(&token, &document, challenge)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!("sending no IAM role proof: {e}");
+                    None
+                })
+        };
+        Ok(Payload {
+            document,
+            rsa2048,
+            iam_role,
+        })
+    }
+
+    /// A `GetCallerIdentity` request for the endpoint's STS URL, signed with the instance
+    /// profile's credentials; `None` without an instance profile.
+    async fn role_proof(
+        &self,
+        token: &str,
+        document: &str,
+        challenge: &Challenge,
+    ) -> Result<Option<role::Proof>> {
+        const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";
+        let fail = |why: String| Error::Unavailable(format!("instance profile credentials: {why}"));
+        let url = format!("{}{CREDENTIALS}", self.metadata.base);
+        let req = self
+            .metadata
+            .client
+            .get(&url)
+            .header("X-aws-ec2-metadata-token", token);
+        let Some(roles) =
+            crate::detect::read_text_or_none(req, &url, "EC2 instance metadata (IMDSv2)").await?
+        else {
+            return Ok(None);
+        };
+        let Some(role) = roles.lines().map(str::trim).find(|l| !l.is_empty()) else {
+            return Ok(None);
+        };
+        if !role::is_role_name(role) {
+            return Err(fail(format!(
+                "IMDS names role {}, which is not an IAM role name",
+                crate::detect::shown(role)
+            )));
+        }
+        let json = self
+            .imds(reqwest::Method::GET, &format!("{CREDENTIALS}{role}"), Some(token))
+            .await?;
+        let credentials = serde_json::from_str::<role::ImdsCredentials>(&json)
+            .map_err(|e| fail(format!("IMDS answered with unexpected JSON ({e})")))?
+            .into_credentials()
+            .map_err(fail)?;
+        #[derive(Deserialize)]
+        struct Region {
+            region: String,
+        }
+        let region = serde_json::from_str::<Region>(document)
+            .map_err(|e| fail(format!("the instance identity document has no region ({e})")))?
+            .region;
+        let url = role::sts_url(&challenge.aws_sts_url, &region)
+            .map_err(|e| fail(format!("the endpoint's STS URL {e}")))?;
+        Ok(Some(role::sign(
+            &credentials,
+            &url,
+            &region,
+            &challenge.nonce,
+            OffsetDateTime::now_utc(),
+        )))
     }
 }
 
@@ -676,7 +841,7 @@ impl crate::Provider for Provider {
     }
 
     async fn credential(&self, challenge: &Challenge) -> Result<proto::Credential> {
-        let payload = self.document().await?;
+        let payload = self.payload(challenge).await?;
         let key = load_or_create_key(&self.key_path)?;
         let proof = openssl::sign::Signer::new_without_digest(&key)
             .and_then(|mut s| s.sign_oneshot_to_vec(&proof_message(challenge)))
@@ -822,6 +987,29 @@ mod tests {
         ) -> gangplank_registry::Result<gangplank_api::token::JoinToken> {
             unreachable!("document checks write nothing")
         }
+    }
+
+    #[test]
+    fn sts_settings_default_on_and_are_checked() {
+        let parse = |yaml: &str| serde_saphyr::from_str::<Settings>(yaml);
+        let defaults = parse("{}").expect("empty");
+        assert_eq!(defaults.sts.url_template(), Some(role::DEFAULT_STS_URL));
+        let china =
+            parse("sts: {url: \"https://sts.{region}.amazonaws.com.cn/\", timeout: 3s}").expect("china");
+        assert_eq!(
+            china.sts.url_template(),
+            Some("https://sts.{region}.amazonaws.com.cn/")
+        );
+        assert_eq!(china.sts.timeout, Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse("sts: {enabled: false}").expect("off").sts.url_template(),
+            None
+        );
+        assert!(parse("sts: {endpoint: x}").is_err(), "unknown fields are errors");
+
+        let bad = parse("sts: {url: \"ftp://sts.example/\"}").expect("parses");
+        let err = bad.verifier(Arc::new(NoRegistry)).expect_err("not http(s)");
+        assert!(err.to_string().starts_with("awsEc2.sts: url"), "{err}");
     }
 
     #[test]

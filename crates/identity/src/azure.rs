@@ -658,10 +658,12 @@ mod tests {
         let a = Challenge {
             plane_id: "p".into(),
             nonce: "n1".into(),
+            ..Default::default()
         };
         let b = Challenge {
             plane_id: "p".into(),
             nonce: "n2".into(),
+            ..Default::default()
         };
         assert_eq!(imds_nonce(&a).len(), 10);
         assert!(imds_nonce(&a).bytes().all(|c| c.is_ascii_digit()));

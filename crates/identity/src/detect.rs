@@ -262,12 +262,26 @@ pub(crate) fn metadata_client(timeout: Duration) -> Result<reqwest::Client> {
 
 /// Sends `req` and reads a short text body; the error names `what` and the URL.
 pub(crate) async fn read_text(req: reqwest::RequestBuilder, url: &str, what: &str) -> Result<String> {
+    read_text_or_none(req, url, what)
+        .await?
+        .ok_or_else(|| Error::Unavailable(format!("{what} at {url}: HTTP 404 Not Found")))
+}
+
+/// [`read_text`], with `None` for a 404 (a metadata path that does not apply here).
+pub(crate) async fn read_text_or_none(
+    req: reqwest::RequestBuilder,
+    url: &str,
+    what: &str,
+) -> Result<Option<String>> {
     let fail = |why: String| Error::Unavailable(format!("{what} at {url}: {why}"));
     let mut resp = req.send().await.map_err(|e| {
         fail(format!(
             "unreachable ({e}); is the agent running on this platform?"
         ))
     })?;
+    if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
     if !resp.status().is_success() {
         return Err(fail(format!("HTTP {}", resp.status())));
     }
@@ -278,7 +292,9 @@ pub(crate) async fn read_text(req: reqwest::RequestBuilder, url: &str, what: &st
             return Err(fail(format!("response larger than {MAX_RESPONSE} bytes")));
         }
     }
-    String::from_utf8(body).map_err(|_| fail("response is not UTF-8".into()))
+    String::from_utf8(body)
+        .map(Some)
+        .map_err(|_| fail("response is not UTF-8".into()))
 }
 
 /// A short, quoted, printable form of an untrusted value for an error message.

@@ -21,12 +21,16 @@ mod pkcs7;
 pub mod token;
 
 /// What an agent proves itself against: the plane it talks to and a fresh nonce.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Challenge {
     /// The onboarding plane's id; credentials are bound to it (JWT audience).
     pub plane_id: String,
     /// A single-use nonce from Discover.
     pub nonce: String,
+    /// Discover's `aws_sts_url`: the STS URL (`{region}` for the instance's region) an AWS
+    /// agent signs its IAM role proof for; empty when the plane verifies no IAM roles.
+    /// Verifiers never use it: the endpoint sends role proofs to its own configured STS.
+    pub aws_sts_url: String,
 }
 
 /// Verified facts about a workload, by platform.
@@ -132,11 +136,17 @@ impl fmt::Display for Identity {
                 t.id, t.namespace, t.workload_group
             ),
             Facts::Jwt(j) => write!(f, "jwt subject {:?} (issuer {})", j.subject, j.issuer),
-            Facts::Aws(a) => write!(
-                f,
-                "aws instance {} (account {}, region {}, zone {})",
-                a.instance_id, a.account, a.region, a.zone
-            ),
+            Facts::Aws(a) => {
+                write!(
+                    f,
+                    "aws instance {} (account {}, region {}, zone {}",
+                    a.instance_id, a.account, a.region, a.zone
+                )?;
+                match &a.iam_role {
+                    Some(role) => write!(f, ", iam role {role})"),
+                    None => f.write_str(")"),
+                }
+            }
             Facts::Gcp(g) => write!(
                 f,
                 "gcp instance {} (project {}, zone {}, service account {})",

@@ -11,14 +11,16 @@ use gangplank_api::istio::{WorkloadEntry, WorkloadEntrySpec};
 use gangplank_api::meta::ObjectMeta;
 use gangplank_api::names::{annotation, entry_name, label};
 use gangplank_api::{NamespacedName, kind, proto};
-use gangplank_identity::aws::{self, Certificates, Provider, Verifier};
+use gangplank_identity::aws::sigv4::Credentials;
+use gangplank_identity::aws::{self, Certificates, Provider, Verifier, role};
 use gangplank_identity::{Challenge, Facts, Identity, Provider as _, Verifier as _};
 use gangplank_registry::Registry as _;
 use gangplank_registry::dir::Registry;
-use gangplank_testkit::cloud::aws::{Imds, Instance, SigningKeys};
+use gangplank_testkit::cloud::aws::{Imds, Instance, SigningKeys, Sts};
 
 struct Setup {
     imds: Imds,
+    sts: Sts,
     registry: Registry,
     verifier: Verifier,
     dir: tempfile::TempDir,
@@ -39,11 +41,14 @@ async fn setup() -> Setup {
         })
         .expect("certificates");
     let imds = Imds::start(Instance::example(), keys).await.expect("imds");
+    let sts = Sts::start(imds.iam(), "us-east-1").await.expect("sts");
     let dir = tempfile::tempdir().expect("tempdir");
     let registry = Registry::open(dir.path().join("registry")).expect("registry");
-    let verifier = Verifier::new(certs, Arc::new(registry.clone()));
+    let verifier = Verifier::new(certs, Arc::new(registry.clone()))
+        .with_sts(role::Sts::new(&sts.url(), Duration::from_secs(5)).expect("sts client"));
     Setup {
         imds,
+        sts,
         registry,
         verifier,
         dir,
@@ -53,6 +58,14 @@ async fn setup() -> Setup {
 impl Setup {
     fn provider(&self, key_name: &str) -> Provider {
         Provider::new(Some(self.imds.url()), self.dir.path().join(key_name)).expect("provider")
+    }
+
+    /// A challenge from an endpoint that verifies IAM roles with the STS emulator.
+    fn role_challenge(&self, nonce: &str) -> Challenge {
+        Challenge {
+            aws_sts_url: self.sts.url(),
+            ..challenge(nonce)
+        }
     }
 
     /// Every file under the registry with its content: to show nothing was written.
@@ -105,6 +118,7 @@ fn challenge(nonce: &str) -> Challenge {
     Challenge {
         plane_id: "plane-1".into(),
         nonce: nonce.into(),
+        ..Default::default()
     }
 }
 
@@ -470,4 +484,302 @@ async fn imds_requires_a_session_token() {
         .expect("get");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.expect("body"), s.imds.instance().document());
+}
+
+/// The role proof in an aws credential's payload (JSON).
+fn role_proof(credential: &proto::Credential) -> serde_json::Value {
+    let payload: serde_json::Value = serde_json::from_slice(&credential.payload).expect("payload json");
+    payload["iamRole"].clone()
+}
+
+/// `credential` with its role proof replaced.
+fn with_role_proof(mut credential: proto::Credential, proof: serde_json::Value) -> proto::Credential {
+    let mut payload: serde_json::Value = serde_json::from_slice(&credential.payload).expect("payload json");
+    payload["iamRole"] = proof;
+    credential.payload = serde_json::to_vec(&payload).expect("json");
+    credential
+}
+
+#[tokio::test]
+async fn the_instance_profile_role_is_verified_through_sts() {
+    let s = setup().await;
+    let c = s.role_challenge("n1");
+    let credential = s.provider("a.key").credential(&c).await.expect("credential");
+
+    // The agent sends a signed request, never the secret key.
+    let session = s
+        .imds
+        .iam()
+        .sessions()
+        .pop()
+        .expect("IMDS issued role credentials");
+    let payload = String::from_utf8(credential.payload.clone()).expect("utf-8");
+    assert!(
+        !payload.contains(&session.secret_access_key),
+        "the secret key stays on the VM"
+    );
+    let proof = role_proof(&credential);
+    assert_eq!(proof["body"], role::GET_CALLER_IDENTITY);
+    assert_eq!(proof["headers"][role::NONCE_HEADER], "n1");
+
+    let before = s.snapshot();
+    let identity = s
+        .verifier
+        .verify(&credential, &c, &ratings())
+        .await
+        .expect("verified");
+    assert_eq!(s.snapshot(), before, "verify writes nothing");
+    assert_eq!(s.sts.requests(), 1, "one STS call");
+    let f = aws_facts(&identity);
+    assert_eq!(f.iam_role.as_deref(), Some("ratings"));
+    assert_eq!(
+        identity.labels()["onboarding.gangplank.dev/aws-iam-role"],
+        "ratings"
+    );
+    assert!(
+        identity.annotations()[aws::FACTS_ANNOTATION].contains("\"iamRole\":\"ratings\""),
+        "{:?}",
+        identity.annotations()
+    );
+    assert!(identity.to_string().ends_with("iam role ratings)"), "{identity}");
+}
+
+#[tokio::test]
+async fn without_an_instance_profile_the_instance_onboards_without_a_role() {
+    let s = setup().await;
+    s.imds
+        .set_instance(Instance::example().without_instance_profile());
+    let c = s.role_challenge("n1");
+    let credential = s.provider("a.key").credential(&c).await.expect("credential");
+    assert!(role_proof(&credential).is_null(), "no role proof without a role");
+    let identity = s
+        .verifier
+        .verify(&credential, &c, &ratings())
+        .await
+        .expect("verified");
+    assert_eq!(aws_facts(&identity).iam_role, None);
+    assert!(
+        !identity
+            .labels()
+            .contains_key("onboarding.gangplank.dev/aws-iam-role")
+    );
+    assert_eq!(s.sts.requests(), 0);
+}
+
+#[tokio::test]
+async fn an_endpoint_that_asks_for_no_role_gets_no_role_proof() {
+    let s = setup().await;
+    let c = challenge("n1");
+    let credential = s.provider("a.key").credential(&c).await.expect("credential");
+    assert!(role_proof(&credential).is_null());
+    let identity = s
+        .verifier
+        .verify(&credential, &c, &ratings())
+        .await
+        .expect("verified");
+    assert_eq!(aws_facts(&identity).iam_role, None);
+    assert_eq!(s.sts.requests(), 0);
+}
+
+/// Verifies `credential` against `c`, expecting a refusal containing `want` and nothing
+/// written; returns how many requests reached STS.
+async fn refused(s: &Setup, credential: &proto::Credential, c: &Challenge, want: &str) -> usize {
+    let before = s.snapshot();
+    let calls = s.sts.requests();
+    let err = s
+        .verifier
+        .verify(credential, c, &ratings())
+        .await
+        .expect_err(want);
+    assert!(err.to_string().contains(want), "want {want:?}, got: {err}");
+    assert_eq!(s.snapshot(), before, "{want}: nothing written");
+    s.sts.requests() - calls
+}
+
+#[tokio::test]
+async fn a_role_proof_signed_with_a_wrong_secret_is_refused_by_sts() {
+    let s = setup().await;
+    let c = s.role_challenge("n1");
+    let genuine = s.provider("a.key").credential(&c).await.expect("credential");
+    let session = s.imds.iam().sessions().pop().expect("session");
+    let forged = role::sign(
+        &Credentials {
+            access_key_id: session.access_key_id.clone(),
+            secret_access_key: "not-the-secret-IMDS-handed-out".into(),
+            session_token: Some(session.token.clone()),
+        },
+        &reqwest::Url::parse(&s.sts.url()).expect("url"),
+        "us-east-1",
+        "n1",
+        time::OffsetDateTime::now_utc(),
+    );
+    let credential = with_role_proof(genuine.clone(), serde_json::to_value(&forged).expect("json"));
+    let calls = refused(&s, &credential, &c, "SignatureDoesNotMatch").await;
+    assert_eq!(calls, 1, "STS decided");
+
+    // The genuine proof with a signed header altered after signing: STS refuses it too.
+    let mut altered = role_proof(&genuine);
+    altered["headers"]["x-amz-date"] = serde_json::json!(aws::sigv4::amz_date(
+        time::OffsetDateTime::now_utc() - time::Duration::minutes(1)
+    ));
+    let credential = with_role_proof(genuine, altered);
+    refused(&s, &credential, &c, "SignatureDoesNotMatch").await;
+}
+
+#[tokio::test]
+async fn a_role_proof_for_another_nonce_is_refused_without_calling_sts() {
+    let s = setup().await;
+    let provider = s.provider("a.key");
+    let first = provider
+        .credential(&s.role_challenge("n1"))
+        .await
+        .expect("credential");
+    let c2 = s.role_challenge("n2");
+    let second = provider.credential(&c2).await.expect("credential");
+    // A fresh agent-key proof for n2, carrying the role proof made for n1 (a replay).
+    let replayed = with_role_proof(second, role_proof(&first));
+    let calls = refused(&s, &replayed, &c2, "bound to another challenge").await;
+    assert_eq!(calls, 0, "refused before STS");
+}
+
+#[tokio::test]
+async fn a_role_proof_that_is_not_get_caller_identity_is_refused_without_calling_sts() {
+    let s = setup().await;
+    let c = s.role_challenge("n1");
+    let genuine = s.provider("a.key").credential(&c).await.expect("credential");
+    let cases = [
+        (
+            "body",
+            serde_json::json!("Action=AssumeRole&Version=2011-06-15&RoleArn=x"),
+            "not an STS GetCallerIdentity request",
+        ),
+        (
+            "headers",
+            serde_json::json!({"host": "x"}),
+            "has no authorization header",
+        ),
+    ];
+    for (field, value, want) in cases {
+        let mut proof = role_proof(&genuine);
+        proof[field] = value;
+        let calls = refused(&s, &with_role_proof(genuine.clone(), proof), &c, want).await;
+        assert_eq!(calls, 0, "{field}: refused before STS");
+    }
+    // Unsigned nonce, and an extra header the endpoint would not forward.
+    let mut proof = role_proof(&genuine);
+    let auth = proof["headers"]["authorization"]
+        .as_str()
+        .expect("auth")
+        .replace(";x-gangplank-nonce", "");
+    proof["headers"]["authorization"] = serde_json::json!(auth);
+    refused(
+        &s,
+        &with_role_proof(genuine.clone(), proof),
+        &c,
+        "does not sign the x-gangplank-nonce header",
+    )
+    .await;
+    let mut proof = role_proof(&genuine);
+    proof["headers"]["content-type"] = serde_json::json!("text/plain\r\nx-forwarded-for: 10.0.0.1");
+    refused(
+        &s,
+        &with_role_proof(genuine.clone(), proof),
+        &c,
+        "not a printable ASCII value",
+    )
+    .await;
+    let mut proof = role_proof(&genuine);
+    proof["headers"]["x-forwarded-for"] = serde_json::json!("10.0.0.1");
+    refused(&s, &with_role_proof(genuine, proof), &c, "not forwarded to STS").await;
+    assert_eq!(s.sts.requests(), 0);
+}
+
+#[tokio::test]
+async fn credentials_of_another_instance_are_refused() {
+    let s = setup().await;
+    s.imds
+        .hand_out_credentials_of("123456789012", "i-0fffffffffffffff0");
+    let c = s.role_challenge("n1");
+    let credential = s.provider("a.key").credential(&c).await.expect("credential");
+    let calls = refused(&s, &credential, &c, "belong to another machine").await;
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn credentials_of_another_account_are_refused() {
+    let s = setup().await;
+    s.imds
+        .hand_out_credentials_of("999999999999", "i-0abc1234def567890");
+    let c = s.role_challenge("n1");
+    let credential = s.provider("a.key").credential(&c).await.expect("credential");
+    refused(
+        &s,
+        &credential,
+        &c,
+        "credentials from another account are refused",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn expired_role_credentials_are_refused_by_sts() {
+    let s = setup().await;
+    let c = s.role_challenge("n1");
+    let credential = s.provider("a.key").credential(&c).await.expect("credential");
+    s.imds.iam().expire_all();
+    refused(&s, &credential, &c, "ExpiredToken").await;
+}
+
+#[tokio::test]
+async fn an_unreachable_sts_leaves_the_role_unverified() {
+    let s = setup().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let closed = format!("http://{}/", listener.local_addr().expect("addr"));
+    drop(listener);
+    let verifier = setup_window(&s, Duration::from_secs(900))
+        .with_sts(role::Sts::new(&closed, Duration::from_secs(2)).expect("sts client"));
+    let c = Challenge {
+        aws_sts_url: closed,
+        ..challenge("n1")
+    };
+    let credential = s.provider("a.key").credential(&c).await.expect("credential");
+    let identity = verifier
+        .verify(&credential, &c, &ratings())
+        .await
+        .expect("still verified");
+    assert_eq!(aws_facts(&identity).iam_role, None, "no role without STS's word");
+}
+
+#[tokio::test]
+async fn imds_serves_role_credentials_only_with_a_session_token() {
+    let s = setup().await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/latest/meta-data/iam/security-credentials/", s.imds.url());
+    assert_eq!(client.get(&url).send().await.expect("get").status(), 401);
+    assert_eq!(
+        client
+            .get(format!("{url}ratings"))
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        401
+    );
+}
+
+#[tokio::test]
+async fn a_broken_instance_profile_costs_the_role_not_the_onboarding() {
+    let s = setup().await;
+    let mut instance = Instance::example();
+    instance.iam_role = Some("not a role name!".into());
+    s.imds.set_instance(instance);
+    let c = s.role_challenge("n1");
+    let credential = s.provider("a.key").credential(&c).await.expect("credential");
+    assert!(role_proof(&credential).is_null(), "no role proof");
+    let identity = s
+        .verifier
+        .verify(&credential, &c, &ratings())
+        .await
+        .expect("verified");
+    assert_eq!(aws_facts(&identity).iam_role, None);
 }

@@ -13,6 +13,7 @@ fn challenge(nonce: &str) -> Challenge {
     Challenge {
         plane_id: "plane-1".into(),
         nonce: nonce.into(),
+        ..Default::default()
     }
 }
 

@@ -81,6 +81,7 @@ async fn the_platform_provider_detects_once_and_obtains_that_platform_s_credenti
     let c = Challenge {
         plane_id: "plane-1".into(),
         nonce: "n".into(),
+        ..Default::default()
     };
     let credential = provider.credential(&c).await.expect("credential");
     assert_eq!(credential.kind, gangplank_api::kind::GCP_GCE);

@@ -15,6 +15,7 @@ fn challenge(plane: &str) -> Challenge {
     Challenge {
         plane_id: plane.into(),
         nonce: "n1".into(),
+        ..Default::default()
     }
 }
 

@@ -74,6 +74,7 @@ async fn verifier_trait_returns_a_jwt_identity() {
     let challenge = Challenge {
         plane_id: PLANE.into(),
         nonce: "n".into(),
+        ..Default::default()
     };
     let group = NamespacedName::new("bookinfo", "ratings");
     let identity = s
@@ -331,6 +332,7 @@ fn challenge() -> Challenge {
     Challenge {
         plane_id: PLANE.into(),
         nonce: "n".into(),
+        ..Default::default()
     }
 }
 

@@ -207,6 +207,7 @@ async fn provider_reads_and_trims_the_file() {
     let challenge = Challenge {
         plane_id: "p".into(),
         nonce: "n".into(),
+        ..Default::default()
     };
     let c = provider.credential(&challenge).await.expect("credential");
     assert_eq!(c.kind, kind::JOIN_TOKEN);

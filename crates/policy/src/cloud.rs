@@ -58,6 +58,13 @@ fn validate_aws(aws: &AwsMatcher, at: &str, problems: &mut Vec<String>) {
     empties(at, "regions", &aws.regions, problems);
     empties(at, "zones", &aws.zones, problems);
     empties(at, "instanceIds", &aws.instance_ids, problems);
+    for (i, role) in aws.iam_roles.iter().enumerate() {
+        if !gangplank_identity::aws::role::is_role_name(role) {
+            problems.push(format!(
+                "{at}.iamRoles[{i}] {role:?} is not an IAM role name: give the role's name (1-64 of A-Za-z0-9+=,.@_-), without its path or ARN"
+            ));
+        }
+    }
 }
 
 fn empties(at: &str, field: &str, values: &[String], problems: &mut Vec<String>) {
@@ -77,6 +84,16 @@ fn one_of(fact: &str, value: &str, allowed: &[String]) -> Result<(), String> {
     }
 }
 
+/// Like [`one_of`] for a fact the identity may lack: a non-empty list never allows a
+/// missing value.
+fn one_of_verified(fact: &str, value: Option<&str>, allowed: &[String]) -> Result<(), String> {
+    match value {
+        Some(v) => one_of(fact, v, allowed),
+        None if allowed.is_empty() => Ok(()),
+        None => Err(format!("{fact} (none verified) not in [{}]", allowed.join(", "))),
+    }
+}
+
 /// Whether a cloud matcher matches `identity`; the error names the unmatched facts.
 pub(crate) fn matcher_result(m: &WorkloadMatcher, identity: &Identity, got: &str) -> Result<(), String> {
     match (&m.aws, &m.gcp, &m.azure, &identity.facts) {
@@ -87,6 +104,7 @@ pub(crate) fn matcher_result(m: &WorkloadMatcher, identity: &Identity, got: &str
                 one_of("aws region", &f.region, &w.regions),
                 one_of("aws zone", &f.zone, &w.zones),
                 one_of("aws instance id", &f.instance_id, &w.instance_ids),
+                one_of_verified("aws iam role", f.iam_role.as_deref(), &w.iam_roles),
             ]
             .into_iter()
             .filter_map(Result::err)
@@ -137,7 +155,7 @@ fn all(fails: Vec<String>) -> Result<(), String> {
 pub(crate) fn facts_line(identity: &Identity) -> Option<String> {
     match &identity.facts {
         Facts::Aws(f) => Some(format!(
-            "partition={} account={} region={} zone={} instanceId={} imageId={} instanceType={} privateIp={}",
+            "partition={} account={} region={} zone={} instanceId={} imageId={} instanceType={} privateIp={} iamRole={}",
             f.partition,
             f.account,
             f.region,
@@ -145,7 +163,8 @@ pub(crate) fn facts_line(identity: &Identity) -> Option<String> {
             f.instance_id,
             f.image_id,
             f.instance_type,
-            f.private_ip
+            f.private_ip,
+            f.iam_role.as_deref().unwrap_or("(none)")
         )),
         Facts::Gcp(f) => Some(format!(
             "project={} projectNumber={} zone={} instanceName={} instanceId={} serviceAccount={}",
@@ -177,6 +196,7 @@ mod tests {
                 private_ip: "10.0.0.7".parse().unwrap(),
                 pending_time: "2026-01-01T00:00:00Z".into(),
                 agent_public_key: String::new(),
+                iam_role: Some("ratings".into()),
             }),
             address: None,
         }
@@ -205,6 +225,59 @@ mod tests {
             err,
             "aws account 123456789012 not in [111122223333] and aws zone us-east-1a not in [us-east-1b]"
         );
+    }
+
+    fn with_roles(mut m: WorkloadMatcher, roles: &[&str]) -> WorkloadMatcher {
+        if let Some(aws) = m.aws.as_mut() {
+            aws.iam_roles = roles.iter().map(|s| s.to_string()).collect();
+        }
+        m
+    }
+
+    #[test]
+    fn aws_iam_roles_match_only_a_verified_role() {
+        let id = aws_identity("123456789012", "us-east-1a");
+        let m = with_roles(aws(&["123456789012"], &[]), &["reviews", "ratings"]);
+        assert_eq!(matcher_result(&m, &id, "VM on AWS EC2"), Ok(()));
+        let other = with_roles(aws(&["123456789012"], &[]), &["reviews"]);
+        assert_eq!(
+            matcher_result(&other, &id, "VM on AWS EC2"),
+            Err("aws iam role ratings not in [reviews]".into())
+        );
+
+        // Without a verified role (no instance profile, or roles not verified), a matcher
+        // listing roles never matches, and one listing none still does.
+        let mut no_role = id.clone();
+        if let Facts::Aws(f) = &mut no_role.facts {
+            f.iam_role = None;
+        }
+        assert_eq!(
+            matcher_result(&m, &no_role, "VM on AWS EC2"),
+            Err("aws iam role (none verified) not in [reviews, ratings]".into())
+        );
+        assert_eq!(
+            matcher_result(&aws(&["123456789012"], &[]), &no_role, "VM on AWS EC2"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn aws_iam_roles_are_role_names() {
+        let mut problems = Vec::new();
+        let m = with_roles(
+            aws(&["123456789012"], &[]),
+            &[
+                "ratings",
+                "arn:aws:iam::123456789012:role/ratings",
+                "team/ratings",
+                "",
+            ],
+        );
+        validate(&m, "w", &mut problems);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].starts_with("w.aws.iamRoles[1]"), "{problems:?}");
+        assert!(problems[1].starts_with("w.aws.iamRoles[2]"), "{problems:?}");
+        assert!(problems[2].contains("without its path or ARN"), "{problems:?}");
     }
 
     #[test]

@@ -92,7 +92,7 @@ fn workload_matcher() -> Value {
         "properties": {
             "jwt": jwt,
             "joinToken": {"type": "object", "properties": {"ids": strings()}},
-            "aws": cloud("accounts", &["partitions", "regions", "zones", "instanceIds"]),
+            "aws": cloud("accounts", &["partitions", "regions", "zones", "instanceIds", "iamRoles"]),
             "gcp": cloud("projects", &["zones", "serviceAccounts", "instanceNames"]),
             "azure": cloud("subscriptions", &["vmIds"]),
         },

@@ -66,6 +66,7 @@ fn full_policy() -> OnboardingPolicy {
                             regions: vec!["us-east-1".into()],
                             zones: vec!["us-east-1a".into()],
                             instance_ids: vec!["i-0abc".into()],
+                            iam_roles: vec!["ratings".into()],
                         }),
                         ..Default::default()
                     },

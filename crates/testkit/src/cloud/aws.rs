@@ -6,7 +6,9 @@
 //! pretty-printed JSON document and `/latest/dynamic/instance-identity/rsa2048` its PKCS#7
 //! signature, base64 without PEM armour, content attached, no certificates inside — signed
 //! with a per-region test key ([`SigningKeys`]) whose certificate the verifier is configured
-//! to trust. `/latest/meta-data/iam/info` gives the instance profile.
+//! to trust. `/latest/meta-data/iam/info` gives the instance profile, and
+//! `/latest/meta-data/iam/security-credentials/[<role>]` its role and temporary
+//! credentials, which the STS emulator ([`Sts`]) knows through the shared [`Iam`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -25,6 +27,9 @@ use openssl::pkey::{PKey, Private};
 use openssl::stack::Stack;
 use openssl::x509::X509;
 use tokio::task::JoinHandle;
+
+mod sts;
+pub use sts::{Iam, Session, Sts};
 
 /// A region's test signing key and self-signed certificate (like AWS's real ones).
 #[derive(Clone)]
@@ -120,6 +125,8 @@ pub struct Instance {
     pub pending_time: String,
     /// The instance profile ARN in `iam/info`, if any.
     pub instance_profile_arn: Option<String>,
+    /// The instance profile's role name in `iam/security-credentials/`, if any.
+    pub iam_role: Option<String>,
 }
 
 impl Instance {
@@ -133,7 +140,15 @@ impl Instance {
             private_ip: "10.0.1.7".into(),
             pending_time: rfc3339(super::now()),
             instance_profile_arn: Some("arn:aws:iam::123456789012:instance-profile/ratings".into()),
+            iam_role: Some("ratings".into()),
         }
+    }
+
+    /// The same instance without an instance profile (no role, no credentials).
+    pub fn without_instance_profile(mut self) -> Self {
+        self.instance_profile_arn = None;
+        self.iam_role = None;
+        self
     }
 
     /// The same instance with `pendingTime` `seconds_ago` seconds in the past.
@@ -168,6 +183,9 @@ struct Shared {
     keys: SigningKeys,
     tokens: Mutex<HashMap<String, Instant>>,
     next_token: Mutex<u64>,
+    iam: Iam,
+    /// `(account, session name)` of the role credentials handed out, when not the instance's.
+    credentials_of: Mutex<Option<(String, String)>>,
 }
 
 /// A running IMDSv2 emulator. Stops when dropped.
@@ -204,12 +222,19 @@ impl Imds {
             keys,
             tokens: Mutex::new(HashMap::new()),
             next_token: Mutex::new(0),
+            iam: Iam::default(),
+            credentials_of: Mutex::new(None),
         });
         let router = axum::Router::new()
             .route("/latest/api/token", put(token))
             .route("/latest/dynamic/instance-identity/document", get(document))
             .route("/latest/dynamic/instance-identity/rsa2048", get(rsa2048))
             .route("/latest/meta-data/iam/info", get(iam_info))
+            .route("/latest/meta-data/iam/security-credentials/", get(roles))
+            .route(
+                "/latest/meta-data/iam/security-credentials/{role}",
+                get(role_credentials),
+            )
             .with_state(shared.clone());
         let (addr, task) = super::serve(router).await?;
         Ok(Self { shared, addr, task })
@@ -233,6 +258,17 @@ impl Imds {
     /// The signing keys.
     pub fn keys(&self) -> &SigningKeys {
         &self.shared.keys
+    }
+
+    /// The sessions behind the role credentials this IMDS hands out: give it to [`Sts`].
+    pub fn iam(&self) -> Iam {
+        self.shared.iam.clone()
+    }
+
+    /// Hands out role credentials as another instance (`instance_id`) of `account` would
+    /// get them: a machine that copied them, or a forged IMDS.
+    pub fn hand_out_credentials_of(&self, account: &str, instance_id: &str) {
+        *lock(&self.shared.credentials_of) = Some((account.to_string(), instance_id.to_string()));
     }
 }
 
@@ -298,4 +334,48 @@ async fn iam_info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Resp
         .into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+async fn roles(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(r) = rejection_session(&shared, &headers) {
+        return r;
+    }
+    match lock(&shared.instance).iam_role.clone() {
+        Some(role) => role.into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn role_credentials(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(role): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = rejection_session(&shared, &headers) {
+        return r;
+    }
+    let instance = lock(&shared.instance).clone();
+    if instance.iam_role.as_deref() != Some(role.as_str()) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let (account, session_name) = lock(&shared.credentials_of)
+        .clone()
+        .unwrap_or((instance.account_id.clone(), instance.instance_id.clone()));
+    // Like EC2: the instance profile's role, assumed with the instance id as session name.
+    let arn = format!("arn:aws:sts::{account}:assumed-role/{role}/{session_name}");
+    let session = match shared.iam.issue(&arn, &account, Duration::from_secs(6 * 3600)) {
+        Ok(s) => s,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    serde_json::json!({
+        "Code": "Success",
+        "LastUpdated": rfc3339(super::now()),
+        "Type": "AWS-HMAC",
+        "AccessKeyId": session.access_key_id,
+        "SecretAccessKey": session.secret_access_key,
+        "Token": session.token,
+        "Expiration": rfc3339(super::now() + 6 * 3600),
+    })
+    .to_string()
+    .into_response()
 }

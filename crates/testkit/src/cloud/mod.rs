@@ -1,7 +1,9 @@
 //! Local emulators of the cloud metadata services, serving their real wire format on
 //! `127.0.0.1:0` (plain HTTP, like the real link-local services), signing with test keys.
 //!
-//! - [`aws::Imds`]: EC2 IMDSv2 (session tokens, instance identity document, RSA-2048 PKCS#7);
+//! - [`aws::Imds`]: EC2 IMDSv2 (session tokens, instance identity document, RSA-2048 PKCS#7,
+//!   instance profile role credentials), and [`aws::Sts`]: STS `GetCallerIdentity`,
+//!   authenticating SigV4 with the credentials IMDS handed out;
 //! - [`gcp::MetadataServer`]: the GCE metadata server's identity tokens and a JWKS;
 //! - [`azure::Imds`]: Azure IMDS attested data (PKCS#7 by a `metadata.azure.com` test chain).
 //!
