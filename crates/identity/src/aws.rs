@@ -60,10 +60,23 @@ const PROOF_CONTEXT: &[u8] = b"gangplank aws-ec2 onboarding proof v1";
 
 /// The certificates built in: AWS's published RSA-2048 certificates, by region.
 const BUILTIN: &[(&str, &str)] = &[
+    ("af-south-1", include_str!("../data/aws/rsa2048/af-south-1.pem")),
+    ("ap-east-1", include_str!("../data/aws/rsa2048/ap-east-1.pem")),
+    ("ap-east-2", include_str!("../data/aws/rsa2048/ap-east-2.pem")),
     (
         "ap-northeast-1",
         include_str!("../data/aws/rsa2048/ap-northeast-1.pem"),
     ),
+    (
+        "ap-northeast-2",
+        include_str!("../data/aws/rsa2048/ap-northeast-2.pem"),
+    ),
+    (
+        "ap-northeast-3",
+        include_str!("../data/aws/rsa2048/ap-northeast-3.pem"),
+    ),
+    ("ap-south-1", include_str!("../data/aws/rsa2048/ap-south-1.pem")),
+    ("ap-south-2", include_str!("../data/aws/rsa2048/ap-south-2.pem")),
     (
         "ap-southeast-1",
         include_str!("../data/aws/rsa2048/ap-southeast-1.pem"),
@@ -73,17 +86,77 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../data/aws/rsa2048/ap-southeast-2.pem"),
     ),
     (
+        "ap-southeast-3",
+        include_str!("../data/aws/rsa2048/ap-southeast-3.pem"),
+    ),
+    (
+        "ap-southeast-4",
+        include_str!("../data/aws/rsa2048/ap-southeast-4.pem"),
+    ),
+    (
+        "ap-southeast-5",
+        include_str!("../data/aws/rsa2048/ap-southeast-5.pem"),
+    ),
+    (
+        "ap-southeast-6",
+        include_str!("../data/aws/rsa2048/ap-southeast-6.pem"),
+    ),
+    (
+        "ap-southeast-7",
+        include_str!("../data/aws/rsa2048/ap-southeast-7.pem"),
+    ),
+    (
         "ca-central-1",
         include_str!("../data/aws/rsa2048/ca-central-1.pem"),
+    ),
+    ("ca-west-1", include_str!("../data/aws/rsa2048/ca-west-1.pem")),
+    ("cn-north-1", include_str!("../data/aws/rsa2048/cn-north-1.pem")),
+    (
+        "cn-northwest-1",
+        include_str!("../data/aws/rsa2048/cn-northwest-1.pem"),
     ),
     (
         "eu-central-1",
         include_str!("../data/aws/rsa2048/eu-central-1.pem"),
     ),
+    (
+        "eu-central-2",
+        include_str!("../data/aws/rsa2048/eu-central-2.pem"),
+    ),
+    ("eu-north-1", include_str!("../data/aws/rsa2048/eu-north-1.pem")),
+    ("eu-south-1", include_str!("../data/aws/rsa2048/eu-south-1.pem")),
+    ("eu-south-2", include_str!("../data/aws/rsa2048/eu-south-2.pem")),
     ("eu-west-1", include_str!("../data/aws/rsa2048/eu-west-1.pem")),
+    ("eu-west-2", include_str!("../data/aws/rsa2048/eu-west-2.pem")),
+    ("eu-west-3", include_str!("../data/aws/rsa2048/eu-west-3.pem")),
+    (
+        "eusc-de-east-1",
+        include_str!("../data/aws/rsa2048/eusc-de-east-1.pem"),
+    ),
+    (
+        "il-central-1",
+        include_str!("../data/aws/rsa2048/il-central-1.pem"),
+    ),
+    (
+        "me-central-1",
+        include_str!("../data/aws/rsa2048/me-central-1.pem"),
+    ),
+    ("me-south-1", include_str!("../data/aws/rsa2048/me-south-1.pem")),
+    (
+        "mx-central-1",
+        include_str!("../data/aws/rsa2048/mx-central-1.pem"),
+    ),
     ("sa-east-1", include_str!("../data/aws/rsa2048/sa-east-1.pem")),
     ("us-east-1", include_str!("../data/aws/rsa2048/us-east-1.pem")),
     ("us-east-2", include_str!("../data/aws/rsa2048/us-east-2.pem")),
+    (
+        "us-gov-east-1",
+        include_str!("../data/aws/rsa2048/us-gov-east-1.pem"),
+    ),
+    (
+        "us-gov-west-1",
+        include_str!("../data/aws/rsa2048/us-gov-west-1.pem"),
+    ),
     ("us-west-1", include_str!("../data/aws/rsa2048/us-west-1.pem")),
     ("us-west-2", include_str!("../data/aws/rsa2048/us-west-2.pem")),
 ];
@@ -186,6 +259,8 @@ pub fn partition(region: &str) -> &'static str {
         "aws-us-gov"
     } else if region.starts_with("us-iso") {
         "aws-iso"
+    } else if region.starts_with("eusc-") {
+        "aws-eusc"
     } else {
         "aws"
     }
@@ -296,8 +371,8 @@ pub struct StsSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// The STS URL; `{region}` is replaced by the instance's region (default
-    /// `https://sts.{region}.amazonaws.com/`; e.g. `https://sts.{region}.amazonaws.com.cn/`
-    /// in China, a FIPS or VPC endpoint, or an emulator in tests).
+    /// `https://sts.{region}.amazonaws.com/`, `…amazonaws.com.cn/` for China's regions; set
+    /// it for a FIPS or VPC endpoint, or an emulator in tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// How long to wait for STS (default 10s).
@@ -868,6 +943,50 @@ mod tests {
         assert_eq!(certs.regions().count(), BUILTIN.len());
     }
 
+    /// Each built-in certificate is AWS's self-signed RSA-2048 one, and is the very one the
+    /// provenance table in data/README.md records (region and DER SHA-256), so the table and
+    /// the files cannot drift apart.
+    #[test]
+    fn builtin_certificates_are_the_ones_data_readme_records() {
+        let readme = include_str!("../data/README.md");
+        let recorded: BTreeMap<&str, &str> = readme
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                (cells.len() == 6 && cells[3].len() == 64).then(|| (cells[1], cells[3]))
+            })
+            .collect();
+        assert_eq!(recorded.len(), BUILTIN.len(), "{recorded:?}");
+        for (region, pem) in BUILTIN {
+            let cert = X509::from_pem(pem.as_bytes()).expect(region);
+            let subject: Vec<String> = cert
+                .subject_name()
+                .entries()
+                .map(|e| e.data().as_utf8().map(|s| s.to_string()).unwrap_or_default())
+                .collect();
+            assert_eq!(
+                subject,
+                ["US", "Washington State", "Seattle", "Amazon Web Services LLC"],
+                "{region}"
+            );
+            let key = cert.public_key().expect(region);
+            assert_eq!((key.id(), key.bits()), (Id::RSA, 2048), "{region}");
+            assert!(cert.verify(&key).expect(region), "{region} is not self-signed");
+            let digest = cert.digest(openssl::hash::MessageDigest::sha256()).expect(region);
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(recorded.get(region), Some(&hex.as_str()), "{region}");
+            assert_eq!(
+                recorded.get(region).map(|_| partition(region)),
+                readme
+                    .lines()
+                    .find(|l| l.starts_with(&format!("| {region} |")))
+                    .and_then(|l| l.split('|').nth(2))
+                    .map(str::trim),
+                "{region}"
+            );
+        }
+    }
+
     /// A real document and RSA-2048 signature from an EC2 instance in ap-southeast-2 (see
     /// data/README.md), verified with the built-in certificate AWS publishes for that region.
     #[test]
@@ -1017,5 +1136,6 @@ mod tests {
         assert_eq!(partition("us-east-1"), "aws");
         assert_eq!(partition("cn-north-1"), "aws-cn");
         assert_eq!(partition("us-gov-west-1"), "aws-us-gov");
+        assert_eq!(partition("eusc-de-east-1"), "aws-eusc");
     }
 }

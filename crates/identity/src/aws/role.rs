@@ -76,8 +76,13 @@ impl fmt::Debug for Proof {
     }
 }
 
-/// The STS URL for `region` from `template`; `{region}` is replaced.
+/// The STS URL for `region` from `template`; `{region}` is replaced. The default template
+/// follows the partition's domain (`amazonaws.com.cn` in China).
 pub fn sts_url(template: &str, region: &str) -> std::result::Result<Url, String> {
+    let template = match (template, super::partition(region)) {
+        (DEFAULT_STS_URL, "aws-cn") => "https://sts.{region}.amazonaws.com.cn/",
+        (t, _) => t,
+    };
     let url = Url::parse(&template.replace(REGION_PLACEHOLDER, region))
         .map_err(|e| format!("{template:?} is not a URL: {e}"))?;
     if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
@@ -455,6 +460,8 @@ mod tests {
     fn urls_fill_the_region_and_the_global_endpoint_signs_for_us_east_1() {
         let url = sts_url(DEFAULT_STS_URL, "eu-west-1").expect("url");
         assert_eq!(url.as_str(), "https://sts.eu-west-1.amazonaws.com/");
+        let china = sts_url(DEFAULT_STS_URL, "cn-north-1").expect("url");
+        assert_eq!(china.as_str(), "https://sts.cn-north-1.amazonaws.com.cn/");
         assert_eq!(signing_region(&url, "eu-west-1"), "eu-west-1");
         let global = sts_url("https://sts.amazonaws.com", "eu-west-1").expect("url");
         assert_eq!(signing_region(&global, "eu-west-1"), "us-east-1");
