@@ -962,7 +962,7 @@ mod tests {
             let subject: Vec<String> = cert
                 .subject_name()
                 .entries()
-                .map(|e| e.data().as_utf8().map(|s| s.to_string()).unwrap_or_default())
+                .map(|e| e.data().to_string().unwrap_or_default())
                 .collect();
             assert_eq!(
                 subject,
