@@ -440,6 +440,15 @@ async fn two_replicas_behind_a_service_failover_keeps_returning_agents_and_remov
         );
     }
 
+    // Every sidecar has reported its health (the first report is a write of its own).
+    for e in [stays_entry, goes_entry, other_entry] {
+        let healthy = until(WAIT, || {
+            let entry = server.object("networking.istio.io", "workloadentries", "bookinfo", e)?;
+            (entry["status"]["conditions"][0]["status"] == "True").then_some(())
+        });
+        assert!(healthy.is_some(), "{e} never reported healthy");
+    }
+
     // A dies without a word, and so does one of its VMs; A leaves the Service's endpoints.
     server.reset_writes();
     a.signal("KILL");
