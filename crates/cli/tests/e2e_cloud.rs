@@ -121,8 +121,17 @@ async fn aws_onboards_and_a_copied_document_from_a_second_agent_is_refused() {
         "no instance profile, no role"
     );
 
-    // A second machine presenting the same (copied) document, with its own key.
-    let before = mesh.entry_files();
+    // A second machine presenting the same (copied) document, with its own key. (The first
+    // agent's health report is its last write; once it is in, the registry stays still.)
+    let reported = gangplank_testkit::process::until(WAIT, || {
+        let files = mesh.entry_contents();
+        files
+            .iter()
+            .any(|(_, b)| String::from_utf8_lossy(b).contains("Healthy"))
+            .then_some(())
+    });
+    assert!(reported.is_some(), "the first agent never reported its health");
+    let before = mesh.entry_contents();
     let key_b = mesh.root().join("vm-b-key.pem");
     let mut copy = Vm::start(
         &mesh,
@@ -135,7 +144,7 @@ async fn aws_onboards_and_a_copied_document_from_a_second_agent_is_refused() {
         copy.read("sidecar.env").is_none(),
         "the copy never starts a sidecar"
     );
-    assert_eq!(mesh.entry_files(), before, "nothing written");
+    assert!(mesh.entry_contents() == before, "nothing written");
     let entries = mesh.entries().await;
     assert_eq!(entries.len(), 1);
     assert_eq!(

@@ -270,11 +270,29 @@ identities:
     }
 
     /// Files under the registry that are WorkloadEntries (what istiod would read).
+    /// The registry's WorkloadEntry files (not the hidden temp files of a write in flight,
+    /// which the registry ignores).
     pub fn entry_files(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         walk(&self.root().join("registry"), &mut out);
-        out.retain(|p| p.to_string_lossy().contains("/workloadentries/"));
+        out.retain(|p| {
+            p.to_string_lossy().contains("/workloadentries/")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        });
         out
+    }
+
+    /// Every WorkloadEntry file with its bytes, to show that nothing was written.
+    pub fn entry_contents(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        self.entry_files()
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap_or_default();
+                (p, bytes)
+            })
+            .collect()
     }
 
     pub async fn client(
