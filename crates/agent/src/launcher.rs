@@ -991,14 +991,8 @@ ISTIO_INBOUND_PORTS='8080'
     }
 
     async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (timeout, every) = (Duration::from_secs(10), Duration::from_millis(10));
+        gangplank_testkit::process::eventually(what, timeout, every, || std::future::ready(cond())).await;
     }
 
     #[tokio::test]

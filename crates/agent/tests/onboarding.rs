@@ -421,12 +421,9 @@ async fn wait_connected(status: &mut watch::Receiver<Status>) -> Status {
 }
 
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        // The clock is paused: this advances virtual time, it does not wait.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The clock is paused: the polls advance virtual time, they do not wait.
+    let (timeout, every) = (Duration::from_secs(600), Duration::from_millis(100));
+    gangplank_testkit::process::eventually(what, timeout, every, || std::future::ready(f())).await;
 }
 
 #[tokio::test(start_paused = true)]

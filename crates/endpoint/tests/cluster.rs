@@ -110,15 +110,13 @@ async fn root_cert_and_mesh_config_come_from_the_configmaps() {
     )
     .await
     .unwrap();
-    let mut seen = Vec::new();
-    for _ in 0..100 {
-        seen = source.root_cert("bookinfo").await.unwrap();
-        if seen == rotated.as_bytes() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(String::from_utf8(seen).unwrap(), rotated);
+    gangplank_testkit::process::eventually(
+        "the rotated root certificate",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async { source.root_cert("bookinfo").await.unwrap() == rotated.as_bytes() },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -212,19 +212,12 @@ async fn install_crds(client: &kube::Client) {
 
 /// Polls `check` until it holds or [`CATCH_UP`] passes (caches and the garbage collector are
 /// asynchronous on a real cluster).
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + CATCH_UP;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gangplank_testkit::process::eventually(what, CATCH_UP, Duration::from_millis(20), check).await;
 }
 
 fn sha(secret: &str) -> String {

@@ -145,6 +145,25 @@ pub fn until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Opti
     }
 }
 
+/// Polls the async `check` every `every` until it holds; panics naming `what` after
+/// `timeout`. Uses tokio's clock, so under a paused clock the polls advance virtual time
+/// instead of waiting. For state that changes asynchronously with no event to await (a
+/// watch cache, a garbage collector, a child process).
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, every: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Whether a process with this pid exists.
 pub fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
