@@ -981,31 +981,12 @@ fn read(file: &Path) -> Result<String> {
 }
 
 fn parse_yaml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T> {
-    let mut field = String::new();
-    serde_saphyr::with_deserializer_from_str(text, |d| {
-        serde_path_to_error::deserialize(d).map_err(|e| {
-            field = e.path().to_string();
-            e.into_inner()
-        })
-    })
-    .map_err(|e| {
-        let inner = e.without_snippet();
-        let (line, column) = inner.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
-        let mut message = inner.to_string();
-        let suffix = format!(" at line {line}, column {column}");
-        if let Some(stripped) = message.strip_suffix(&suffix) {
-            message = stripped.to_owned();
-        }
-        if field.is_empty() || field == "?" {
-            field = ".".to_owned();
-        }
-        Error::Syntax {
-            file: file.to_owned(),
-            line,
-            column,
-            field,
-            message,
-        }
+    gangplank_api::yaml::parse(text).map_err(|e| Error::Syntax {
+        file: file.to_owned(),
+        line: e.line,
+        column: e.column,
+        field: e.field,
+        message: e.message,
     })
 }
 

@@ -2,15 +2,24 @@
 //!
 //! - [`istio`]: the Istio resources Gangplank reads and writes (WorkloadGroup, WorkloadEntry);
 //! - [`policy`]: our own `OnboardingPolicy` resource;
-//! - [`meta`]: what every resource has (metadata, label selectors);
+//! - [`token`]: our own `JoinToken` resource;
+//! - [`meta`]: what every resource has (names; metadata, label selectors);
 //! - [`names`]: deterministic WorkloadEntry names and the annotations Gangplank records;
+//! - [`yaml`]: the one YAML parser of config files (line, column and field in every error);
 //! - [`proto`]: the gRPC contract between agent and endpoint (`proto/` in the repository).
+//!
+//! The resource types (and with them k8s-openapi) come with the `resources` feature: the
+//! agent needs only the protocol, names and [`NamespacedName`].
 
+#[cfg(feature = "resources")]
 pub mod istio;
 pub mod meta;
 pub mod names;
+#[cfg(feature = "resources")]
 pub mod policy;
+#[cfg(feature = "resources")]
 pub mod token;
+pub mod yaml;
 
 /// The agent/endpoint protocol, generated from `proto/gangplank/onboarding/v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -18,7 +27,9 @@ pub mod proto {
     tonic::include_proto!("gangplank.onboarding.v1");
 }
 
-pub use meta::{NamespacedName, Resource};
+pub use meta::NamespacedName;
+#[cfg(feature = "resources")]
+pub use meta::Resource;
 
 /// The agent's and endpoint's version, recorded on every WorkloadEntry.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -15,6 +15,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 pub mod dev;
@@ -62,7 +63,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Parses every certificate in PEM text; `what` names the source for errors.
 pub fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>> {
-    let certs = rustls_pemfile::certs(&mut &pem[..])
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Pem {
             what: what.into(),
@@ -79,15 +80,13 @@ pub fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'stat
 
 /// Parses the first private key (PKCS#8, PKCS#1 or SEC1) in PEM text.
 pub fn key_from_pem(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>> {
-    rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|e| Error::Pem {
-            what: what.into(),
-            message: e.to_string(),
-        })?
-        .ok_or_else(|| Error::Pem {
-            what: what.into(),
-            message: "no PEM private key found".into(),
-        })
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| Error::Pem {
+        what: what.into(),
+        message: match e {
+            pem::Error::NoItemsFound => "no PEM private key found".into(),
+            other => other.to_string(),
+        },
+    })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
