@@ -661,7 +661,11 @@ fn onboard_refused(status: &tonic::Status, group: &NamespacedName, endpoint: &st
         Code::FailedPrecondition => "retrying until the endpoint's precondition holds",
         Code::InvalidArgument => "retrying in case the endpoint is fixed; check the onboarding configuration",
         Code::Unauthenticated => "the credential was refused; check identity in the agent configuration",
-        Code::Unavailable => "the endpoint is unreachable",
+        // Unreachable, or reached but unable to finish (its registry, an issuer's JWKS, a CA
+        // or the Kubernetes API is down): the endpoint's operator has to act, not this VM's.
+        Code::Unavailable => {
+            "the endpoint, or something it depends on, is unavailable: nothing to change on this VM; retrying"
+        }
         _ => "retrying",
     };
     format!(

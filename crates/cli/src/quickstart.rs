@@ -74,7 +74,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let endpoint_config = dir.join("endpoint.yaml");
     write(&endpoint_config, endpoint_yaml(&dir, args.port).as_bytes())?;
     let config = gangplank_endpoint::Config::load(&endpoint_config)?;
-    let endpoint = gangplank_endpoint::start(gangplank_endpoint::plane(config)?)
+    let endpoint = gangplank_endpoint::start(gangplank_endpoint::build(config).await?)
         .await
         .with_context(|| format!("starting the endpoint (is port {} free? try --port 0)", args.port))?;
     let port = endpoint.addr.port();

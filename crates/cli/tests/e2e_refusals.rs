@@ -370,3 +370,51 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
     assert_eq!(snapshot(&mesh), after, "the replay changed the registry");
     assert_eq!(mesh.entry_files().len(), 1);
 }
+
+/// An issuer whose JWKS cannot be fetched is an outage on the endpoint's side, not a fault
+/// of the VM: the agent is told UNAVAILABLE with a message that says so (and does not send
+/// its operator to fix the agent's identity config), and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_outage_reaches_the_agent_as_unavailable_and_blames_the_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = Issuer::start().await.unwrap();
+    let ca = issuer.write_ca(dir.path()).unwrap();
+    let url = issuer.url().to_string();
+    let token = issuer.sign(&issuer.claims("vm-1", PLANE_ID));
+    let mesh = Mesh::start(Options {
+        jwt: Some((url.clone(), issuer.jwks_uri(), ca)),
+        ..Default::default()
+    })
+    .await;
+    mesh.registry
+        .put(&policy(
+            "bookinfo",
+            "allow-vm1",
+            vec![jwt_subjects(&url, &["vm-1"])],
+            &[("app", "ratings")],
+        ))
+        .await
+        .unwrap();
+    // The issuer goes down before the endpoint ever fetched its keys.
+    assert_eq!(issuer.jwks_requests(), 0);
+    drop(issuer);
+    let before = snapshot(&mesh);
+
+    let mut vm = Vm::start(&mesh, "vm-1", support::Credential::JwtFile(token));
+    let line = vm.agent.wait_for(r"(refused: Unavailable: .*)", WAIT);
+    assert!(
+        line.contains("problem on the endpoint's side, not with this VM's credential or configuration"),
+        "{line}"
+    );
+    assert!(
+        line.contains(&url),
+        "the message names the unreachable issuer: {line}"
+    );
+    assert!(
+        !line.contains("check identity in the agent configuration"),
+        "the agent blames its own config: {line}"
+    );
+    assert!(line.contains("nothing to change on this VM"), "{line}");
+    assert_eq!(snapshot(&mesh), before, "the registry changed");
+    assert!(mesh.entry_files().is_empty());
+}

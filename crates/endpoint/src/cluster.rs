@@ -22,16 +22,10 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use tokio::task::JoinHandle;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use anyhow::Context;
-use gangplank_registry::Registry;
-
-use crate::config::Config;
-use crate::keys::{Keys, SidecarToken};
+use crate::keys::SidecarToken;
 use crate::mesh::{Error, Source};
-use crate::metrics::Metrics;
-use crate::plane::Plane;
 
 /// The audience istiod's CA accepts.
 pub const AUDIENCE: &str = "istio-ca";
@@ -69,87 +63,33 @@ pub const API_CALLS: &[ApiCall] = &[
     },
 ];
 
-/// Builds the plane: with `registry.kubernetes`, connects to the API (registry caches, boot
-/// inputs from the cluster); otherwise as [`crate::server::plane`].
-pub async fn plane(config: Config) -> anyhow::Result<Plane> {
-    let Some(k8s) = config.file.registry.kubernetes.clone() else {
-        return crate::server::plane(config);
-    };
-    let client = client(k8s.kubeconfig.as_deref()).await?;
-    let registry = gangplank_registry::kube::Registry::connect_with(
-        client.clone(),
-        gangplank_registry::kube::Options {
-            cache_timeout: k8s.cache_timeout,
-        },
-    )
-    .await
-    .context("registry.kubernetes")?;
-    let registry: Arc<dyn Registry> = Arc::new(registry);
-    let file = &config.file;
-    let keys = Arc::new(Keys::load(&file.state_dir, &config.token_issuer)?);
-    let verifiers = crate::server::verifiers(file, &registry)?;
-    let mesh = Arc::new(Cluster::start(
-        client,
-        &file.mesh.istio_namespace,
-        &file.mesh.revision,
-    ));
-    Ok(Plane {
-        config,
-        keys,
-        registry,
-        verifiers,
-        mesh,
-        live: Mutex::new(Default::default()),
-        metrics: Metrics::default(),
-    })
-}
-
-/// Starts this replica's membership (replica Lease, sweeper election, marking entries of
-/// vanished replicas) when the plane uses `registry.kubernetes`; `None` otherwise. Keep the
-/// task for as long as the endpoint runs.
-pub async fn membership(plane: &Plane) -> anyhow::Result<Option<crate::membership::Task>> {
-    let Some(k8s) = plane.config.file.registry.kubernetes.clone() else {
-        return Ok(None);
-    };
-    let client = client(k8s.kubeconfig.as_deref()).await?;
-    let namespace = k8s.namespace.clone().unwrap_or_else(own_namespace);
-    let m = crate::membership::Membership::new(
-        client,
-        crate::membership::Options {
-            namespace,
-            replica: plane.config.replica.clone(),
-            lease_duration: k8s.lease_duration,
-        },
-    );
-    Ok(Some(m.spawn(plane.registry.clone())))
-}
-
-/// The pod's namespace: `POD_NAMESPACE`, else the service account's, else `gangplank-system`.
-fn own_namespace() -> String {
-    std::env::var("POD_NAMESPACE")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok())
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "gangplank-system".to_owned())
-}
-
 /// A client from `kubeconfig`, or the in-cluster / default configuration.
-async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+pub(crate) async fn client(kubeconfig: Option<&std::path::Path>) -> crate::Result<kube::Client> {
+    let fail = |setting: String| {
+        move |e: &dyn std::fmt::Display| crate::Error::Kubernetes {
+            setting,
+            message: e.to_string(),
+        }
+    };
     let config = match kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("registry.kubernetes.kubeconfig {}", path.display()))?;
+            let setting = format!(".kubeconfig {}", path.display());
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| fail(setting.clone())(&e))?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
-                .with_context(|| format!("registry.kubernetes.kubeconfig {}", path.display()))?
+                .map_err(|e| fail(setting)(&e))?
         }
-        None => kube::Config::infer().await.context(
-            "registry.kubernetes: no in-cluster configuration and no kubeconfig found: set \
-             registry.kubernetes.kubeconfig",
-        )?,
+        None => kube::Config::infer().await.map_err(|e| crate::Error::Kubernetes {
+            setting: String::new(),
+            message: format!(
+                "no in-cluster configuration and no kubeconfig found ({e}): set registry.kubernetes.kubeconfig"
+            ),
+        })?,
     };
-    kube::Client::try_from(config).context("registry.kubernetes: building the API client")
+    kube::Client::try_from(config).map_err(|e| crate::Error::Kubernetes {
+        setting: String::new(),
+        message: format!("building the API client: {e}"),
+    })
 }
 
 /// A [`Source`] backed by the cluster's API.
@@ -234,27 +174,27 @@ impl Cluster {
     ) -> Result<String, Error> {
         tokio::time::timeout(CACHE_TIMEOUT, store.wait_until_ready())
             .await
-            .map_err(|_| {
-                Error(format!(
-                    "listing ConfigMap {namespace}/{name} did not finish within {CACHE_TIMEOUT:?}: \
-                     check that the API server is reachable and the endpoint's RBAC allows list \
-                     and watch on it"
-                ))
+            .map_err(|_| Error::CacheTimeout {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                timeout: CACHE_TIMEOUT,
             })?
-            .map_err(|_| Error(format!("the cache of ConfigMap {name} stopped")))?;
+            .map_err(|_| Error::CacheStopped(name.to_owned()))?;
         let cm = store
             .get(&ObjectRef::new(name).within(namespace))
-            .ok_or_else(|| {
-                Error(format!(
-                    "ConfigMap {namespace}/{name} does not exist: is Istio installed (and, for \
-                     istio-ca-root-cert, is istiod running so it publishes it in every namespace)?"
-                ))
+            .ok_or_else(|| Error::Missing {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
             })?;
         cm.data
             .as_ref()
             .and_then(|d| d.get(key))
             .cloned()
-            .ok_or_else(|| Error(format!("ConfigMap {namespace}/{name} has no key {key:?}")))
+            .ok_or_else(|| Error::MissingKey {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                key: key.to_owned(),
+            })
     }
 }
 
@@ -289,17 +229,14 @@ impl Source for Cluster {
         let got = api
             .create_token_request(service_account, &PostParams::default(), &request)
             .await
-            .map_err(|e| {
-                Error(format!(
-                    "requesting a token for ServiceAccount {namespace}/{service_account} \
-                     (TokenRequest, audience {AUDIENCE}): {e}: check that the service account \
-                     exists and the endpoint's RBAC allows create on serviceaccounts/token"
-                ))
+            .map_err(|source| Error::TokenRequest {
+                namespace: namespace.to_owned(),
+                service_account: service_account.to_owned(),
+                source,
             })?;
-        let status = got.status.ok_or_else(|| {
-            Error(format!(
-                "the TokenRequest for {namespace}/{service_account} came back without a token"
-            ))
+        let status = got.status.ok_or_else(|| Error::EmptyToken {
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
         })?;
         Ok(SidecarToken {
             jwt: status.token,
@@ -317,23 +254,24 @@ impl Source for Cluster {
     async fn mesh_config(&self) -> Result<MeshConfig, Error> {
         let name = &self.mesh_configmap;
         let text = Self::configmap_key(&self.mesh, &self.istio_namespace, name, "mesh").await?;
-        MeshConfig::from_yaml(&text)
-            .map_err(|e| Error(format!("ConfigMap {}/{name} key mesh: {e}", self.istio_namespace)))
+        MeshConfig::from_yaml(&text).map_err(|e| Error::Malformed {
+            namespace: self.istio_namespace.clone(),
+            name: name.clone(),
+            key: "mesh".into(),
+            message: format!(": {e}"),
+        })
     }
 
     async fn cluster_id(&self) -> Result<String, Error> {
         let (ns, name) = (&self.istio_namespace, &self.injector_configmap);
         let values = Self::configmap_key(&self.injector, ns, name, "values")
             .await
-            .map_err(|e| {
-                Error(format!(
-                    "failed to automatically determine the cluster ID ({e}): set mesh.clusterId"
-                ))
-            })?;
-        let values: serde_json::Value = serde_json::from_str(&values).map_err(|e| {
-            Error(format!(
-                "ConfigMap {ns}/{name} key values is not JSON ({e}): set mesh.clusterId"
-            ))
+            .map_err(|e| Error::ClusterId(Box::new(e)))?;
+        let values: serde_json::Value = serde_json::from_str(&values).map_err(|e| Error::Malformed {
+            namespace: ns.clone(),
+            name: name.clone(),
+            key: "values".into(),
+            message: format!(" is not JSON ({e}): set mesh.clusterId"),
         })?;
         // As istioctl: an absent name leaves the cluster ID empty (istiod then accepts any).
         Ok(values

@@ -273,12 +273,98 @@ pub mod defaults {
 
 /// Why the configuration cannot be used. Names the file, the field and what to change.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}: {message}")]
+#[error("{file}: {problem}")]
 pub struct Error {
     /// The configuration file.
     pub file: String,
     /// What is wrong.
-    pub message: String,
+    pub problem: Problem,
+}
+
+/// What is wrong with a configuration, and what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    /// The file cannot be read.
+    #[error("cannot read: {0}")]
+    Read(#[source] std::io::Error),
+    /// The YAML is malformed, has an unknown field or a value of the wrong type.
+    #[error("{0}")]
+    Syntax(#[from] gangplank_api::yaml::Error),
+    /// `apiVersion` is not ours.
+    #[error("apiVersion: {0:?} is not supported, use {API_VERSION}")]
+    ApiVersion(String),
+    /// `kind` is not ours.
+    #[error("kind: {0:?} is not supported, use {KIND}")]
+    Kind(String),
+    /// `planeId` is empty.
+    #[error("planeId: must not be empty (agents bind their credentials to it)")]
+    PlaneId,
+    /// Both certificate files and `dev: true`.
+    #[error("tls: set either certFile+keyFile or dev: true, not both")]
+    TlsBoth,
+    /// Neither a complete pair of certificate files nor `dev: true`.
+    #[error("tls: set certFile and keyFile (PEM), or dev: true for a generated dev certificate")]
+    TlsMissing,
+    /// Both registry sources.
+    #[error("registry: set either directory or kubernetes, not both")]
+    RegistryBoth,
+    /// No registry source.
+    #[error("registry: set directory (a folder istiod reads as fs://) or kubernetes: {{}}")]
+    RegistryMissing,
+    /// No credential kind enabled.
+    #[error(
+        "identities: no credential kind is enabled: set joinTokens: true, add jwt.issuers, or enable awsEc2, gcpGce or azureVm"
+    )]
+    NoIdentities,
+    /// A zero grace period or heartbeat.
+    #[error("workloads: gracePeriod and heartbeat must be longer than 0s")]
+    ZeroInterval,
+    /// A heartbeat that does not fit in the grace period.
+    #[error(
+        "workloads.heartbeat ({}) must be shorter than workloads.gracePeriod ({})",
+        humantime::format_duration(*heartbeat),
+        humantime::format_duration(*grace_period)
+    )]
+    HeartbeatTooLong {
+        /// The heartbeat.
+        heartbeat: Duration,
+        /// The grace period.
+        grace_period: Duration,
+    },
+    /// A sidecar token lifetime too short to renew.
+    #[error("sidecarToken.lifetime: must be at least 10s (istioctl's default is 1h)")]
+    TokenLifetime,
+}
+
+/// The `apiVersion` of the endpoint's configuration.
+pub const API_VERSION: &str = "onboarding.gangplank.dev/v1alpha1";
+/// The `kind` of the endpoint's configuration.
+pub const KIND: &str = "EndpointConfiguration";
+
+/// Where resources live: exactly one source, decided once by [`Config::validate`].
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A folder of Kubernetes-style YAML files (`registry.directory`).
+    Directory(PathBuf),
+    /// The Kubernetes API (`registry.kubernetes`).
+    Kubernetes(Kubernetes),
+}
+
+/// How the serving certificate comes: decided once by [`Config::validate`].
+#[derive(Debug, Clone)]
+pub enum Serving {
+    /// PEM files, reloaded when they change (`tls.certFile`, `tls.keyFile`).
+    Files {
+        /// The certificate chain.
+        cert: PathBuf,
+        /// The private key.
+        key: PathBuf,
+    },
+    /// A dev CA and certificate generated once into the state dir (`tls.dev: true`).
+    Dev {
+        /// Names besides `localhost` and the loopback addresses (`tls.devNames`).
+        names: Vec<String>,
+    },
 }
 
 /// The validated configuration.
@@ -286,6 +372,10 @@ pub struct Error {
 pub struct Config {
     /// The file as written, with every default applied.
     pub file: File,
+    /// Where resources live.
+    pub registry: Source,
+    /// How the serving certificate comes.
+    pub serving: Serving,
     /// This replica's name.
     pub replica: String,
     /// The `iss` of minted sidecar tokens (until the bound port is known, when defaulted).
@@ -297,59 +387,47 @@ pub struct Config {
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let err = |message: String| Error {
+        let err = |problem: Problem| Error {
             file: path.display().to_string(),
-            message,
+            problem,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let file: File = serde_saphyr::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| err(Problem::Read(e)))?;
+        let file: File = gangplank_api::yaml::parse(&text).map_err(|e| err(e.into()))?;
         Self::validate(file).map_err(err)
     }
 
     /// Validates a parsed file.
-    pub fn validate(file: File) -> Result<Self, String> {
-        const API: &str = "onboarding.gangplank.dev/v1alpha1";
-        if file.api_version != API {
-            return Err(format!(
-                "apiVersion: {:?} is not supported, use {API}",
-                file.api_version
-            ));
+    pub fn validate(file: File) -> Result<Self, Problem> {
+        if file.api_version != API_VERSION {
+            return Err(Problem::ApiVersion(file.api_version));
         }
-        if file.kind != "EndpointConfiguration" {
-            return Err(format!(
-                "kind: {:?} is not supported, use EndpointConfiguration",
-                file.kind
-            ));
+        if file.kind != KIND {
+            return Err(Problem::Kind(file.kind));
         }
         if file.plane_id.trim().is_empty() {
-            return Err("planeId: must not be empty (agents bind their credentials to it)".into());
+            return Err(Problem::PlaneId);
         }
-        match (&file.tls.cert_file, &file.tls.key_file, file.tls.dev) {
-            (Some(_), Some(_), false) | (None, None, true) => {}
-            (Some(_), Some(_), true) => {
-                return Err("tls: set either certFile+keyFile or dev: true, not both".into());
-            }
-            _ => {
-                return Err(
-                    "tls: set certFile and keyFile (PEM), or dev: true for a generated dev certificate"
-                        .into(),
-                );
-            }
-        }
-        match (
+        let tls = &file.tls;
+        let serving = match (&tls.cert_file, &tls.key_file, tls.dev) {
+            (Some(cert), Some(key), false) => Serving::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            (None, None, true) => Serving::Dev {
+                names: tls.dev_names.clone(),
+            },
+            (Some(_), Some(_), true) => return Err(Problem::TlsBoth),
+            _ => return Err(Problem::TlsMissing),
+        };
+        let registry = match (
             file.registry.directory.as_os_str().is_empty(),
             &file.registry.kubernetes,
         ) {
-            (false, None) | (true, Some(_)) => {}
-            (false, Some(_)) => {
-                return Err("registry: set either directory or kubernetes, not both".into());
-            }
-            (true, None) => {
-                return Err(
-                    "registry: set directory (a folder istiod reads as fs://) or kubernetes: {}".into(),
-                );
-            }
-        }
+            (false, None) => Source::Directory(file.registry.directory.clone()),
+            (true, Some(k8s)) => Source::Kubernetes(k8s.clone()),
+            (false, Some(_)) => return Err(Problem::RegistryBoth),
+            (true, None) => return Err(Problem::RegistryMissing),
+        };
         let ids = &file.identities;
         if !ids.join_tokens
             && ids.jwt.issuers.is_empty()
@@ -357,23 +435,20 @@ impl Config {
             && ids.gcp_gce.is_none()
             && ids.azure_vm.is_none()
         {
-            return Err(
-                "identities: no credential kind is enabled: set joinTokens: true, add jwt.issuers, or enable awsEc2, gcpGce or azureVm".into(),
-            );
+            return Err(Problem::NoIdentities);
         }
         let w = &file.workloads;
         if w.grace_period.is_zero() || w.heartbeat.is_zero() {
-            return Err("workloads: gracePeriod and heartbeat must be longer than 0s".into());
+            return Err(Problem::ZeroInterval);
         }
         if w.heartbeat >= w.grace_period {
-            return Err(format!(
-                "workloads.heartbeat ({}) must be shorter than workloads.gracePeriod ({})",
-                humantime::format_duration(w.heartbeat),
-                humantime::format_duration(w.grace_period)
-            ));
+            return Err(Problem::HeartbeatTooLong {
+                heartbeat: w.heartbeat,
+                grace_period: w.grace_period,
+            });
         }
         if file.sidecar_token.lifetime < Duration::from_secs(10) {
-            return Err("sidecarToken.lifetime: must be at least 10s (istioctl's default is 1h)".into());
+            return Err(Problem::TokenLifetime);
         }
         let replica = match &file.replica {
             Some(r) if !r.is_empty() => r.clone(),
@@ -387,20 +462,20 @@ impl Config {
             .unwrap_or_else(|| default_issuer(&file, file.listen.port()));
         Ok(Self {
             file,
+            registry,
+            serving,
             replica,
             token_issuer,
             token_issuer_defaulted,
         })
     }
-}
 
-impl Config {
     /// Whether registered entries are health-checked (see [`Workloads::health_checks`]).
     pub fn health_checks(&self) -> bool {
         self.file
             .workloads
             .health_checks
-            .unwrap_or(self.file.registry.kubernetes.is_some())
+            .unwrap_or(matches!(self.registry, Source::Kubernetes(_)))
     }
 }
 

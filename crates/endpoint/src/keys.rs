@@ -7,7 +7,10 @@
 //!   `/.well-known/openid-configuration` and `/openid/v1/jwks`);
 //! - **sessions**: the bearer an agent presents on `Session` and `Leave`.
 //!
-//! Nonces are stateless: random bytes and an expiry, MAC'd with a key from the state dir.
+//! Nonces are random bytes, an expiry and the issuing process's id, MAC'd with a key from
+//! the state dir; the issuing process remembers the ones presented, so each is accepted once
+//! (another replica, or the same one after a restart, refuses it and the agent calls Discover
+//! again).
 
 use std::fmt;
 use std::io::Write;

@@ -2,18 +2,20 @@
 //! registers WorkloadEntries and serves the sidecar's boot files.
 //!
 //! - [`cluster`]: boot inputs from a Kubernetes cluster (TokenRequest, Istio's ConfigMaps);
-//! - [`config`]: the configuration file (parse, then validate);
+//! - [`config`]: the configuration file (parse, then validate into typed choices);
+//! - [`error`]: why the endpoint cannot start;
 //! - [`keys`]: what the endpoint signs (sidecar tokens, sessions, nonces);
 //! - [`membership`]: replica Leases and the Lease-elected sweeper (Kubernetes);
 //! - [`mesh`]: where the sidecar's token, root certificate and mesh config come from;
-//! - [`plane`]: the shared state of the onboarding plane;
+//! - [`plane`]: the shared state of the onboarding plane, built once from the configuration;
 //! - [`service`]: the gRPC `Onboarding` service;
 //! - [`sweep`]: removal of entries whose agents vanished;
-//! - [`server`]: listeners, TLS and shutdown;
+//! - [`server`]: listeners, TLS and a drained shutdown;
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod cluster;
 pub mod config;
+pub mod error;
 pub mod keys;
 pub mod membership;
 pub mod mesh;
@@ -24,4 +26,6 @@ pub mod service;
 pub mod sweep;
 
 pub use config::Config;
-pub use server::{Endpoint, plane, start};
+pub use error::{Error, Result};
+pub use plane::build;
+pub use server::{Endpoint, start};

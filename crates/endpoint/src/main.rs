@@ -66,17 +66,17 @@ async fn main() -> ExitCode {
     match serve(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {err}");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn serve(config: gangplank_endpoint::Config) -> anyhow::Result<()> {
-    let plane = gangplank_endpoint::cluster::plane(config).await?;
-    let _membership = gangplank_endpoint::cluster::membership(&plane).await?;
+async fn serve(config: gangplank_endpoint::Config) -> gangplank_endpoint::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(gangplank_endpoint::Error::Signals)?;
+    let plane = gangplank_endpoint::build(config).await?;
     let endpoint = gangplank_endpoint::start(plane).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

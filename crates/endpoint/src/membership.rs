@@ -25,7 +25,10 @@ use kube::api::{Api, ListParams, PostParams};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Source;
+use crate::plane::Plane;
 
 /// The Lease the sweeping replica holds.
 pub const LEADER_LEASE: &str = "gangplank-endpoint-sweeper";
@@ -104,16 +107,6 @@ impl std::fmt::Debug for Membership {
         f.debug_struct("Membership")
             .field("options", &self.options)
             .finish_non_exhaustive()
-    }
-}
-
-/// The membership task; stops when dropped.
-#[derive(Debug)]
-pub struct Task(JoinHandle<()>);
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -293,17 +286,48 @@ impl Membership {
         Ok(0)
     }
 
-    /// Runs rounds every third of the Lease duration until the returned task is dropped.
-    pub fn spawn(self, registry: Arc<dyn Registry>) -> Task {
+    /// Runs rounds every third of the Lease duration until `stopping` is cancelled; a round
+    /// under way finishes first.
+    pub async fn run(self, registry: Arc<dyn Registry>, stopping: CancellationToken) {
         let every = (self.options.lease_duration / 3).max(Duration::from_millis(100));
-        Task(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                if let Err(err) = self.round(registry.as_ref()).await {
-                    tracing::warn!(%err, "membership round failed; retrying");
-                }
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopping.cancelled() => return,
             }
-        }))
+            if let Err(err) = self.round(registry.as_ref()).await {
+                tracing::warn!(%err, "membership round failed; retrying");
+            }
+        }
     }
+}
+
+/// Starts this replica's membership (replica Lease, sweeper election, marking entries of
+/// vanished replicas) on the plane's tasks, when the plane uses `registry.kubernetes`.
+pub fn start(plane: &Plane) {
+    let (Source::Kubernetes(k8s), Some(client)) = (&plane.config.registry, &plane.kube) else {
+        return;
+    };
+    let m = Membership::new(
+        client.clone(),
+        Options {
+            namespace: k8s.namespace.clone().unwrap_or_else(own_namespace),
+            replica: plane.config.replica.clone(),
+            lease_duration: k8s.lease_duration,
+        },
+    );
+    plane
+        .tasks
+        .spawn(m.run(plane.registry.clone(), plane.stopping.clone()));
+}
+
+/// The pod's namespace: `POD_NAMESPACE`, else the service account's, else `gangplank-system`.
+fn own_namespace() -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "gangplank-system".to_owned())
 }

@@ -6,6 +6,7 @@
 //! the root certificate and mesh config from files. A Kubernetes source uses TokenRequest and
 //! the `istio-ca-root-cert` / `istio[-<rev>]` ConfigMaps instead.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +17,87 @@ use crate::keys::{Keys, SidecarToken};
 
 /// Why a boot input could not be had.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Error(pub String);
+pub enum Error {
+    /// The endpoint could not sign a sidecar token.
+    #[error("minting the sidecar token: {0}")]
+    Mint(#[source] crate::keys::Error),
+    /// A ConfigMap cache did not complete its first listing in time.
+    #[error(
+        "listing ConfigMap {namespace}/{name} did not finish within {timeout:?}: check that the \
+         API server is reachable and the endpoint's RBAC allows list and watch on it"
+    )]
+    CacheTimeout {
+        /// The namespace.
+        namespace: String,
+        /// The ConfigMap.
+        name: String,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// A ConfigMap cache ended.
+    #[error("the cache of ConfigMap {0} stopped")]
+    CacheStopped(String),
+    /// A ConfigMap Istio publishes is missing.
+    #[error(
+        "ConfigMap {namespace}/{name} does not exist: is Istio installed (and, for \
+         istio-ca-root-cert, is istiod running so it publishes it in every namespace)?"
+    )]
+    Missing {
+        /// The namespace.
+        namespace: String,
+        /// The ConfigMap.
+        name: String,
+    },
+    /// A ConfigMap lacks the key Istio writes.
+    #[error("ConfigMap {namespace}/{name} has no key {key:?}")]
+    MissingKey {
+        /// The namespace.
+        namespace: String,
+        /// The ConfigMap.
+        name: String,
+        /// The key.
+        key: String,
+    },
+    /// A ConfigMap's value does not parse.
+    #[error("ConfigMap {namespace}/{name} key {key}{message}")]
+    Malformed {
+        /// The namespace.
+        namespace: String,
+        /// The ConfigMap.
+        name: String,
+        /// The key.
+        key: String,
+        /// What is wrong and what to change (follows the key: `: …` or ` is …`).
+        message: String,
+    },
+    /// TokenRequest failed.
+    #[error(
+        "requesting a token for ServiceAccount {namespace}/{service_account} (TokenRequest, \
+         audience {}): {source}: check that the service account exists and the endpoint's \
+         RBAC allows create on serviceaccounts/token",
+        crate::cluster::AUDIENCE
+    )]
+    TokenRequest {
+        /// The namespace.
+        namespace: String,
+        /// The service account.
+        service_account: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// TokenRequest answered without a token.
+    #[error("the TokenRequest for {namespace}/{service_account} came back without a token")]
+    EmptyToken {
+        /// The namespace.
+        namespace: String,
+        /// The service account.
+        service_account: String,
+    },
+    /// istiod's cluster ID could not be read from the injector's values.
+    #[error("failed to automatically determine the cluster ID ({0}): set mesh.clusterId")]
+    ClusterId(#[source] Box<Error>),
+}
 
 /// Where boot inputs come from.
 #[async_trait]
@@ -47,6 +127,51 @@ pub struct Local {
     pub mesh_config: MeshConfig,
 }
 
+impl Local {
+    /// A directory-mode source from `mesh.meshConfigFile` (optional) and
+    /// `mesh.rootCertFile` (required).
+    pub fn from_files(keys: Arc<Keys>, mesh: &crate::config::Mesh) -> crate::Result<Self> {
+        let mesh_config = match &mesh.mesh_config_file {
+            Some(path) => {
+                let text = read(path, "mesh.meshConfigFile")?;
+                let text = String::from_utf8(text).map_err(|_| crate::Error::Invalid {
+                    setting: "mesh.meshConfigFile",
+                    message: format!("{} is not UTF-8", path.display()),
+                })?;
+                MeshConfig::from_yaml(&text).map_err(|e| crate::Error::Invalid {
+                    setting: "mesh.meshConfigFile",
+                    message: format!("{}: {e}", path.display()),
+                })?
+            }
+            None => MeshConfig::default(),
+        };
+        let root_cert = match &mesh.root_cert_file {
+            Some(path) => read(path, "mesh.rootCertFile")?,
+            None => {
+                return Err(crate::Error::Invalid {
+                    setting: "mesh.rootCertFile",
+                    message: "is required: the mesh's root certificate, e.g. from \
+                              `kubectl get configmap istio-ca-root-cert -n <namespace> -o jsonpath='{.data.root-cert\\.pem}'`"
+                        .into(),
+                });
+            }
+        };
+        Ok(Self {
+            keys,
+            root_cert,
+            mesh_config,
+        })
+    }
+}
+
+fn read(path: &Path, setting: &'static str) -> crate::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| crate::Error::Read {
+        setting,
+        path: path.to_owned(),
+        source,
+    })
+}
+
 #[async_trait]
 impl Source for Local {
     async fn token(
@@ -57,7 +182,7 @@ impl Source for Local {
     ) -> Result<SidecarToken, Error> {
         self.keys
             .sidecar_token(namespace, service_account, lifetime)
-            .map_err(|e| Error(format!("minting the sidecar token: {e}")))
+            .map_err(Error::Mint)
     }
 
     async fn root_cert(&self, _namespace: &str) -> Result<Vec<u8>, Error> {

@@ -2,7 +2,11 @@
 //!
 //! Stateless by design: what must survive a restart lives in the registry (entries, tokens)
 //! or the state dir (keys). The only in-memory state is which agents hold a stream to this
-//! replica right now.
+//! replica right now, and the tasks that may still write to the registry (so a shutdown
+//! drains them).
+//!
+//! [`build`] is the one place the configured registry source is turned into a registry and
+//! a source of boot inputs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -15,9 +19,12 @@ use gangplank_api::{NamespacedName, proto};
 use gangplank_bootstrap as bootstrap;
 use gangplank_identity::{Identity, Verifier};
 use gangplank_registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 
-use crate::config::Config;
+use crate::config::{Config, Source};
+use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 
@@ -46,6 +53,106 @@ pub struct Plane {
     pub live: Mutex<HashMap<NamespacedName, Live>>,
     /// Metrics.
     pub metrics: Metrics,
+    /// The Kubernetes API client, when the registry is the cluster (replica membership uses it).
+    pub kube: Option<kube::Client>,
+    /// Every task that may write to the registry (agent streams, the sweep, membership), so
+    /// a shutdown waits for them.
+    pub tasks: TaskTracker,
+    /// Cancelled when the endpoint shuts down: tracked tasks finish what they are doing and end.
+    pub stopping: CancellationToken,
+}
+
+/// Builds the plane from the configuration: opens the registry the configuration names
+/// (a directory, or the Kubernetes API with watch-backed caches), and the matching source
+/// of boot inputs (self-minted tokens and files, or TokenRequest and Istio's ConfigMaps).
+pub async fn build(config: Config) -> Result<Plane> {
+    let file = &config.file;
+    let keys = Arc::new(Keys::load(&file.state_dir, &config.token_issuer)?);
+    let (registry, mesh, kube): (Arc<dyn Registry>, Arc<dyn crate::mesh::Source>, _) = match &config.registry
+    {
+        Source::Directory(dir) => {
+            let registry =
+                gangplank_registry::dir::Registry::open(dir).map_err(|source| Error::Registry {
+                    setting: "registry.directory",
+                    source,
+                })?;
+            let mesh = crate::mesh::Local::from_files(keys.clone(), &file.mesh)?;
+            (Arc::new(registry), Arc::new(mesh), None)
+        }
+        Source::Kubernetes(k8s) => {
+            let client = crate::cluster::client(k8s.kubeconfig.as_deref()).await?;
+            let registry = gangplank_registry::kube::Registry::connect_with(
+                client.clone(),
+                gangplank_registry::kube::Options {
+                    cache_timeout: k8s.cache_timeout,
+                },
+            )
+            .await
+            .map_err(|source| Error::Registry {
+                setting: "registry.kubernetes",
+                source,
+            })?;
+            let mesh = crate::cluster::Cluster::start(
+                client.clone(),
+                &file.mesh.istio_namespace,
+                &file.mesh.revision,
+            );
+            (Arc::new(registry), Arc::new(mesh), Some(client))
+        }
+    };
+    let verifiers = verifiers(file, &registry)?;
+    Ok(Plane {
+        config,
+        keys,
+        registry,
+        verifiers,
+        mesh,
+        live: Mutex::new(Default::default()),
+        metrics: Metrics::default(),
+        kube,
+        tasks: TaskTracker::new(),
+        stopping: CancellationToken::new(),
+    })
+}
+
+/// An `identities.<kind>` error from a verifier's settings.
+fn invalid<E: std::fmt::Display>(kind: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::Identity {
+        kind,
+        message: e.to_string(),
+    }
+}
+
+/// The credential verifiers `identities` enables, by kind: join tokens, OIDC JWTs and the
+/// cloud platforms (`awsEc2`, `gcpGce`, `azureVm`).
+fn verifiers(
+    file: &crate::config::File,
+    registry: &Arc<dyn Registry>,
+) -> Result<BTreeMap<&'static str, Arc<dyn Verifier>>> {
+    let ids = &file.identities;
+    let mut verifiers: BTreeMap<&'static str, Arc<dyn Verifier>> = BTreeMap::new();
+    if ids.join_tokens {
+        let v = gangplank_identity::token::Verifier::new(registry.clone());
+        verifiers.insert(gangplank_api::kind::JOIN_TOKEN, Arc::new(v));
+    }
+    if !ids.jwt.issuers.is_empty() {
+        let v = gangplank_identity::jwt::Verifier::new(ids.jwt.issuers.clone(), file.plane_id.clone())
+            .map_err(invalid("jwt"))?;
+        verifiers.insert(gangplank_api::kind::JWT, Arc::new(v));
+    }
+    if let Some(aws) = &ids.aws_ec2 {
+        let v = aws.verifier(registry.clone()).map_err(invalid("awsEc2"))?;
+        verifiers.insert(gangplank_api::kind::AWS_EC2, Arc::new(v));
+    }
+    if let Some(gcp) = &ids.gcp_gce {
+        let v = gcp.verifier(file.plane_id.clone()).map_err(invalid("gcpGce"))?;
+        verifiers.insert(gangplank_api::kind::GCP_GCE, Arc::new(v));
+    }
+    if let Some(azure) = &ids.azure_vm {
+        let v = azure.verifier().map_err(invalid("azureVm"))?;
+        verifiers.insert(gangplank_api::kind::AZURE_VM, Arc::new(v));
+    }
+    Ok(verifiers)
 }
 
 /// RFC 3339 for now.

@@ -124,11 +124,7 @@ impl Service {
         let identity = verifier
             .verify(&credential, &challenge, &group_key)
             .await
-            .map_err(|e| match e {
-                gangplank_identity::Error::Registry(e) => registry_status(e),
-                gangplank_identity::Error::UnsupportedKind(_) => Status::invalid_argument(e.to_string()),
-                other => Status::unauthenticated(other.to_string()),
-            })?;
+            .map_err(identity_status)?;
 
         let group = plane.registry.workload_group(&group_key).await.map_err(registry_status)?.ok_or_else(|| {
             Status::not_found(format!(
@@ -153,10 +149,7 @@ impl Service {
         verifier
             .commit(&identity, &credential)
             .await
-            .map_err(|e| match e {
-                gangplank_identity::Error::Registry(e) => registry_status(e),
-                other => Status::unauthenticated(other.to_string()),
-            })?;
+            .map_err(identity_status)?;
         let stored = plane
             .registry
             .apply_entry(&entry)
@@ -314,9 +307,14 @@ impl Onboarding for Service {
             .send(Ok(message(endpoint_message::Kind::Welcome(welcome))))
             .await;
         let mut inbound = request.into_inner();
-        tokio::spawn(async move {
-            while let Some(msg) = inbound.next().await {
-                let Ok(msg) = msg else { break };
+        // Tracked, so a shutdown waits for the stream's last write (its disconnect).
+        plane.clone().tasks.spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    msg = inbound.next() => msg,
+                    _ = plane.stopping.cancelled() => break,
+                };
+                let Some(Ok(msg)) = msg else { break };
                 match msg.kind {
                     Some(agent_message::Kind::Heartbeat(_)) | None => {}
                     Some(agent_message::Kind::Health(h)) => Self::health(&plane, &key, h).await,
@@ -353,6 +351,26 @@ impl Onboarding for Service {
         Ok(Response::new(proto::LeaveResponse {
             propagation_delay_seconds: self.plane.config.file.workloads.propagation_delay.as_secs() as u32,
         }))
+    }
+}
+
+/// Maps a verifier's failure to the gRPC status an agent can act on: a refused credential
+/// is the agent's to fix (UNAUTHENTICATED); a verifier that cannot reach what it checks
+/// against (an issuer's JWKS, a CA, STS) is the endpoint's problem (UNAVAILABLE), and says so.
+fn identity_status(err: gangplank_identity::Error) -> Status {
+    use gangplank_identity::Error as E;
+    match err {
+        E::Registry(e) => registry_status(e),
+        E::UnsupportedKind(_) => Status::invalid_argument(err.to_string()),
+        E::Unavailable(why) => {
+            tracing::error!(%why, "cannot verify credentials");
+            Status::unavailable(format!(
+                "the endpoint cannot verify credentials right now ({why}); this is a problem on \
+                 the endpoint's side, not with this VM's credential or configuration: the \
+                 endpoint's operator must restore its access; the agent retries"
+            ))
+        }
+        E::Rejected(_) => Status::unauthenticated(err.to_string()),
     }
 }
 

@@ -24,13 +24,16 @@ pub fn interval(grace: Duration) -> Duration {
     (grace / 10).clamp(Duration::from_secs(1), Duration::from_secs(30))
 }
 
-/// Runs the sweep until the task is aborted.
+/// Runs the sweep until the plane stops; a pass under way finishes first.
 pub async fn run(plane: Arc<Plane>) {
     let grace = plane.config.file.workloads.grace_period;
     let mut tick = tokio::time::interval(interval(grace));
     let mut orphans: HashMap<NamespacedName, Instant> = HashMap::new();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = plane.stopping.cancelled() => return,
+        }
         if let Err(err) = once(&plane, &mut orphans).await {
             tracing::warn!(%err, "sweep failed; retrying at the next tick");
         }
