@@ -264,15 +264,23 @@ mod tests {
         gangplank_testkit::process::eventually(what, timeout, every, || std::future::ready(cond())).await;
     }
 
-    /// The pid the child wrote to `pidfile`, once it has.
-    async fn child_pid(pidfile: &Path) -> nix::unistd::Pid {
+    /// A started launcher whose child runs `sleep` after `prelude` (e.g. a trap), and the
+    /// child's pid once it has written it.
+    async fn sleeper(dir: &Path, prelude: &str, stop_timeout: Duration) -> (Process, nix::unistd::Pid) {
+        let pidfile = dir.join("pid");
+        let script = format!(
+            "{prelude}echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 1000",
+            p = pidfile.display()
+        );
+        let mut l = process(dir, &script, stop_timeout);
+        l.start().await.expect("start");
         wait_for("the pid file", || pidfile.exists()).await;
-        let pid: i32 = std::fs::read_to_string(pidfile)
+        let pid: i32 = std::fs::read_to_string(&pidfile)
             .expect("pid")
             .trim()
             .parse()
             .expect("pid number");
-        nix::unistd::Pid::from_raw(pid)
+        (l, nix::unistd::Pid::from_raw(pid))
     }
 
     #[tokio::test]
@@ -302,14 +310,7 @@ mod tests {
     #[tokio::test]
     async fn process_that_ignores_sigterm_is_killed_after_the_timeout() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pidfile = dir.path().join("pid");
-        let script = format!(
-            "trap '' TERM; echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 1000",
-            p = pidfile.display()
-        );
-        let mut l = process(dir.path(), &script, Duration::from_millis(200));
-        l.start().await.expect("start");
-        let pid = child_pid(&pidfile).await;
+        let (mut l, pid) = sleeper(dir.path(), "trap '' TERM; ", Duration::from_millis(200)).await;
         assert!(nix::sys::signal::kill(pid, None).is_ok(), "child is running");
         let started = std::time::Instant::now();
         l.stop().await.expect("stop");
@@ -374,14 +375,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_process_launcher_kills_the_child() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pidfile = dir.path().join("pid");
-        let script = format!(
-            "echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 1000",
-            p = pidfile.display()
-        );
-        let mut l = process(dir.path(), &script, Duration::from_secs(1));
-        l.start().await.expect("start");
-        let pid = child_pid(&pidfile).await;
+        let (l, pid) = sleeper(dir.path(), "", Duration::from_secs(1)).await;
         drop(l);
         wait_for("the child to die", || {
             // Reaped by tokio's orphan handling, or at least a zombie no longer running sleep.
