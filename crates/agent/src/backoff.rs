@@ -9,7 +9,14 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
-use crate::config::Retry;
+/// Exponential backoff with full jitter between these bounds (`settings.retry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// First delay.
+    pub initial: Duration,
+    /// Largest delay.
+    pub max: Duration,
+}
 
 /// A sequence of retry delays; [`Backoff::reset`] after a success.
 #[derive(Debug)]

@@ -15,6 +15,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backoff::Retry;
+use crate::readiness;
+
 /// `apiVersion`s accepted for `OnboardingConfiguration` (TSB's, for drop-in use, and ours).
 pub const ONBOARDING_API_VERSIONS: [&str; 2] = [
     "config.agent.onboarding.tetrate.io/v1alpha1",
@@ -27,8 +30,11 @@ pub const DEFAULT_ONBOARDING_PATH: &str = "/etc/gangplank/onboarding.yaml";
 /// Default path of the agent configuration.
 pub const DEFAULT_AGENT_PATH: &str = "/etc/gangplank/agent.yaml";
 
-/// Every default of both files, in one place.
+/// Every default of both files, in one place (the boot files' paths are Istio's package
+/// layout, [`gangplank_bootstrap::layout`]).
 pub mod defaults {
+    use gangplank_bootstrap::{docker, layout};
+
     /// `onboardingEndpoint.port`.
     pub const PORT: u16 = 15443;
     /// `identity.joinToken.file` when no identity is configured.
@@ -48,7 +54,7 @@ pub mod defaults {
     /// `sidecar.docker.command`.
     pub const DOCKER: &str = "docker";
     /// `sidecar.docker.name`.
-    pub const CONTAINER_NAME: &str = "istio-proxy";
+    pub const CONTAINER_NAME: &str = docker::CONTAINER;
     /// `sidecar.proxyUser`.
     pub const PROXY_USER: &str = "istio-proxy";
     /// Istio's proxy readiness endpoint (Envoy's `:15021`, answered by pilot-agent).
@@ -56,15 +62,15 @@ pub mod defaults {
     /// `files.root`.
     pub const ROOT: &str = "/";
     /// `files.clusterEnv`.
-    pub const CLUSTER_ENV: &str = "/var/lib/istio/envoy/cluster.env";
+    pub const CLUSTER_ENV: &str = layout::CLUSTER_ENV;
     /// `files.mesh`.
-    pub const MESH: &str = "/etc/istio/config/mesh";
+    pub const MESH: &str = layout::MESH;
     /// `files.rootCert`.
-    pub const ROOT_CERT: &str = "/etc/certs/root-cert.pem";
+    pub const ROOT_CERT: &str = layout::ROOT_CERT;
     /// `files.token`.
-    pub const TOKEN: &str = "/var/run/secrets/tokens/istio-token";
+    pub const TOKEN: &str = layout::TOKEN;
     /// `files.hosts`.
-    pub const HOSTS: &str = "/etc/hosts";
+    pub const HOSTS: &str = layout::HOSTS;
     /// `settings.retry.initial`.
     pub const RETRY_INITIAL: &str = "1s";
     /// `settings.retry.max`.
@@ -230,41 +236,36 @@ pub enum Identity {
 /// How the sidecar is started.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sidecar {
-    /// Which launcher.
-    pub launcher: LauncherKind,
-    /// Settings of the `systemd` launcher.
-    pub systemd: Systemd,
-    /// Settings of the `process` launcher.
-    pub process: Process,
-    /// Settings of the `docker` launcher.
-    pub docker: Docker,
+    /// Which launcher, with its settings.
+    pub launcher: Launcher,
     /// The user the sidecar runs as; the token is given to it when the agent runs as root.
     /// A name or a numeric uid.
     pub proxy_user: String,
     /// The proxy's readiness endpoint (`sidecar.readinessUrl`); `None` (`""`) when only the
     /// launcher's view counts. Default: Istio's `http://127.0.0.1:15021/healthz/ready` with
     /// the systemd and docker launchers, none with `process`.
-    pub readiness_url: Option<String>,
+    pub readiness_url: Option<readiness::Url>,
 }
 
-/// `sidecar.launcher`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LauncherKind {
+/// `sidecar.launcher` and the settings of that launcher (`sidecar.systemd`,
+/// `sidecar.docker` or `sidecar.process`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Launcher {
     /// The `istio` unit of Istio's sidecar package.
-    Systemd,
+    Systemd(Systemd),
     /// The `istio-proxy` container, host network.
-    Docker,
+    Docker(Docker),
     /// A supervised child process.
-    Process,
+    Process(Process),
 }
 
-impl LauncherKind {
-    /// The config spelling.
-    pub fn as_str(self) -> &'static str {
+impl Launcher {
+    /// The config spelling (`systemd`, `docker`, `process`).
+    pub fn as_str(&self) -> &'static str {
         match self {
-            LauncherKind::Systemd => "systemd",
-            LauncherKind::Docker => "docker",
-            LauncherKind::Process => "process",
+            Launcher::Systemd(_) => "systemd",
+            Launcher::Docker(_) => "docker",
+            Launcher::Process(_) => "process",
         }
     }
 }
@@ -292,8 +293,8 @@ pub struct Process {
 pub struct Docker {
     /// The `docker` program.
     pub command: String,
-    /// The proxy image (`istio/proxyv2:<your mesh's version>`); required for this launcher.
-    pub image: Option<String>,
+    /// The proxy image (`istio/proxyv2:<your mesh's version>`).
+    pub image: String,
     /// The container's name.
     pub name: String,
 }
@@ -318,21 +319,12 @@ pub struct Files {
 /// `settings`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
-    /// Retry backoff.
+    /// Retry backoff (`settings.retry`).
     pub retry: Retry,
     /// Renew the token after this fraction of its lifetime, in (0, 1).
     pub token_renewal: f64,
     /// Heartbeat interval overriding the endpoint's.
     pub heartbeat: Option<Duration>,
-}
-
-/// `settings.retry`: exponential backoff with full jitter between these bounds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retry {
-    /// First delay.
-    pub initial: Duration,
-    /// Largest delay.
-    pub max: Duration,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -722,73 +714,7 @@ impl Agent {
 
         let identity = v.identity(raw.identity)?;
 
-        let sidecar = raw.sidecar.unwrap_or_default();
-        let launcher = match sidecar.launcher.as_deref().unwrap_or(defaults::LAUNCHER) {
-            "systemd" => LauncherKind::Systemd,
-            "docker" => LauncherKind::Docker,
-            "process" => LauncherKind::Process,
-            other => {
-                return Err(v.invalid(
-                    "sidecar.launcher",
-                    format!("{other:?} is not a launcher: use systemd, docker or process"),
-                ));
-            }
-        };
-        let systemd = sidecar.systemd.unwrap_or_default();
-        let systemd = Systemd {
-            command: v.non_empty("sidecar.systemd.command", systemd.command, defaults::SYSTEMCTL)?,
-            unit: v.non_empty("sidecar.systemd.unit", systemd.unit, defaults::UNIT)?,
-        };
-        let process = sidecar.process.unwrap_or_default();
-        let process = Process {
-            command: v.argv(
-                "sidecar.process.command",
-                process.command,
-                &defaults::PROCESS_COMMAND,
-            )?,
-            stop_timeout: v.duration(
-                "sidecar.process.stopTimeout",
-                process.stop_timeout.as_deref(),
-                defaults::STOP_TIMEOUT,
-            )?,
-        };
-        let docker = sidecar.docker.unwrap_or_default();
-        let docker = Docker {
-            command: v.non_empty("sidecar.docker.command", docker.command, defaults::DOCKER)?,
-            image: match docker.image {
-                Some(i) if i.trim().is_empty() => {
-                    return Err(v.invalid(
-                        "sidecar.docker.image",
-                        "is empty: set it to your mesh's proxy image, e.g. docker.io/istio/proxyv2:<istio version>",
-                    ));
-                }
-                i => i,
-            },
-            name: v.non_empty("sidecar.docker.name", docker.name, defaults::CONTAINER_NAME)?,
-        };
-        if launcher == LauncherKind::Docker && docker.image.is_none() {
-            return Err(v.invalid(
-                "sidecar.docker.image",
-                "is required when sidecar.launcher is docker: set it to the proxy image of your mesh's Istio version, e.g. docker.io/istio/proxyv2:1.27.1",
-            ));
-        }
-        let proxy_user = v.non_empty("sidecar.proxyUser", sidecar.proxy_user, defaults::PROXY_USER)?;
-        let readiness_url = match sidecar.readiness_url {
-            Some(u) if u.trim().is_empty() => None,
-            Some(u) => {
-                crate::readiness::Readiness::new(&u).map_err(|e| {
-                    v.invalid(
-                        "sidecar.readinessUrl",
-                        format!("{e}; or \"\" to turn the probe off"),
-                    )
-                })?;
-                Some(u)
-            }
-            None => match launcher {
-                LauncherKind::Systemd | LauncherKind::Docker => Some(defaults::READINESS_URL.to_owned()),
-                LauncherKind::Process => None,
-            },
-        };
+        let sidecar = v.sidecar(raw.sidecar.unwrap_or_default())?;
 
         let files = raw.files.unwrap_or_default();
         let root = PathBuf::from(v.non_empty("files.root", files.root, defaults::ROOT)?);
@@ -849,14 +775,7 @@ impl Agent {
 
         Ok(Agent {
             identity,
-            sidecar: Sidecar {
-                launcher,
-                systemd,
-                process,
-                docker,
-                proxy_user,
-                readiness_url,
-            },
+            sidecar,
             files,
             settings: Settings {
                 retry: Retry { initial, max },
@@ -914,26 +833,7 @@ impl Agent {
             api_version: Some(AGENT_API_VERSION.to_owned()),
             kind: Some("AgentConfiguration".to_owned()),
             identity: Some(identity),
-            sidecar: Some(RawSidecar {
-                launcher: Some(self.sidecar.launcher.as_str().to_owned()),
-                systemd: Some(RawSystemd {
-                    command: Some(self.sidecar.systemd.command.clone()),
-                    unit: Some(self.sidecar.systemd.unit.clone()),
-                }),
-                process: Some(RawProcess {
-                    command: Some(self.sidecar.process.command.clone()),
-                    stop_timeout: Some(
-                        humantime::format_duration(self.sidecar.process.stop_timeout).to_string(),
-                    ),
-                }),
-                docker: Some(RawDocker {
-                    command: Some(self.sidecar.docker.command.clone()),
-                    image: self.sidecar.docker.image.clone(),
-                    name: Some(self.sidecar.docker.name.clone()),
-                }),
-                proxy_user: Some(self.sidecar.proxy_user.clone()),
-                readiness_url: Some(self.sidecar.readiness_url.clone().unwrap_or_default()),
-            }),
+            sidecar: Some(self.sidecar.to_raw()),
             files: Some(RawFiles {
                 root: Some(self.files.root.display().to_string()),
                 cluster_env: Some(unroot(&self.files.cluster_env)),
@@ -959,6 +859,60 @@ impl Agent {
             // Serialising plain strings, lists and numbers cannot fail; keep a readable
             // fallback rather than a panic.
             Err(e) => format!("# cannot render the configuration: {e}\n"),
+        }
+    }
+}
+
+impl Sidecar {
+    /// `sidecar` as `config print` shows it: every launcher's section, the chosen one's
+    /// settings and the defaults of the others.
+    fn to_raw(&self) -> RawSidecar {
+        let mut systemd = RawSystemd {
+            command: Some(defaults::SYSTEMCTL.to_owned()),
+            unit: Some(defaults::UNIT.to_owned()),
+        };
+        let mut process = RawProcess {
+            command: Some(defaults::PROCESS_COMMAND.map(str::to_owned).to_vec()),
+            stop_timeout: Some(defaults::STOP_TIMEOUT.to_owned()),
+        };
+        let mut docker = RawDocker {
+            command: Some(defaults::DOCKER.to_owned()),
+            image: None,
+            name: Some(defaults::CONTAINER_NAME.to_owned()),
+        };
+        match &self.launcher {
+            Launcher::Systemd(s) => {
+                systemd = RawSystemd {
+                    command: Some(s.command.clone()),
+                    unit: Some(s.unit.clone()),
+                };
+            }
+            Launcher::Process(p) => {
+                process = RawProcess {
+                    command: Some(p.command.clone()),
+                    stop_timeout: Some(humantime::format_duration(p.stop_timeout).to_string()),
+                };
+            }
+            Launcher::Docker(d) => {
+                docker = RawDocker {
+                    command: Some(d.command.clone()),
+                    image: Some(d.image.clone()),
+                    name: Some(d.name.clone()),
+                };
+            }
+        }
+        RawSidecar {
+            launcher: Some(self.launcher.as_str().to_owned()),
+            systemd: Some(systemd),
+            process: Some(process),
+            docker: Some(docker),
+            proxy_user: Some(self.proxy_user.clone()),
+            readiness_url: Some(
+                self.readiness_url
+                    .as_ref()
+                    .map(|u| u.as_str().to_owned())
+                    .unwrap_or_default(),
+            ),
         }
     }
 }
@@ -1135,6 +1089,96 @@ impl Validator<'_> {
                 }),
             },
         }
+    }
+
+    /// Every launcher's section is checked, whichever launcher is chosen; the chosen one's
+    /// settings go into [`Launcher`].
+    fn sidecar(&self, raw: RawSidecar) -> Result<Sidecar> {
+        enum Kind {
+            Systemd,
+            Docker,
+            Process,
+        }
+        let kind = match raw.launcher.as_deref().unwrap_or(defaults::LAUNCHER) {
+            "systemd" => Kind::Systemd,
+            "docker" => Kind::Docker,
+            "process" => Kind::Process,
+            other => {
+                return Err(self.invalid(
+                    "sidecar.launcher",
+                    format!("{other:?} is not a launcher: use systemd, docker or process"),
+                ));
+            }
+        };
+        let systemd = raw.systemd.unwrap_or_default();
+        let systemd = Systemd {
+            command: self.non_empty("sidecar.systemd.command", systemd.command, defaults::SYSTEMCTL)?,
+            unit: self.non_empty("sidecar.systemd.unit", systemd.unit, defaults::UNIT)?,
+        };
+        let process = raw.process.unwrap_or_default();
+        let process = Process {
+            command: self.argv(
+                "sidecar.process.command",
+                process.command,
+                &defaults::PROCESS_COMMAND,
+            )?,
+            stop_timeout: self.duration(
+                "sidecar.process.stopTimeout",
+                process.stop_timeout.as_deref(),
+                defaults::STOP_TIMEOUT,
+            )?,
+        };
+        let docker = raw.docker.unwrap_or_default();
+        let docker_command = self.non_empty("sidecar.docker.command", docker.command, defaults::DOCKER)?;
+        let docker_image = match docker.image {
+            Some(i) if i.trim().is_empty() => {
+                return Err(self.invalid(
+                    "sidecar.docker.image",
+                    "is empty: set it to your mesh's proxy image, e.g. docker.io/istio/proxyv2:<istio version>",
+                ));
+            }
+            i => i,
+        };
+        let docker_name = self.non_empty("sidecar.docker.name", docker.name, defaults::CONTAINER_NAME)?;
+        let launcher = match kind {
+            Kind::Systemd => Launcher::Systemd(systemd),
+            Kind::Process => Launcher::Process(process),
+            Kind::Docker => Launcher::Docker(Docker {
+                command: docker_command,
+                image: docker_image.ok_or_else(|| {
+                    self.invalid(
+                        "sidecar.docker.image",
+                        "is required when sidecar.launcher is docker: set it to the proxy image of your mesh's Istio version, e.g. docker.io/istio/proxyv2:1.27.1",
+                    )
+                })?,
+                name: docker_name,
+            }),
+        };
+        let proxy_user = self.non_empty("sidecar.proxyUser", raw.proxy_user, defaults::PROXY_USER)?;
+        let readiness_url = match raw.readiness_url {
+            Some(u) if u.trim().is_empty() => None,
+            Some(u) => Some(self.readiness_url(&u)?),
+            None => match launcher {
+                Launcher::Systemd(_) | Launcher::Docker(_) => {
+                    Some(self.readiness_url(defaults::READINESS_URL)?)
+                }
+                Launcher::Process(_) => None,
+            },
+        };
+        Ok(Sidecar {
+            launcher,
+            proxy_user,
+            readiness_url,
+        })
+    }
+
+    fn readiness_url(&self, url: &str) -> Result<readiness::Url> {
+        readiness::Url::parse(url).map_err(|e| {
+            self.invalid(
+                "sidecar.readinessUrl",
+                format!("{e}; or \"\" to turn the probe off"),
+            )
+        })
     }
 
     fn platform(&self, raw: RawPlatform) -> Result<Identity> {
@@ -1560,11 +1604,25 @@ settings:
                 file: PathBuf::from("/etc/gangplank/join-token")
             }
         );
-        assert_eq!(a.sidecar.launcher, LauncherKind::Systemd);
-        assert_eq!(a.sidecar.systemd.command, "systemctl");
-        assert_eq!(a.sidecar.systemd.unit, "istio");
+        assert_eq!(
+            a.sidecar.launcher,
+            Launcher::Systemd(Systemd {
+                command: "systemctl".into(),
+                unit: "istio".into()
+            })
+        );
         assert_eq!(a.sidecar.proxy_user, "istio-proxy");
-        assert_eq!(a.sidecar.docker.name, "istio-proxy");
+        let docker = agent("sidecar:\n  launcher: docker\n  docker: {image: img}\n").expect("docker");
+        let Launcher::Docker(docker) = docker.sidecar.launcher else {
+            panic!("{:?}", docker.sidecar.launcher);
+        };
+        assert_eq!(docker.name, "istio-proxy");
+        assert_eq!(docker.command, "docker");
+        assert_eq!(docker.image, "img");
+        assert_eq!(
+            a.sidecar.readiness_url.as_ref().map(readiness::Url::as_str),
+            Some("http://127.0.0.1:15021/healthz/ready")
+        );
         assert_eq!(a.files.root, PathBuf::from("/"));
         assert_eq!(
             a.files.cluster_env,
@@ -1618,9 +1676,12 @@ settings:
                 ]
             }
         );
-        assert_eq!(a.sidecar.launcher, LauncherKind::Process);
-        assert_eq!(a.sidecar.process.command, vec!["/bin/sleep", "1000"]);
-        assert_eq!(a.sidecar.process.stop_timeout, Duration::from_secs(2));
+        let Launcher::Process(process) = &a.sidecar.launcher else {
+            panic!("{:?}", a.sidecar.launcher);
+        };
+        assert_eq!(process.command, vec!["/bin/sleep", "1000"]);
+        assert_eq!(process.stop_timeout, Duration::from_secs(2));
+        assert_eq!(a.sidecar.readiness_url, None);
         assert_eq!(a.sidecar.proxy_user, "1337");
         assert_eq!(a.files.token, PathBuf::from("/tmp/vm/tok/istio-token"));
         assert_eq!(a.files.hosts, PathBuf::from("/tmp/vm/etc/hosts"));

@@ -5,9 +5,14 @@
 //! - [`files`]: atomic boot-file writing and the hosts-file block;
 //! - [`launcher`]: starting the sidecar (systemd, docker or a supervised process);
 //! - [`readiness`]: probing the sidecar's readiness endpoint;
+//! - [`health`]: the sidecar's health, as the launcher and the probe see it;
 //! - [`host`]: the facts the agent reports about its host;
 //! - [`backoff`]: retry delays;
 //! - [`run`]: the onboarding loop.
+//!
+//! The modules depend on each other in one direction: `health` and `backoff` use no other
+//! module; `readiness` uses `health`; `config` uses `backoff` and `readiness`; `files` and
+//! `host` use `config`; `launcher` uses `config`, `health` and `backoff`; `run` uses them all.
 //!
 //! Embedding the agent (tests, `gangplank quickstart`):
 //!
@@ -31,6 +36,7 @@
 pub mod backoff;
 pub mod config;
 pub mod files;
+pub mod health;
 pub mod host;
 pub mod launcher;
 pub mod readiness;

@@ -7,12 +7,51 @@
 //! is unhealthy, so a health-checked WorkloadEntry gets traffic only when the proxy can take
 //! it.
 
+use std::fmt;
 use std::time::Duration;
 
-use crate::launcher::Health;
+use crate::health::Health;
 
 /// How long one probe may take.
 const TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A URL a probe can use: `http://` or `https://` with a host. Parsed once, with the
+/// configuration (`sidecar.readinessUrl`); it keeps the text as written, for
+/// `config print`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    written: String,
+    parsed: reqwest::Url,
+}
+
+impl Url {
+    /// Checks `url`.
+    pub fn parse(url: &str) -> Result<Self, Error> {
+        let err = |reason: String| Error::Url {
+            url: url.to_owned(),
+            reason,
+        };
+        let parsed = reqwest::Url::parse(url).map_err(|e| err(e.to_string()))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(err("use e.g. http://127.0.0.1:15021/healthz/ready".into()));
+        }
+        Ok(Url {
+            written: url.to_owned(),
+            parsed,
+        })
+    }
+
+    /// The URL as written in the configuration.
+    pub fn as_str(&self) -> &str {
+        &self.written
+    }
+}
+
+impl fmt::Display for Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.written)
+    }
+}
 
 /// A readiness probe on one URL.
 #[derive(Debug, Clone)]
@@ -21,31 +60,42 @@ pub struct Readiness {
     client: reqwest::Client,
 }
 
-/// The URL is not one the probe can use.
+/// Why a probe cannot be made.
 #[derive(Debug, thiserror::Error)]
-#[error("{url:?} is not an http:// or https:// URL: {reason}")]
-pub struct Error {
-    url: String,
-    reason: String,
+pub enum Error {
+    /// The URL is not one the probe can use.
+    #[error("{url:?} is not an http:// or https:// URL: {reason}")]
+    Url {
+        /// The URL as written.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The probe's HTTP client cannot be built.
+    #[error("cannot set up the readiness probe of {url}: {source}")]
+    Client {
+        /// The URL.
+        url: String,
+        /// What reqwest said.
+        source: reqwest::Error,
+    },
 }
 
 impl Readiness {
-    /// A probe on `url` (`http://` or `https://`).
-    pub fn new(url: &str) -> Result<Self, Error> {
-        let err = |reason: String| Error {
-            url: url.to_owned(),
-            reason,
-        };
-        let parsed = reqwest::Url::parse(url).map_err(|e| err(e.to_string()))?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-            return Err(err("use e.g. http://127.0.0.1:15021/healthz/ready".into()));
-        }
+    /// A probe on `url`.
+    pub fn new(url: &Url) -> Result<Self, Error> {
         let client = reqwest::Client::builder()
             .timeout(TIMEOUT)
             .no_proxy()
             .build()
-            .map_err(|e| err(e.to_string()))?;
-        Ok(Self { url: parsed, client })
+            .map_err(|source| Error::Client {
+                url: url.written.clone(),
+                source,
+            })?;
+        Ok(Self {
+            url: url.parsed.clone(),
+            client,
+        })
     }
 
     /// The URL probed.
@@ -85,7 +135,7 @@ mod tests {
     async fn a_running_sidecar_is_healthy_only_when_its_readiness_endpoint_says_so() {
         let endpoint = Probe::start(503).await.unwrap();
         let url = endpoint.url();
-        let probe = Readiness::new(&url).unwrap();
+        let probe = Readiness::new(&Url::parse(&url).unwrap()).unwrap();
 
         let h = probe.check(Health::Running).await;
         assert_eq!(
@@ -112,7 +162,10 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/healthz/ready", l.local_addr().unwrap());
         drop(l);
-        let h = Readiness::new(&url).unwrap().check(Health::Running).await;
+        let h = Readiness::new(&Url::parse(&url).unwrap())
+            .unwrap()
+            .check(Health::Running)
+            .await;
         assert!(
             matches!(&h, Health::Failed(m) if m.contains("got no answer")),
             "{h:?}"
@@ -122,11 +175,11 @@ mod tests {
     #[test]
     fn only_http_urls_are_probes() {
         for bad in ["", "127.0.0.1:15021", "file:///etc/passwd", "unix:/run/x"] {
-            let e = Readiness::new(bad).unwrap_err().to_string();
+            let e = Url::parse(bad).unwrap_err().to_string();
             assert!(e.contains("is not an http:// or https:// URL"), "{bad}: {e}");
         }
         assert_eq!(
-            Readiness::new("http://127.0.0.1:15021/healthz/ready")
+            Readiness::new(&Url::parse("http://127.0.0.1:15021/healthz/ready").unwrap())
                 .unwrap()
                 .url(),
             "http://127.0.0.1:15021/healthz/ready"

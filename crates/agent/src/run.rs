@@ -25,8 +25,10 @@ use tonic::transport::Channel;
 use crate::backoff::Backoff;
 use crate::config;
 use crate::files::{self, Changed, Name};
+use crate::health::Health;
 use crate::host;
-use crate::launcher::{self, Health, Launcher};
+use crate::launcher::{self, Launcher};
+use crate::readiness::Readiness;
 
 /// Heartbeat interval when neither the endpoint nor the config gives one.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
@@ -160,7 +162,7 @@ pub struct Agent {
     channel: Channel,
     identity: Identity,
     launcher: Box<dyn Launcher>,
-    readiness: Option<crate::readiness::Readiness>,
+    readiness: Option<Readiness>,
     writer: files::Writer,
     status: watch::Sender<Status>,
 }
@@ -216,12 +218,11 @@ impl Agent {
             channel,
             identity: Identity::Config(agent.identity.clone()),
             launcher: launcher::from_config(agent),
-            // Validated with the configuration.
-            readiness: agent
-                .sidecar
-                .readiness_url
-                .as_deref()
-                .and_then(|u| crate::readiness::Readiness::new(u).ok()),
+            readiness: agent.sidecar.readiness_url.as_ref().and_then(|url| {
+                Readiness::new(url)
+                    .inspect_err(|e| tracing::error!("{e}; the sidecar's health is the launcher's alone"))
+                    .ok()
+            }),
             writer: files::Writer::new(agent.files.clone(), &agent.sidecar.proxy_user),
             status: watch::channel(Status::Onboarding { last_error: None }).0,
         }

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use gangplank_agent::launcher::{self, Health, Launcher};
+use gangplank_agent::health::Health;
+use gangplank_agent::launcher::{self, Launcher};
 use gangplank_agent::{Agent, Config, Status, config, files};
 use gangplank_api::proto::{self, onboarding_server};
 use gangplank_identity::{Challenge, Provider};

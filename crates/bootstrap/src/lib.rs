@@ -14,9 +14,11 @@ use std::net::IpAddr;
 use gangplank_api::istio::{WorkloadEntrySpec, WorkloadGroup};
 use serde_json::{Map, Value};
 
+pub mod cluster_env;
 pub mod docker;
 mod gojson;
 pub mod goyaml;
+pub mod layout;
 
 pub use docker::{DockerInputs, render_docker_env};
 
@@ -594,7 +596,7 @@ pub fn render(inputs: &Inputs) -> Result<Files, Error> {
     root.insert("defaultConfig".into(), Value::Object(proxy_config));
     let mesh_yaml = goyaml::marshal(&Value::Object(root));
 
-    let cluster_env = cluster_env(
+    let cluster_env = render_cluster_env(
         proxy_metadata,
         inputs,
         template,
@@ -622,7 +624,7 @@ pub fn render(inputs: &Inputs) -> Result<Files, Error> {
     })
 }
 
-fn cluster_env(
+fn render_cluster_env(
     mut env: BTreeMap<String, String>,
     inputs: &Inputs,
     template: &WorkloadEntrySpec,
@@ -668,43 +670,7 @@ fn cluster_env(
         }
         None => {}
     }
-    let mut lines = Vec::with_capacity(env.len());
-    for (key, value) in &env {
-        if !is_env_name(key) {
-            return Err(Error::BadEnvKey { key: key.clone() });
-        }
-        lines.push(format!("{key}={}", shell_quote(value)));
-    }
-    // istioctl sorts whole `KEY=value` lines, which is not the same as sorting keys
-    // (`A_B=` vs `A=`).
-    lines.sort();
-    Ok(lines.join("\n") + "\n")
-}
-
-/// Quotes a value for `cluster.env` exactly as istioctl's `shellescape.Quote`: empty is `''`;
-/// a value made only of `\`, `w`, `@`, `%`, `+`, `=`, `:`, `,`, `.`, `/` and `-` is left bare
-/// (istioctl's regex escapes `\w` twice, so letters and digits are *not* safe); anything
-/// else is single-quoted with `'` written as `'"'"'`.
-pub fn shell_quote(value: &str) -> String {
-    if value.is_empty() {
-        return "''".into();
-    }
-    let safe = |c: char| {
-        matches!(
-            c,
-            '\\' | 'w' | '@' | '%' | '+' | '=' | ':' | ',' | '.' | '/' | '-'
-        )
-    };
-    if value.chars().all(safe) {
-        return value.to_string();
-    }
-    format!("'{}'", value.replace('\'', "'\"'\"'"))
-}
-
-fn is_env_name(key: &str) -> bool {
-    let mut chars = key.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    cluster_env::render(&env)
 }
 
 /// Istio's canonical service name and revision (`pkg/kube/labels`).
@@ -826,27 +792,6 @@ fn parse_yaml(text: &str) -> Result<Value, serde_saphyr::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shell_quote_reproduces_istioctl_quirk() {
-        assert_eq!(shell_quote(""), "''");
-        assert_eq!(shell_quote("latest"), "'latest'");
-        assert_eq!(shell_quote("10.10.10.10"), "'10.10.10.10'");
-        assert_eq!(shell_quote("w"), "w");
-        assert_eq!(shell_quote("@%+=:,./-\\w"), "@%+=:,./-\\w");
-        assert_eq!(shell_quote("it's"), "'it'\"'\"'s'");
-        assert_eq!(shell_quote("$(rm -rf /)"), "'$(rm -rf /)'");
-    }
-
-    #[test]
-    fn env_names() {
-        assert!(is_env_name("ISTIO_META_X"));
-        assert!(is_env_name("_a1"));
-        assert!(!is_env_name("1A"));
-        assert!(!is_env_name("A-B"));
-        assert!(!is_env_name("$(x)"));
-        assert!(!is_env_name(""));
-    }
 
     #[test]
     fn canonical_service_fallbacks() {

@@ -19,6 +19,7 @@ use gangplank_api::policy::{
     AllowRule, JoinTokenMatcher, OnboardTo, OnboardingPolicy, OnboardingPolicySpec, WorkloadMatcher,
 };
 use gangplank_api::{NamespacedName, Resource};
+use gangplank_bootstrap::layout;
 use gangplank_registry::dir;
 
 /// Marks a folder the quickstart created, so a re-run may clear it and nothing else.
@@ -119,14 +120,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     say(&indent(&std::fs::read_to_string(&file)?));
     say("Boot files written for the sidecar:");
     let fs = dir.join("vm/fs");
-    for (what, rel) in [
-        ("cluster.env", "var/lib/istio/envoy/cluster.env"),
-        ("mesh.yaml", "etc/istio/config/mesh"),
-        ("root-cert.pem", "etc/certs/root-cert.pem"),
-        ("istio-token", "var/run/secrets/tokens/istio-token"),
-        ("hosts", "etc/hosts"),
-    ] {
-        let path = fs.join(rel);
+    for (what, on_vm) in layout::FILES {
+        let path = layout::under(&fs, on_vm);
         let mode = std::fs::metadata(&path)
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
         let mode = mode
@@ -136,7 +131,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     say(&format!(
         "\nTry: cat {}   |   curl -sk https://127.0.0.1:{port}/openid/v1/jwks   |   curl -s http://{}/metrics",
-        fs.join("var/lib/istio/envoy/cluster.env").display(),
+        layout::under(&fs, layout::CLUSTER_ENV).display(),
         endpoint.monitoring_addr
     ));
     say("Press Ctrl-C to leave the mesh (the WorkloadEntry is removed) and stop.");

@@ -7,12 +7,11 @@ use std::fmt;
 
 use gangplank_api::istio::{GroupMetadata, WorkloadEntry, WorkloadGroup, WorkloadGroupSpec};
 use gangplank_api::meta::ObjectMeta;
-use gangplank_bootstrap::{DockerInputs, Inputs, InstanceIp, MeshConfig, TOKEN_MODE};
+use gangplank_bootstrap::docker::{self, CONTAINER};
+use gangplank_bootstrap::{DockerInputs, Inputs, InstanceIp, MeshConfig, TOKEN_MODE, layout};
 
 use crate::target::{Target, annotation, is_plain_abs_path};
 
-/// The container name Tetrate's tool used.
-pub const CONTAINER: &str = "istio-proxy";
 /// Mode of every file but the token.
 pub const FILE_MODE: u32 = 0o644;
 
@@ -338,32 +337,26 @@ fn docker_steps(
             return Err(Error::BadImage { entry: id, image });
         }
         steps.push(Step::Exec {
-            command: format!("docker rm --force {CONTAINER}"),
+            command: format!("docker {}", docker::remove_args(CONTAINER).join(" ")),
             ignore_failure: true,
         });
+        // The agent's recipe: the token's directory (this bundle's) is mounted, so a token
+        // pushed again without restarting the container reaches the running proxy. Every
+        // part is a plain path or a checked image reference: no shell quoting needed.
+        let run = docker::run_args(&docker::Run {
+            name: CONTAINER,
+            image: &image,
+            root_cert: &format!("{dir}/istio-ca.pem"),
+            token_dir: dir,
+            mesh: None,
+            env: docker::Env::File(&format!("{dir}/sidecar.env")),
+        });
         steps.push(Step::Exec {
-            command: format!(
-                "docker run -d --name {CONTAINER} --restart unless-stopped --network host \
-                 -v {dir}/istio-ca.pem:/var/run/secrets/istio/root-cert.pem \
-                 -v {dir}/istio-token:/var/run/secrets/tokens/istio-token \
-                 --env-file {dir}/sidecar.env {image} proxy sidecar"
-            ),
+            command: format!("docker {}", run.join(" ")),
             ignore_failure: false,
         });
     }
     Ok(steps)
-}
-
-/// The paths of Istio's native VM layout (`reference/istio-vm.md` §0).
-pub mod native {
-    /// `cluster.env`.
-    pub const CLUSTER_ENV: &str = "var/lib/istio/envoy/cluster.env";
-    /// The mesh config (`mesh.yaml`).
-    pub const MESH: &str = "etc/istio/config/mesh";
-    /// The root certificate.
-    pub const ROOT_CERT: &str = "etc/certs/root-cert.pem";
-    /// The token.
-    pub const TOKEN: &str = "var/run/secrets/tokens/istio-token";
 }
 
 fn systemd_steps(
@@ -414,12 +407,13 @@ fn systemd_steps(
         entry: id,
         source: Box::new(source),
     })?;
-    let path = |rel: &str| format!("{root}/{rel}");
+    // Istio's package layout under the remote root (`root` has no trailing `/`).
+    let path = |abs: &str| format!("{root}{abs}");
     let dirs: Vec<String> = [
-        native::CLUSTER_ENV,
-        native::MESH,
-        native::ROOT_CERT,
-        native::TOKEN,
+        layout::CLUSTER_ENV,
+        layout::MESH,
+        layout::ROOT_CERT,
+        layout::TOKEN,
     ]
     .iter()
     .map(|p| path(p.rsplit_once('/').map_or("", |(d, _)| d)))
@@ -430,25 +424,25 @@ fn systemd_steps(
             ignore_failure: false,
         },
         Step::Copy {
-            path: path(native::CLUSTER_ENV),
+            path: path(layout::CLUSTER_ENV),
             content: files.cluster_env.into_bytes(),
             mode: FILE_MODE,
             secret: false,
         },
         Step::Copy {
-            path: path(native::MESH),
+            path: path(layout::MESH),
             content: files.mesh_yaml.into_bytes(),
             mode: FILE_MODE,
             secret: false,
         },
         Step::Copy {
-            path: path(native::ROOT_CERT),
+            path: path(layout::ROOT_CERT),
             content: files.root_cert,
             mode: FILE_MODE,
             secret: false,
         },
         Step::Copy {
-            path: path(native::TOKEN),
+            path: path(layout::TOKEN),
             content: files.istio_token,
             mode: TOKEN_MODE,
             secret: true,

@@ -133,8 +133,8 @@ async fn docker_bundle_and_commands_arrive_on_every_vm() {
         let d = dir.display().to_string();
         let run = format!(
             "docker run -d --name istio-proxy --restart unless-stopped --network host \
-             -v {d}/istio-ca.pem:/var/run/secrets/istio/root-cert.pem \
-             -v {d}/istio-token:/var/run/secrets/tokens/istio-token \
+             -v {d}/istio-ca.pem:/var/run/secrets/istio/root-cert.pem:ro \
+             -v {d}:/var/run/secrets/tokens:ro \
              --env-file {d}/sidecar.env docker.io/tetrate/proxyv2:1.27.1 proxy sidecar"
         );
         assert_eq!(
