@@ -43,6 +43,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "render")]
     fn every_path_is_absolute_and_named_as_istioctl_names_the_file() {
         for (name, path) in FILES {
             assert!(path.starts_with('/'), "{path}");
