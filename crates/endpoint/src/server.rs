@@ -280,9 +280,10 @@ pub fn verifiers(
     registry: &Arc<dyn Registry>,
 ) -> anyhow::Result<BTreeMap<&'static str, Arc<dyn Verifier>>> {
     let ids = &file.identities;
+    let store = Arc::new(gangplank_registry::IdentityStore::new(registry.clone()));
     let mut verifiers: BTreeMap<&'static str, Arc<dyn Verifier>> = BTreeMap::new();
     if ids.join_tokens {
-        let v = gangplank_identity::token::Verifier::new(registry.clone());
+        let v = gangplank_identity::token::Verifier::new(store.clone());
         verifiers.insert(gangplank_api::kind::JOIN_TOKEN, Arc::new(v));
     }
     if !ids.jwt.issuers.is_empty() {
@@ -291,7 +292,7 @@ pub fn verifiers(
         verifiers.insert(gangplank_api::kind::JWT, Arc::new(v));
     }
     if let Some(aws) = &ids.aws_ec2 {
-        let v = aws.verifier(registry.clone()).context("identities.awsEc2")?;
+        let v = aws.verifier(store.clone()).context("identities.awsEc2")?;
         verifiers.insert(gangplank_api::kind::AWS_EC2, Arc::new(v));
     }
     if let Some(gcp) = &ids.gcp_gce {

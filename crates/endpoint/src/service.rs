@@ -125,7 +125,7 @@ impl Service {
             .verify(&credential, &challenge, &group_key)
             .await
             .map_err(|e| match e {
-                gangplank_identity::Error::Registry(e) => registry_status(e),
+                gangplank_identity::Error::Store(e) => registry_status(e.into()),
                 gangplank_identity::Error::UnsupportedKind(_) => Status::invalid_argument(e.to_string()),
                 other => Status::unauthenticated(other.to_string()),
             })?;
@@ -154,7 +154,7 @@ impl Service {
             .commit(&identity, &credential)
             .await
             .map_err(|e| match e {
-                gangplank_identity::Error::Registry(e) => registry_status(e),
+                gangplank_identity::Error::Store(e) => registry_status(e.into()),
                 other => Status::unauthenticated(other.to_string()),
             })?;
         let stored = plane
