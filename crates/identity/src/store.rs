@@ -2,10 +2,10 @@
 //! traits that `gangplank-registry` implements, so this crate does not depend on the registry
 //! (and the agent links no Kubernetes client through it).
 //!
-//! [`JoinTokens`] is what the join-token verifier reads and writes; [`Entries`] is what the
-//! AWS verifier reads (an instance holds one registration at a time) and `aws::release`
-//! deletes. Both exist with the `verify` feature; [`Error`] always does, as
-//! [`crate::Error::Store`] holds it.
+//! `JoinTokens` is what the join-token verifier reads and writes; `Entries` is what the AWS
+//! verifier reads (an instance holds one registration at a time) and `aws::release` deletes.
+//! Both exist with the `verify` feature; [`Error`] always does, as [`crate::Error::Store`]
+//! holds it.
 
 #[cfg(feature = "verify")]
 use gangplank_api::{NamespacedName, istio::WorkloadEntry, token::JoinToken};

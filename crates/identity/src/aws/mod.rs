@@ -57,7 +57,8 @@ const PROOF_CONTEXT: &[u8] = b"gangplank aws-ec2 onboarding proof v1";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Facts {
-    /// `aws`, `aws-cn` or `aws-us-gov`, from the region (derived when empty).
+    /// The partition ([`partition`]: `aws`, `aws-cn`, `aws-us-gov`, …), from the region
+    /// (derived when empty).
     #[serde(default)]
     pub partition: String,
     /// The 12-digit account id.

@@ -3,7 +3,7 @@
 //! The admin hands out `<id>.<secret>`; the registry stores only the SHA-256 of the secret
 //! (in a `JoinToken` named `<id>` in the group's namespace). The agent half ([`Provider`])
 //! reads the token from a file. With the `verify` feature (`verify.rs`), `create` makes a
-//! token and the endpoint half (`Verifier`) checks it against a [`crate::store::JoinTokens`]
+//! token and the endpoint half (`Verifier`) checks it against a `store::JoinTokens`
 //! without writing anything; its [`commit`](crate::Verifier::commit) takes one use
 //! atomically once policy allowed the onboarding.
 
