@@ -47,7 +47,8 @@ async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{id:?} is not an EC2 instance id: it looks like i-0abc1234def567890");
     }
     let crate::registry::Opened { registry, place } = args.registry.open().await?;
-    let released = gangplank_identity::aws::release(registry.as_ref(), id).await?;
+    let store = gangplank_registry::IdentityStore::new(registry);
+    let released = gangplank_identity::aws::release(&store, id).await?;
     if released.is_empty() {
         println!("instance {id} holds no registration in {place}");
         return Ok(ExitCode::from(1));

@@ -7,6 +7,7 @@ use gangplank_api::istio::WorkloadGroup;
 use gangplank_api::token::JoinToken;
 use gangplank_api::{NamespacedName, kind, proto};
 use gangplank_identity::token::{Verifier, secret_sha256};
+use gangplank_registry::IdentityStore;
 use gangplank_registry::dir::Registry;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -73,7 +74,7 @@ async fn prints_only_the_token_and_stores_only_its_hash() {
     assert!(!file.contains(secret), "the secret is never stored");
 
     // The printed token is accepted by the endpoint's verifier.
-    let verifier = Verifier::new(Arc::new(registry.clone()));
+    let verifier = Verifier::new(Arc::new(IdentityStore::new(Arc::new(registry.clone()))));
     let credential = proto::Credential {
         kind: kind::JOIN_TOKEN.into(),
         payload: token.as_bytes().to_vec(),

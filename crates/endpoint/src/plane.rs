@@ -130,9 +130,10 @@ fn verifiers(
     registry: &Arc<dyn Registry>,
 ) -> Result<BTreeMap<&'static str, Arc<dyn Verifier>>> {
     let ids = &file.identities;
+    let store = Arc::new(gangplank_registry::IdentityStore::new(registry.clone()));
     let mut verifiers: BTreeMap<&'static str, Arc<dyn Verifier>> = BTreeMap::new();
     if ids.join_tokens {
-        let v = gangplank_identity::token::Verifier::new(registry.clone());
+        let v = gangplank_identity::token::Verifier::new(store.clone());
         verifiers.insert(gangplank_api::kind::JOIN_TOKEN, Arc::new(v));
     }
     if !ids.jwt.issuers.is_empty() {
@@ -141,7 +142,7 @@ fn verifiers(
         verifiers.insert(gangplank_api::kind::JWT, Arc::new(v));
     }
     if let Some(aws) = &ids.aws_ec2 {
-        let v = aws.verifier(registry.clone()).map_err(invalid("awsEc2"))?;
+        let v = aws.verifier(store.clone()).map_err(invalid("awsEc2"))?;
         verifiers.insert(gangplank_api::kind::AWS_EC2, Arc::new(v));
     }
     if let Some(gcp) = &ids.gcp_gce {

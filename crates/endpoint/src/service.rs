@@ -360,7 +360,7 @@ impl Onboarding for Service {
 fn identity_status(err: gangplank_identity::Error) -> Status {
     use gangplank_identity::Error as E;
     match err {
-        E::Registry(e) => registry_status(e),
+        E::Store(e) => registry_status(e.into()),
         E::UnsupportedKind(_) => Status::invalid_argument(err.to_string()),
         E::Unavailable(why) => {
             tracing::error!(%why, "cannot verify credentials");

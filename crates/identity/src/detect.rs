@@ -4,7 +4,6 @@
 //! service answers (IMDSv2 token `PUT`; GCP's `Metadata-Flavor: Google` response header;
 //! Azure's `Metadata: true` request header). A fixed `host` in the agent config skips this.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -17,8 +16,6 @@ use crate::{Challenge, Error, Provider, Result};
 
 /// How long each probe may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-/// Longest metadata response read.
-const MAX_RESPONSE: usize = 64 * 1024;
 
 /// A cloud platform with a metadata service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,7 +180,7 @@ impl Default for MetadataUrls {
 /// Probes every metadata service at once; the first platform whose service answers
 /// genuinely, or an error naming what was tried.
 pub async fn detect(urls: &MetadataUrls, timeout: Duration) -> Result<Platform> {
-    let client = metadata_client(timeout)?;
+    let client = crate::metadata::client(timeout)?;
     let aws = async {
         let url = format!("{}/latest/api/token", urls.aws.trim_end_matches('/'));
         let resp = client
@@ -223,122 +220,4 @@ pub async fn detect(urls: &MetadataUrls, timeout: Duration) -> Result<Platform> 
             timeout.as_millis()
         ))
     })
-}
-
-/// An HTTP client for link-local metadata services: no proxy, short timeout.
-/// A platform's metadata service as a provider talks to it: the base URL (no trailing `/`)
-/// and an HTTP client with the platform's timeouts, no proxy and no redirects.
-#[derive(Debug, Clone)]
-pub(crate) struct Metadata {
-    /// Base URL, e.g. `http://169.254.169.254`.
-    pub(crate) base: String,
-    /// The client.
-    pub(crate) client: reqwest::Client,
-}
-
-impl Metadata {
-    /// The service at `base`, or at `default` when none is configured.
-    pub(crate) fn new(base: Option<String>, default: &str, timeout: Duration) -> Result<Self> {
-        let base = base
-            .unwrap_or_else(|| default.into())
-            .trim_end_matches('/')
-            .to_string();
-        Ok(Self {
-            base,
-            client: metadata_client(timeout)?,
-        })
-    }
-}
-
-pub(crate) fn metadata_client(timeout: Duration) -> Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(timeout)
-        .connect_timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| Error::Unavailable(format!("cannot build the metadata HTTP client: {e}")))
-}
-
-/// Sends `req` and reads a short text body; the error names `what` and the URL.
-pub(crate) async fn read_text(req: reqwest::RequestBuilder, url: &str, what: &str) -> Result<String> {
-    read_text_or_none(req, url, what)
-        .await?
-        .ok_or_else(|| Error::Unavailable(format!("{what} at {url}: HTTP 404 Not Found")))
-}
-
-/// [`read_text`], with `None` for a 404 (a metadata path that does not apply here).
-pub(crate) async fn read_text_or_none(
-    req: reqwest::RequestBuilder,
-    url: &str,
-    what: &str,
-) -> Result<Option<String>> {
-    let fail = |why: String| Error::Unavailable(format!("{what} at {url}: {why}"));
-    let mut resp = req.send().await.map_err(|e| {
-        fail(format!(
-            "unreachable ({e}); is the agent running on this platform?"
-        ))
-    })?;
-    if resp.status() == reqwest::StatusCode::NOT_FOUND {
-        return Ok(None);
-    }
-    if !resp.status().is_success() {
-        return Err(fail(format!("HTTP {}", resp.status())));
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
-        body.extend_from_slice(&chunk);
-        if body.len() > MAX_RESPONSE {
-            return Err(fail(format!("response larger than {MAX_RESPONSE} bytes")));
-        }
-    }
-    String::from_utf8(body)
-        .map(Some)
-        .map_err(|_| fail("response is not UTF-8".into()))
-}
-
-/// A short, quoted, printable form of an untrusted value for an error message.
-pub(crate) fn shown(s: &str) -> String {
-    const MAX: usize = 80;
-    let mut out: String = s.chars().take(MAX).collect();
-    if s.chars().count() > MAX {
-        out.push('…');
-    }
-    format!("{out:?}")
-}
-
-/// `onboarding.gangplank.dev/<name>` labels for the values that are valid label values.
-pub(crate) fn short_labels<'a>(
-    pairs: impl IntoIterator<Item = (&'a str, &'a String)>,
-) -> BTreeMap<String, String> {
-    pairs
-        .into_iter()
-        .filter(|(_, v)| is_label_value(v))
-        .map(|(k, v)| (format!("onboarding.gangplank.dev/{k}"), v.clone()))
-        .collect()
-}
-
-/// A valid, non-empty Kubernetes label value: at most 63 of `[A-Za-z0-9._-]`, alphanumeric
-/// at both ends.
-pub(crate) fn is_label_value(v: &str) -> bool {
-    let b = v.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn label_values() {
-        assert!(is_label_value("us-east-1a"));
-        assert!(!is_label_value("a/b"));
-        assert!(!is_label_value(&"x".repeat(64)));
-        assert!(!is_label_value("-x"));
-    }
 }

@@ -4,6 +4,10 @@
 //! together: how the agent obtains a credential ([`Provider`]) and how the endpoint verifies
 //! it ([`Verifier`]). A verifier turns a credential into an [`Identity`]: facts the endpoint
 //! has checked, which policy evaluation, WorkloadEntry naming and labels rely on.
+//!
+//! The endpoint halves are behind the `verify` feature, each in its platform's `verify`
+//! submodule: they need OpenSSL (PKCS#7, X.509 chains), JWKS caches and a [`store`]. Without
+//! the feature the crate is what the agent links: the providers, [`detect`], and the facts.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,7 +21,11 @@ pub mod azure;
 pub mod detect;
 pub mod gcp;
 pub mod jwt;
+mod metadata;
+#[cfg(feature = "verify")]
 mod pkcs7;
+pub mod store;
+mod text;
 pub mod token;
 
 /// What an agent proves itself against: the plane it talks to and a fresh nonce.
@@ -183,9 +191,9 @@ pub enum Error {
     /// The agent could not obtain a credential (file missing, command failed, metadata down).
     #[error("{0}")]
     Unavailable(String),
-    /// A store the verifier needs failed.
+    /// A store the verifier needs (join tokens, registrations) failed.
     #[error(transparent)]
-    Registry(#[from] gangplank_registry::Error),
+    Store(#[from] store::Error),
 }
 
 /// A verifier's or provider's result.

@@ -14,8 +14,8 @@ use gangplank_api::{NamespacedName, kind, proto};
 use gangplank_identity::aws::sigv4::Credentials;
 use gangplank_identity::aws::{self, Certificates, Provider, Verifier, role};
 use gangplank_identity::{Challenge, Facts, Identity, Provider as _, Verifier as _};
-use gangplank_registry::Registry as _;
 use gangplank_registry::dir::Registry;
+use gangplank_registry::{IdentityStore, Registry as _};
 use gangplank_testkit::cloud::aws::{Imds, Instance, SigningKeys, Sts};
 
 struct Setup {
@@ -44,7 +44,7 @@ async fn setup() -> Setup {
     let sts = Sts::start(imds.iam(), "us-east-1").await.expect("sts");
     let dir = tempfile::tempdir().expect("tempdir");
     let registry = Registry::open(dir.path().join("registry")).expect("registry");
-    let verifier = Verifier::new(certs, Arc::new(registry.clone()))
+    let verifier = Verifier::new(certs, Arc::new(IdentityStore::new(Arc::new(registry.clone()))))
         .with_sts(role::Sts::new(&sts.url(), Duration::from_secs(5)).expect("sts client"));
     Setup {
         imds,
@@ -298,9 +298,12 @@ async fn release_ends_the_registration_so_a_reimaged_vm_can_join_again() {
         .expect("first join");
     let key = s.register(&first, &ratings()).await;
 
-    let released = aws::release(&s.registry, "i-0abc1234def567890")
-        .await
-        .expect("release");
+    let released = aws::release(
+        &IdentityStore::new(Arc::new(s.registry.clone())),
+        "i-0abc1234def567890",
+    )
+    .await
+    .expect("release");
     assert_eq!(released, vec![key.clone()]);
     assert!(s.registry.entry(&key).await.expect("read").is_none());
 
@@ -348,7 +351,8 @@ fn setup_window(s: &Setup, window: Duration) -> Verifier {
             keys.certificate_pem("us-east-1").expect("pem").as_bytes(),
         )
         .expect("certificates");
-    Verifier::new(certs, Arc::new(s.registry.clone())).with_first_join_window(window)
+    Verifier::new(certs, Arc::new(IdentityStore::new(Arc::new(s.registry.clone()))))
+        .with_first_join_window(window)
 }
 
 /// A credential with `document` and `rsa2048` swapped in, keeping the agent's proof.

@@ -8,8 +8,8 @@ use gangplank_api::token::JoinToken;
 use gangplank_api::{NamespacedName, kind, proto};
 use gangplank_identity::token::{self, Provider, Secret, Verifier};
 use gangplank_identity::{Challenge, Error, Facts, Provider as _};
-use gangplank_registry::Registry as _;
 use gangplank_registry::dir::Registry;
+use gangplank_registry::{IdentityStore, Registry as _};
 use time::OffsetDateTime;
 
 struct Setup {
@@ -21,7 +21,7 @@ struct Setup {
 fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let registry = Registry::open(dir.path()).expect("registry");
-    let verifier = Verifier::new(Arc::new(registry.clone()));
+    let verifier = Verifier::new(Arc::new(IdentityStore::new(Arc::new(registry.clone()))));
     Setup {
         registry,
         verifier,

@@ -15,7 +15,10 @@ use gangplank_api::token::JoinToken;
 
 pub mod crds;
 pub mod dir;
+mod identity;
 pub mod kube;
+
+pub use identity::IdentityStore;
 
 /// What can go wrong in a registry. Messages name the object and what to change.
 #[derive(Debug, thiserror::Error)]

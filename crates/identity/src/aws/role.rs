@@ -250,8 +250,8 @@ impl Sts {
             let message = element(&body, "Message").unwrap_or_default();
             return Err(reject(format!(
                 "was refused by STS at {url} (HTTP {status}, {}: {}): the instance profile credentials are wrong or expired, the request was altered, or the instance clock is off",
-                crate::detect::shown(&code),
-                crate::detect::shown(&message)
+                crate::text::shown(&code),
+                crate::text::shown(&message)
             )));
         }
         let result = element(&body, "GetCallerIdentityResult").ok_or_else(|| {
@@ -275,7 +275,7 @@ fn check_shape(proof: &Proof, challenge: &Challenge, url: &Url) -> Result<Vec<(S
     if let Some(name) = proof.headers.keys().find(|n| !FORWARDED.contains(&n.as_str())) {
         return Err(reject(format!(
             "carries header {}, which is not forwarded to STS (allowed: {})",
-            crate::detect::shown(name),
+            crate::text::shown(name),
             FORWARDED.join(", ")
         )));
     }
@@ -307,7 +307,7 @@ fn check_shape(proof: &Proof, challenge: &Challenge, url: &Url) -> Result<Vec<(S
     {
         return Err(reject(format!(
             "signs header {} but does not carry it",
-            crate::detect::shown(name)
+            crate::text::shown(name)
         )));
     }
     if *header(NONCE_HEADER)? != challenge.nonce {
@@ -319,7 +319,7 @@ fn check_shape(proof: &Proof, challenge: &Challenge, url: &Url) -> Result<Vec<(S
     if *header("host")? != expected {
         return Err(reject(format!(
             "is signed for STS host {}, but this endpoint verifies with STS at {expected}: the agent signs for the URL Discover gives it",
-            crate::detect::shown(header("host")?)
+            crate::text::shown(header("host")?)
         )));
     }
     Ok(proof
@@ -336,13 +336,13 @@ fn role_of(arn: &str, account: &str, facts: &Facts) -> Result<String> {
     let ["arn", partition, "sts", "", arn_account, resource] = parts.as_slice() else {
         return Err(reject(format!(
             "got a caller ARN from STS that is not an STS ARN: {}",
-            crate::detect::shown(arn)
+            crate::text::shown(arn)
         )));
     };
     if account != facts.account || *arn_account != facts.account || *partition != facts.partition {
         return Err(reject(format!(
             "is signed by credentials of account {} ({partition}), not of the instance's account {} ({}): credentials from another account are refused",
-            crate::detect::shown(account),
+            crate::text::shown(account),
             facts.account,
             facts.partition
         )));
@@ -351,20 +351,20 @@ fn role_of(arn: &str, account: &str, facts: &Facts) -> Result<String> {
     let ["assumed-role", role, session] = pieces.as_slice() else {
         return Err(reject(format!(
             "is signed by {}, which is not an assumed role: only an instance profile's role credentials prove a role",
-            crate::detect::shown(arn)
+            crate::text::shown(arn)
         )));
     };
     if *session != facts.instance_id {
         return Err(reject(format!(
             "is signed by credentials of role session {} but the document is instance {}: EC2 names instance-profile sessions after the instance, so these credentials belong to another machine",
-            crate::detect::shown(session),
+            crate::text::shown(session),
             facts.instance_id
         )));
     }
     if !is_role_name(role) {
         return Err(reject(format!(
             "names role {}, which is not an IAM role name",
-            crate::detect::shown(role)
+            crate::text::shown(role)
         )));
     }
     Ok(role.to_string())

@@ -1,23 +1,7 @@
-//! Azure virtual machines: IMDS attested data, signed by Azure, bound to the endpoint's nonce.
-//!
-//! Agent half ([`Provider`]): `GET /metadata/attested/document?api-version=2020-09-01&nonce=…`
-//! with header `Metadata: true`. IMDS accepts a 10-digit nonce, so both halves derive it
-//! from the plane id and the endpoint's single-use challenge ([`imds_nonce`]).
-//!
-//! Endpoint half ([`Verifier`]): the response is `{"encoding":"pkcs7","signature":"<base64>"}`.
-//! The PKCS#7 signature and its certificate chain must verify to Microsoft's roots (built
-//! in, see `data/README.md`; overridable), the signer must be `metadata.azure.com` or a
-//! sovereign cloud's name, the signed nonce must equal the expected one and `timeStamp`
-//! must be current. The identity is the subscription id, vmId and sku.
-//!
-//! The document carries only the signer's certificate. Its issuing CA (one of Azure's
-//! rotating "Microsoft Azure … TLS Issuing CA"s) is taken from `azureVm.intermediates`, else
-//! fetched once from the certificate's AIA `caIssuers` URL and cached — only from the hosts in
-//! `azureVm.issuerHosts` (default `www.microsoft.com`, where Microsoft publishes them), so a
-//! forged certificate cannot make the endpoint fetch arbitrary URLs. A fetched certificate is
-//! untrusted like any intermediate: the chain must still end at a configured root.
+//! The endpoint half of Azure: the attested document's PKCS#7 signature and chain to
+//! Microsoft's roots (fetching the signer's issuing CA from allowed hosts), its signer name,
+//! nonce and age.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -29,15 +13,11 @@ use openssl::nid::Nid;
 use openssl::x509::store::X509Store;
 use openssl::x509::{X509, X509Ref};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+use super::{Facts, imds_nonce};
 use crate::{Challenge, Error, Identity, Result, pkcs7};
 
-/// Where IMDS answers on every Azure VM.
-pub const DEFAULT_IMDS_URL: &str = "http://169.254.169.254";
-/// The IMDS API version requested.
-pub const API_VERSION: &str = "2020-09-01";
 /// Signer names of Azure's public and sovereign clouds.
 pub const SIGNER_NAMES: &[&str] = &[
     "metadata.azure.com",
@@ -53,65 +33,9 @@ pub const DEFAULT_ISSUER_HOSTS: &[&str] = &["www.microsoft.com"];
 const MAX_ISSUER: usize = 64 * 1024;
 const ISSUER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Microsoft's roots built in.
-const BUILTIN_ROOTS: &str = include_str!("../data/azure/roots.pem");
-const IMDS_TIMEOUT: Duration = Duration::from_secs(5);
+const BUILTIN_ROOTS: &str = include_str!("../../data/azure/roots.pem");
 const LEEWAY_SECS: i64 = 60;
 const MAX_PAYLOAD: usize = 64 * 1024;
-
-/// Verified facts of an Azure VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Facts {
-    /// The subscription id.
-    pub subscription_id: String,
-    /// The VM's unique id.
-    pub vm_id: String,
-    /// The image sku.
-    #[serde(default)]
-    pub sku: String,
-}
-
-impl Facts {
-    /// The `identity` annotation value: `azure:<subscription>/<vmId>`.
-    pub fn annotation(&self) -> String {
-        format!("azure:{}/{}", self.subscription_id, self.vm_id)
-    }
-
-    /// Parts of the WorkloadEntry name: subscription and vmId.
-    pub fn name_parts(&self) -> Vec<String> {
-        vec![self.subscription_id.clone(), self.vm_id.clone()]
-    }
-
-    /// Label-safe facts.
-    pub fn labels(&self) -> BTreeMap<String, String> {
-        crate::detect::short_labels([
-            ("azure-subscription", &self.subscription_id),
-            ("azure-vm-id", &self.vm_id),
-        ])
-    }
-
-    /// Annotations recording the facts.
-    pub fn annotations(&self) -> BTreeMap<String, String> {
-        serde_json::to_string(self)
-            .map(|json| BTreeMap::from([("onboarding.gangplank.dev/azure-vm".to_string(), json)]))
-            .unwrap_or_default()
-    }
-}
-
-/// The nonce an agent asks IMDS to sign: 10 decimal digits derived from the plane id and
-/// the endpoint's challenge nonce.
-pub fn imds_nonce(challenge: &Challenge) -> String {
-    let mut h = Sha256::new();
-    h.update(b"gangplank azure-vm nonce v1");
-    h.update([0]);
-    h.update(challenge.plane_id.as_bytes());
-    h.update([0]);
-    h.update(challenge.nonce.as_bytes());
-    let d = h.finalize();
-    let mut n = [0u8; 8];
-    n.copy_from_slice(&d[..8]);
-    format!("{:010}", u64::from_be_bytes(n) % 10_000_000_000)
-}
 
 /// What is wrong with the endpoint's Azure configuration.
 #[derive(Debug, thiserror::Error)]
@@ -438,7 +362,7 @@ impl Verifier {
         if envelope.encoding != "pkcs7" {
             return Err(reject(format!(
                 "has encoding {}, expected pkcs7",
-                crate::detect::shown(&envelope.encoding)
+                crate::text::shown(&envelope.encoding)
             )));
         }
         let compact: String = envelope
@@ -596,52 +520,6 @@ impl crate::Verifier for Verifier {
     }
 }
 
-/// The agent half: asks IMDS for attested data bound to the challenge.
-pub struct Provider {
-    metadata: crate::detect::Metadata,
-}
-
-impl fmt::Debug for Provider {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Provider")
-            .field("base", &self.metadata.base)
-            .finish()
-    }
-}
-
-impl Provider {
-    /// Talks to IMDS at `base` (default [`DEFAULT_IMDS_URL`]).
-    pub fn new(base: Option<String>) -> Result<Self> {
-        Ok(Self {
-            metadata: crate::detect::Metadata::new(base, DEFAULT_IMDS_URL, IMDS_TIMEOUT)?,
-        })
-    }
-}
-
-#[async_trait]
-impl crate::Provider for Provider {
-    fn kind(&self) -> &'static str {
-        kind::AZURE_VM
-    }
-
-    async fn credential(&self, challenge: &Challenge) -> Result<proto::Credential> {
-        let base = format!("{}/metadata/attested/document", self.metadata.base);
-        let nonce = imds_nonce(challenge);
-        let url = reqwest::Url::parse_with_params(
-            &base,
-            &[("api-version", API_VERSION), ("nonce", nonce.as_str())],
-        )
-        .map_err(|e| Error::Unavailable(format!("Azure IMDS URL {base}: {e}")))?;
-        let req = self.metadata.client.get(url.clone()).header("Metadata", "true");
-        let body = crate::detect::read_text(req, url.as_str(), "Azure IMDS").await?;
-        Ok(proto::Credential {
-            kind: kind::AZURE_VM.into(),
-            payload: body.into_bytes(),
-            ..Default::default()
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -651,23 +529,6 @@ mod tests {
         let t = parse_timestamp("11/30/20 21:19:19 -0000").map(|t| t.unix_timestamp());
         assert_eq!(t, Some(1_606_771_159));
         assert!(parse_timestamp("2020-11-30").is_none());
-    }
-
-    #[test]
-    fn nonces_are_ten_digits_and_bound_to_the_challenge() {
-        let a = Challenge {
-            plane_id: "p".into(),
-            nonce: "n1".into(),
-            ..Default::default()
-        };
-        let b = Challenge {
-            plane_id: "p".into(),
-            nonce: "n2".into(),
-            ..Default::default()
-        };
-        assert_eq!(imds_nonce(&a).len(), 10);
-        assert!(imds_nonce(&a).bytes().all(|c| c.is_ascii_digit()));
-        assert_ne!(imds_nonce(&a), imds_nonce(&b));
     }
 
     #[test]
