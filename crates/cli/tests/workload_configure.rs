@@ -1,10 +1,13 @@
 //! `gangplank workload entry configure` against Istio's golden files, run as the real binary.
 
+mod support;
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use pretty_assertions::assert_eq;
+use support::gangplank;
 
 /// One of Istio's golden sets (`vmconfig-ipv4`, `vmconfig-ipv6`,
 /// `vmconfig-nil-proxy-metadata`), kept in the repository's `shared/` folder beside the
@@ -17,13 +20,6 @@ fn istio_set(name: &str) -> PathBuf {
 
 fn golden_dir() -> PathBuf {
     istio_set("vmconfig-ipv4")
-}
-
-fn gangplank(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gangplank"))
-        .args(args)
-        .output()
-        .expect("running gangplank")
 }
 
 struct Setup {
