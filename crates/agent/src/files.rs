@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use gangplank_api::proto::BootFile;
@@ -358,19 +358,11 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: Option<(u32, 
         action: "create the directory",
         source,
     })?;
-    let temp = temp_path(path);
-    let result = write_temp(&temp, content, mode, owner).and_then(|()| {
-        fs::rename(&temp, path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            action: "replace the file",
-            source,
-        })
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result?;
-    sync_dir(dir)
+    gangplank_fs::write_owned(path, content, mode, owner).map_err(|e| Error::Io {
+        path: e.path,
+        action: e.action,
+        source: e.source,
+    })
 }
 
 fn write_hosts(plan: &Plan) -> Result<()> {
@@ -401,28 +393,6 @@ fn write_hosts(plan: &Plan) -> Result<()> {
     }
 }
 
-fn write_temp(temp: &Path, content: &[u8], mode: u32, owner: Option<(u32, u32)>) -> Result<()> {
-    let io = |action, source| Error::Io {
-        path: temp.to_path_buf(),
-        action,
-        source,
-    };
-    // Created private; the final mode is set once the content is complete.
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(temp)
-        .map_err(|e| io("create a temporary file", e))?;
-    f.write_all(content).map_err(|e| io("write", e))?;
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(|e| io("set the mode", e))?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(|e| io("change the owner", e))?;
-    }
-    f.sync_all().map_err(|e| io("sync", e))
-}
-
 fn fix_mode(path: &Path, mode: u32) -> Result<()> {
     let meta = fs::metadata(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
@@ -444,25 +414,6 @@ fn parent(path: &Path) -> &Path {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     }
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let suffix: u64 = rand::random();
-    parent(path).join(format!(".{name}.gangplank-{suffix:016x}.tmp"))
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            action: "sync the directory",
-            source,
-        })
 }
 
 /// The uid/gid to give the token to: only when running as root and the user exists.

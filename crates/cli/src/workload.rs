@@ -8,9 +8,7 @@
 //! Kubernetes arrives with the Kubernetes registry.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -327,27 +325,15 @@ fn read_mesh_config(path: &Path) -> anyhow::Result<MeshConfig> {
     MeshConfig::from_yaml(inner).with_context(|| format!("in data.mesh of {}", path.display()))
 }
 
-/// Creates `dir` if needed and writes every file through a temporary file and a rename, with
-/// its mode set before any content is written.
+/// Creates `dir` if needed and replaces every file atomically ([`gangplank_fs::write`]), with
+/// its exact mode set before it becomes visible.
 fn write_files(dir: &Path, files: &bootstrap::Files) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating the output directory {}", dir.display()))?;
     for file in files.entries() {
         let path = dir.join(file.name);
-        let tmp = dir.join(format!(".{}.tmp", file.name));
-        let write = || -> std::io::Result<()> {
-            let _ = std::fs::remove_file(&tmp);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(file.mode)
-                .open(&tmp)?;
-            f.set_permissions(std::fs::Permissions::from_mode(file.mode))?;
-            f.write_all(&file.content)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        };
-        write().with_context(|| format!("writing {}", path.display()))?;
+        gangplank_fs::write(&path, &file.content, file.mode)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -1,15 +1,15 @@
 //! `gangplank policy explain` with AWS, GCP and Azure facts, and `gangplank instance release`.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
-use gangplank_api::istio::{WorkloadEntry, WorkloadEntrySpec, WorkloadGroup};
+use gangplank_api::istio::{WorkloadEntry, WorkloadEntrySpec};
 use gangplank_api::meta::ObjectMeta;
 use gangplank_api::names::{annotation, label};
-use gangplank_api::policy::OnboardingPolicy;
 use gangplank_registry::Registry as _;
-use gangplank_registry::dir::Registry;
+use support::{gangplank, registry_with_policy, text};
 
 const POLICY: &str = r#"
 apiVersion: onboarding.gangplank.dev/v1alpha1
@@ -24,36 +24,6 @@ spec:
     onboardTo:
     - workloadGroupSelector: {matchLabels: {app: ratings}}
 "#;
-
-const GROUP: &str = r#"
-apiVersion: networking.istio.io/v1
-kind: WorkloadGroup
-metadata: {name: ratings, namespace: bookinfo, labels: {app: ratings}}
-spec:
-  template: {serviceAccount: ratings}
-"#;
-
-fn gangplank(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gangplank"))
-        .args(args)
-        .env_remove("GANGPLANK_REGISTRY")
-        .output()
-        .expect("gangplank runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-async fn registry(dir: &Path) -> (Registry, String) {
-    let root = dir.join("registry");
-    let registry = Registry::open(&root).expect("registry");
-    let group: WorkloadGroup = serde_saphyr::from_str(GROUP).expect("group");
-    registry.put(&group).await.expect("put group");
-    let policy: OnboardingPolicy = serde_saphyr::from_str(POLICY).expect("policy");
-    registry.put(&policy).await.expect("put policy");
-    (registry, root.to_str().expect("utf-8").to_string())
-}
 
 fn explain(dir: &Path, root: &str, facts: &str) -> (Option<i32>, String) {
     let path = dir.join("facts.yaml");
@@ -89,13 +59,8 @@ spec:
 #[tokio::test]
 async fn explain_takes_the_aws_iam_role_fact() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("registry");
-    let registry = Registry::open(&root).expect("registry");
-    let group: WorkloadGroup = serde_saphyr::from_str(GROUP).expect("group");
-    registry.put(&group).await.expect("put group");
-    let policy: OnboardingPolicy = serde_saphyr::from_str(ROLE_POLICY).expect("policy");
-    registry.put(&policy).await.expect("put policy");
-    let root = root.to_str().expect("utf-8");
+    let (_registry, root) = registry_with_policy(dir.path(), ROLE_POLICY).await;
+    let root = root.as_str();
     let instance = "account: \"123456789012\", region: us-east-1, zone: us-east-1a, instanceId: i-0abc";
 
     let (code, out) = explain(
@@ -127,7 +92,7 @@ async fn explain_takes_the_aws_iam_role_fact() {
 #[tokio::test]
 async fn explain_works_with_each_platform_s_facts() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_registry, root) = registry(dir.path()).await;
+    let (_registry, root) = registry_with_policy(dir.path(), POLICY).await;
 
     let (code, out) = explain(
         dir.path(),
@@ -197,7 +162,7 @@ async fn explain_works_with_each_platform_s_facts() {
 #[tokio::test]
 async fn instance_release_deletes_only_that_instance_s_registration() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (registry, root) = registry(dir.path()).await;
+    let (registry, root) = registry_with_policy(dir.path(), POLICY).await;
     for (name, identity) in [
         (
             "ratings-aws-123456789012-us-east-1a-i-0abc",

@@ -27,19 +27,6 @@ fn platform(host: &str, key_file: &Path, aws: &str, gcp: &str, azure: &str) -> C
     ))
 }
 
-async fn wait_entry(mesh: &Mesh, vm: &mut Vm) -> WorkloadEntry {
-    let found = gangplank_testkit::process::until(WAIT, || vm.read("sidecar.env"));
-    assert!(
-        found.is_some(),
-        "the sidecar never started; agent output:\n{}\nendpoint:\n{}",
-        vm.agent.output(),
-        mesh.endpoint.output()
-    );
-    let entries = mesh.entries().await;
-    assert_eq!(entries.len(), 1, "{entries:#?}");
-    entries.into_iter().next().expect("one entry")
-}
-
 fn annotation_of<'a>(entry: &'a WorkloadEntry, key: &str) -> Option<&'a str> {
     entry
         .metadata
@@ -91,7 +78,7 @@ async fn aws_onboards_and_a_copied_document_from_a_second_agent_is_refused() {
         "a",
         platform("aws-ec2", &key_a, &imds.url(), &closed(), &closed()),
     );
-    let entry = wait_entry(&mesh, &mut vm).await;
+    let entry = wait_onboarded(&mesh, &mut vm).await;
     assert_eq!(
         entry.metadata.name.as_deref(),
         Some("ratings-aws-123456789012-us-east-1a-i-0abc1234def567890")
@@ -213,7 +200,7 @@ async fn aws_iam_roles_are_verified_through_sts_and_matched_by_policy() {
         ))
         .await
         .expect("policy");
-    let entry = wait_entry(&mesh, &mut vm).await;
+    let entry = wait_onboarded(&mesh, &mut vm).await;
     assert_eq!(
         entry.metadata.name.as_deref(),
         Some("ratings-aws-123456789012-us-east-1a-i-0abc1234def567890")
@@ -268,7 +255,7 @@ async fn gcp_onboards_with_host_auto() {
         "g",
         platform("auto", &key, &closed(), &server.url(), &closed()),
     );
-    let entry = wait_entry(&mesh, &mut vm).await;
+    let entry = wait_onboarded(&mesh, &mut vm).await;
     assert_eq!(
         entry.metadata.name.as_deref(),
         Some("ratings-gcp-bookinfo-prod-us-central1-a-ratings-vm-1")
@@ -345,7 +332,7 @@ async fn azure_is_refused_until_a_policy_allows_its_subscription_then_onboards()
         ))
         .await
         .expect("policy");
-    let entry = wait_entry(&mesh, &mut vm).await;
+    let entry = wait_onboarded(&mesh, &mut vm).await;
     assert_eq!(
         entry.metadata.name.as_deref(),
         Some("ratings-azure-8d10da13-8125-4ba9-a717-bf7490507b3d-02aab8a4-74ef-476e-8182-f6d2ba4166a6")

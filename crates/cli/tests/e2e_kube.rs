@@ -3,13 +3,12 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use gangplank_api::NamespacedName;
 use gangplank_api::names::annotation;
 use gangplank_testkit::kube_api::{Server, TOKEN_ISSUER};
-use gangplank_testkit::process::{Proc, bin, until};
+use gangplank_testkit::process::{Proc, until};
 use serde_json::{Value, json};
 use support::*;
 
@@ -38,17 +37,6 @@ fn healthy_condition(entry: &Value) -> Value {
     assert_eq!(conditions.len(), 1, "{conditions:?}");
     assert_eq!(conditions[0]["type"], "Healthy");
     conditions[0].clone()
-}
-
-fn claims_of(jwt: &str) -> Value {
-    use base64::Engine;
-    let payload = jwt.split('.').nth(1).expect("a JWT");
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .unwrap(),
-    )
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,14 +276,7 @@ workloads:
             kubeconfig = kubeconfig.display(),
         ),
     );
-    let mut cmd = Command::new(bin("gangplank-endpoint"));
-    cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
-    let mut endpoint = Proc::spawn(&format!("endpoint-{replica}"), cmd);
-    let addr = endpoint
-        .wait_for(r"endpoint listening addr=(\S+)", WAIT)
-        .parse()
-        .unwrap();
-    (endpoint, addr)
+    run_endpoint(&format!("endpoint-{replica}"), &config)
 }
 
 /// Starts `gangplank-agent` for VM `name` with join token `secret` against `addr`.

@@ -12,34 +12,12 @@ use gangplank_api::token::JoinToken;
 use gangplank_testkit::process::{alive, until};
 use support::*;
 
-fn claims_of(jwt: &str) -> serde_json::Value {
-    use base64::Engine;
-    let payload = jwt.split('.').nth(1).expect("a JWT");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .unwrap();
-    serde_json::from_slice(&bytes).unwrap()
-}
-
 /// `KEY='value'` lines of a cluster.env, unquoted (the values we render are simple).
 fn env_file(text: &str) -> Vec<(String, String)> {
     text.lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.trim_matches('\'').replace("'\"'\"'", "'")))
         .collect()
-}
-
-async fn wait_onboarded(mesh: &Mesh, vm: &mut Vm) -> WorkloadEntry {
-    let found = until(WAIT, || vm.read("sidecar.env"));
-    assert!(
-        found.is_some(),
-        "the sidecar never started; agent output:\n{}\nendpoint:\n{}",
-        vm.agent.output(),
-        mesh.endpoint.output()
-    );
-    let entries = mesh.entries().await;
-    assert_eq!(entries.len(), 1, "{entries:#?}");
-    entries.into_iter().next().unwrap()
 }
 
 #[tokio::test]

@@ -37,18 +37,16 @@ fn join(token: &str) -> Option<Credential> {
 
 /// Every file under the registry with its bytes.
 fn snapshot(mesh: &Mesh) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else if !p.ends_with(".lock") {
-                out.push((p.clone(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&mesh.root().join("registry"), &mut out);
+    let mut files = Vec::new();
+    walk(&mesh.root().join("registry"), &mut files);
+    let mut out: Vec<_> = files
+        .into_iter()
+        .filter(|p| !p.ends_with(".lock"))
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
     out.sort();
     out
 }

@@ -1,11 +1,14 @@
 //! The admin commands on a Kubernetes cluster (`--kubernetes`, kubeconfig like kubectl)
 //! against the Kubernetes API stand-in: `token create` and `instance release`.
 
-use std::process::{Command, Output};
+mod support;
+
+use std::process::Output;
 
 use gangplank_identity::token::secret_sha256;
 use gangplank_testkit::kube_api::Server;
 use serde_json::json;
+use support::{gangplank_command, text};
 
 /// A stand-in with Istio's and Gangplank's CRDs and the WorkloadGroup bookinfo/ratings.
 async fn cluster() -> Server {
@@ -29,21 +32,11 @@ async fn cluster() -> Server {
 /// Runs `gangplank args…` with the stand-in's kubeconfig (off the runtime's threads).
 async fn gangplank(server: &Server, dir: &std::path::Path, args: &[&str]) -> Output {
     let kubeconfig = server.write_kubeconfig(dir).expect("kubeconfig");
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_gangplank"))
-            .args(&args)
-            .env("KUBECONFIG", kubeconfig)
-            .env_remove("GANGPLANK_REGISTRY")
-            .output()
-            .expect("gangplank runs")
-    })
-    .await
-    .expect("join")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    let mut cmd = gangplank_command(args);
+    cmd.env("KUBECONFIG", kubeconfig);
+    tokio::task::spawn_blocking(move || cmd.output().expect("gangplank runs"))
+        .await
+        .expect("join")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,11 +161,7 @@ async fn instance_release_deletes_only_that_instances_entry_in_the_cluster() {
 
 #[test]
 fn a_registry_must_be_named() {
-    let out = Command::new(env!("CARGO_BIN_EXE_gangplank"))
-        .args(["instance", "release", "i-0abc"])
-        .env_remove("GANGPLANK_REGISTRY")
-        .output()
-        .expect("gangplank runs");
+    let out = support::gangplank(&["instance", "release", "i-0abc"]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
     assert!(

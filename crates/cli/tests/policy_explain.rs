@@ -1,11 +1,10 @@
 //! `gangplank policy explain`: the endpoint's policy evaluation, offline.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod support;
 
-use gangplank_api::istio::WorkloadGroup;
-use gangplank_api::policy::OnboardingPolicy;
-use gangplank_registry::dir::Registry;
+use std::path::Path;
+
+use support::{RATINGS_GROUP, gangplank, registry_with_policy, text};
 
 const POLICY: &str = r#"
 apiVersion: onboarding.gangplank.dev/v1alpha1
@@ -21,46 +20,16 @@ spec:
     - workloadGroupSelector: {matchLabels: {app: ratings}}
 "#;
 
-const GROUP: &str = r#"
-apiVersion: networking.istio.io/v1
-kind: WorkloadGroup
-metadata: {name: ratings, namespace: bookinfo, labels: {app: ratings}}
-spec:
-  template: {serviceAccount: ratings}
-"#;
-
-fn gangplank(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gangplank"))
-        .args(args)
-        .env_remove("GANGPLANK_REGISTRY")
-        .output()
-        .expect("gangplank runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn write(dir: &Path, name: &str, body: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, body).expect("write");
     path.to_str().expect("utf-8").to_string()
 }
 
-async fn registry(dir: &Path) -> String {
-    let root = dir.join("registry");
-    let registry = Registry::open(&root).expect("registry");
-    let group: WorkloadGroup = serde_saphyr::from_str(GROUP).expect("group");
-    registry.put(&group).await.expect("put group");
-    let policy: OnboardingPolicy = serde_saphyr::from_str(POLICY).expect("policy");
-    registry.put(&policy).await.expect("put policy");
-    root.to_str().expect("utf-8").to_string()
-}
-
 #[tokio::test]
 async fn allowed_jwt_exits_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = registry(dir.path()).await;
+    let (_registry, root) = registry_with_policy(dir.path(), POLICY).await;
     let claims = write(
         dir.path(),
         "claims.json",
@@ -91,7 +60,7 @@ async fn allowed_jwt_exits_zero() {
 #[tokio::test]
 async fn denied_jwt_exits_one_with_the_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = registry(dir.path()).await;
+    let (_registry, root) = registry_with_policy(dir.path(), POLICY).await;
     let claims = write(dir.path(), "claims.yaml", "iss: https://idp.example\nsub: vm-7\n");
     let out = gangplank(&[
         "policy",
@@ -120,7 +89,7 @@ async fn denied_jwt_exits_one_with_the_reason() {
 #[test]
 fn files_without_a_registry_and_cross_namespace_policies_are_ignored() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let group = write(dir.path(), "group.yaml", GROUP);
+    let group = write(dir.path(), "group.yaml", RATINGS_GROUP);
     let foreign = write(
         dir.path(),
         "foreign.yaml",
@@ -170,7 +139,7 @@ fn files_without_a_registry_and_cross_namespace_policies_are_ignored() {
 #[tokio::test]
 async fn bad_input_exits_two() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = registry(dir.path()).await;
+    let (_registry, root) = registry_with_policy(dir.path(), POLICY).await;
     let good = write(dir.path(), "claims.yaml", "iss: https://idp.example\nsub: vm-1\n");
     let no_sub = write(dir.path(), "nosub.yaml", "iss: https://idp.example\n");
     let list = write(dir.path(), "list.yaml", "[1, 2]\n");

@@ -1,16 +1,18 @@
 //! `gangplank quickstart` as a new user runs it: onboard, show, Ctrl-C leaves.
 
-use std::process::Command;
+mod support;
+
 use std::time::Duration;
 
 use gangplank_testkit::process::{Proc, alive, until};
+use support::gangplank_command;
 
 #[test]
 fn quickstart_onboards_shows_the_entry_and_leaves_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("qs");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gangplank"));
-    cmd.args(["quickstart", "--port", "0", "--dir"]).arg(&state);
+    let mut cmd = gangplank_command(&["quickstart", "--port", "0", "--dir"]);
+    cmd.arg(&state);
     let mut qs = Proc::spawn("quickstart", cmd);
     qs.wait_for("Press Ctrl-C to leave the mesh", Duration::from_secs(60));
     let out = qs.output();
@@ -75,8 +77,7 @@ fn quickstart_onboards_shows_the_entry_and_leaves_on_ctrl_c() {
 fn quickstart_refuses_to_clear_a_folder_it_did_not_make() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("precious.txt"), "keep me").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_gangplank"))
-        .args(["quickstart", "--port", "0", "--dir"])
+    let out = gangplank_command(&["quickstart", "--port", "0", "--dir"])
         .arg(dir.path())
         .output()
         .unwrap();

@@ -2,19 +2,18 @@
 //! loopback (testkit::sshd), with entries from `-f` files and from the Kubernetes API
 //! stand-in (testkit::kube_api, a test double of the API server).
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use gangplank_testkit::kube_api;
 use gangplank_testkit::sshd::{Fleet, Vm};
 use serde_json::{Value, json};
+use support::{gangplank_command, text};
 
 const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2Vu.sig";
 const ROOT_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
-
-fn gangplank() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gangplank"))
-}
 
 fn config_dir(vm: &Vm) -> String {
     vm.root.join("etc/istio-proxy").display().to_string()
@@ -58,7 +57,7 @@ fn write_inputs(dir: &Path, entries: &[Value]) {
 }
 
 fn push_from_files(fleet: &Fleet, dir: &Path, extra: &[&str]) -> Output {
-    gangplank()
+    gangplank_command(&[])
         .arg("sidecar-bootstrap")
         .arg("-f")
         .arg(dir.join("entries"))
@@ -74,10 +73,6 @@ fn push_from_files(fleet: &Fleet, dir: &Path, extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .expect("run gangplank")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]
@@ -298,7 +293,7 @@ async fn entries_token_and_certificate_from_the_cluster() {
 
     let ssh_config = fleet.ssh_config();
     let out = tokio::task::spawn_blocking(move || {
-        gangplank()
+        gangplank_command(&[])
             .env("KUBECONFIG", kubeconfig)
             .args(["sidecar-bootstrap", "--all", "-n", "bookinfo", "--duration", "1h"])
             .arg("--ssh-config")

@@ -1,5 +1,7 @@
 //! `gangplank token create` against a temporary directory registry.
 
+mod support;
+
 use std::process::{Command, Output};
 use std::sync::Arc;
 
@@ -9,18 +11,9 @@ use gangplank_api::{NamespacedName, kind, proto};
 use gangplank_identity::token::{Verifier, secret_sha256};
 use gangplank_registry::IdentityStore;
 use gangplank_registry::dir::Registry;
+use support::{gangplank_command, text};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-
-fn gangplank(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gangplank"));
-    cmd.args(args).env_remove("GANGPLANK_REGISTRY");
-    cmd
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 async fn registry_with_group() -> (tempfile::TempDir, Registry) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -40,7 +33,7 @@ fn run(cmd: &mut Command) -> Output {
 async fn prints_only_the_token_and_stores_only_its_hash() {
     let (dir, registry) = registry_with_group().await;
     let root = dir.path().to_str().expect("utf-8 path");
-    let out = run(&mut gangplank(&[
+    let out = run(&mut gangplank_command(&[
         "token",
         "create",
         "--workload-group",
@@ -93,7 +86,7 @@ async fn prints_only_the_token_and_stores_only_its_hash() {
 #[tokio::test]
 async fn json_output_with_ttl_and_uses_from_env_registry() {
     let (dir, _registry) = registry_with_group().await;
-    let out = run(gangplank(&[
+    let out = run(gangplank_command(&[
         "token",
         "create",
         "--workload-group",
@@ -122,7 +115,7 @@ async fn json_output_with_ttl_and_uses_from_env_registry() {
 #[tokio::test]
 async fn missing_group_is_an_error_and_writes_nothing() {
     let (dir, registry) = registry_with_group().await;
-    let out = run(&mut gangplank(&[
+    let out = run(&mut gangplank_command(&[
         "token",
         "create",
         "--workload-group",
@@ -145,7 +138,7 @@ async fn missing_group_is_an_error_and_writes_nothing() {
 fn missing_registry_folder_is_not_created() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("typo");
-    let out = run(&mut gangplank(&[
+    let out = run(&mut gangplank_command(&[
         "token",
         "create",
         "--workload-group",
@@ -191,7 +184,7 @@ fn bad_arguments_are_refused() {
         ],
         &["token", "create", "--workload-group", "a/b"],
     ] {
-        let out = run(&mut gangplank(args));
+        let out = run(&mut gangplank_command(args));
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
     }
 }

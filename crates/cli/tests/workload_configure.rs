@@ -1,20 +1,25 @@
 //! `gangplank workload entry configure` against Istio's golden files, run as the real binary.
 
+mod support;
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use pretty_assertions::assert_eq;
+use support::gangplank;
 
-fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/istio-data/vmconfig-ipv4")
+/// One of Istio's golden sets (`vmconfig-ipv4`, `vmconfig-ipv6`,
+/// `vmconfig-nil-proxy-metadata`), kept in the repository's `shared/` folder beside the
+/// workspace.
+fn istio_set(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/reference/istio-data")
+        .join(name)
 }
 
-fn gangplank(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gangplank"))
-        .args(args)
-        .output()
-        .expect("running gangplank")
+fn golden_dir() -> PathBuf {
+    istio_set("vmconfig-ipv4")
 }
 
 struct Setup {
@@ -86,7 +91,14 @@ fn writes_istio_golden_files_byte_for_byte() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no --token given"), "{stderr}");
 
-    let mut written: Vec<String> = std::fs::read_dir(&s.out)
+    assert_wrote_set(&s.out, &golden_dir());
+}
+
+/// `out` holds exactly the five files istioctl writes, each equal byte for byte to its
+/// `<name>.golden` in the set `set` (which has a golden for every one of them, as Istio's
+/// `checkOutputFiles` wants), with the token private and the rest world-readable.
+fn assert_wrote_set(out: &Path, set: &Path) {
+    let mut written: Vec<String> = std::fs::read_dir(out)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
@@ -101,19 +113,94 @@ fn writes_istio_golden_files_byte_for_byte() {
             "root-cert.pem"
         ]
     );
+    let mut goldens: Vec<String> = std::fs::read_dir(set)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", set.display()))
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".golden").map(str::to_string)
+        })
+        .collect();
+    goldens.sort();
+    assert_eq!(
+        written,
+        goldens,
+        "written files vs golden files in {}",
+        set.display()
+    );
     for name in &written {
-        let got = std::fs::read(s.out.join(name)).unwrap();
-        let want = std::fs::read(golden_dir().join(format!("{name}.golden"))).unwrap();
+        let got = std::fs::read(out.join(name)).unwrap();
+        let want = std::fs::read(set.join(format!("{name}.golden"))).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&got),
             String::from_utf8_lossy(&want),
             "{name}"
         );
         assert_eq!(got, want, "{name} bytes");
-        let mode = std::fs::metadata(s.out.join(name)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(out.join(name)).unwrap().permissions().mode() & 0o777;
         let expected = if name == "istio-token" { 0o600 } else { 0o644 };
         assert_eq!(mode, expected, "mode of {name}");
     }
+}
+
+/// Istio's ipv6 set: the ipv4 flags with `--internalIP fd00:10:96::1 --ingressIP fd00:10:96::2`.
+#[test]
+fn writes_istio_ipv6_golden_files_byte_for_byte() {
+    let s = setup();
+    let dir = istio_set("vmconfig-ipv6");
+    let mut args = ipv4_args(&s);
+    for (flag, value) in [
+        ("-f", dir.join("workloadgroup.yaml").display().to_string()),
+        ("--mesh-config", dir.join("meshconfig.yaml").display().to_string()),
+        ("--internalIP", "fd00:10:96::1".to_string()),
+        ("--ingressIP", "fd00:10:96::2".to_string()),
+    ] {
+        args = with(without(args, flag), &[flag, &value]);
+    }
+    let out = run(&args);
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_wrote_set(&s.out, &dir);
+}
+
+/// Istio's nil-proxy-metadata set: mesh config `defaultConfig: {}` (given inline by Istio's
+/// test, so its folder has no meshconfig.yaml), `--internalIP 10.10.10.10 --clusterID
+/// Kubernetes`, no revision, no ingress IP.
+#[test]
+fn writes_istio_nil_proxy_metadata_golden_files_byte_for_byte() {
+    let s = setup();
+    let dir = istio_set("vmconfig-nil-proxy-metadata");
+    let mesh = s.out.parent().unwrap().parent().unwrap().join("meshconfig.yaml");
+    std::fs::write(&mesh, "defaultConfig: {}").unwrap();
+    let args: Vec<String> = [
+        "workload",
+        "entry",
+        "configure",
+        "-f",
+        &dir.join("workloadgroup.yaml").display().to_string(),
+        "--mesh-config",
+        &mesh.display().to_string(),
+        "--root-cert",
+        &s.root_cert,
+        "--internalIP",
+        "10.10.10.10",
+        "--clusterID",
+        "Kubernetes",
+        "-o",
+        &s.out.display().to_string(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let out = run(&args);
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_wrote_set(&s.out, &dir);
 }
 
 #[test]

@@ -13,7 +13,6 @@
 //! again).
 
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -136,22 +135,10 @@ fn random(n: usize) -> Vec<u8> {
 
 /// Writes a secret file atomically with mode 0600.
 pub(crate) fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| Error::Io {
+    gangplank_fs::write(path, bytes, 0o600).map_err(|e| Error::Io {
         path: path.display().to_string(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+        source: e.source,
+    })
 }
 
 fn load_or_create(path: &Path, create: impl FnOnce() -> Result<Vec<u8>, Error>) -> Result<Vec<u8>, Error> {

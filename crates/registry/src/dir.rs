@@ -5,9 +5,10 @@
 //! watches `*.yaml`/`*.yml` recursively and refuses a whole reload when one file is invalid,
 //! so only complete, valid objects are ever visible under a `.yaml` name:
 //!
-//! - every write goes to a hidden temp file in the same folder (`.<name>.tmp-<random>`, not a
-//!   YAML name), is fsynced, renamed over the target and the folder is fsynced; a crash leaves
-//!   either the old or the new file, plus at worst a hidden temp file that every reader ignores;
+//! - every write goes to a hidden temp file in the same folder
+//!   (`.<file name>.gangplank-<random>.tmp`, not a YAML name), is fsynced, renamed over the
+//!   target and the folder is fsynced ([`gangplank_fs::write`]); a crash leaves either the old
+//!   or the new file, plus at worst a hidden temp file that every reader ignores;
 //! - entries, groups and policies are mode 0644, join tokens 0600;
 //! - every read-modify-write (apply, annotate, status, token use, delete) holds an exclusive
 //!   `flock` on `<root>/.lock`, so several endpoint processes sharing a folder never lose an
@@ -27,8 +28,8 @@
 //! `<first 233 characters>-<16 hex digits of its SHA-256>.yaml`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -54,8 +55,6 @@ const LOCK_FILE: &str = ".lock";
 const MAX_PLAIN_NAME: usize = 250;
 /// How much of a long name is kept before its hash.
 const LONG_NAME_PREFIX: usize = 233;
-/// How much of the file stem goes into a temp file's name (temp names must fit too).
-const TEMP_PREFIX: usize = 200;
 
 /// A [`crate::Registry`] over a folder that istiod can also read as `fs://<root>`.
 ///
@@ -659,45 +658,15 @@ fn parent(path: &Path) -> Result<&Path> {
     })
 }
 
-/// Writes `obj` to `path` atomically: temp file, fsync, rename, fsync of the folder.
+/// Writes `obj` to `path` atomically ([`gangplank_fs::write`]: temp file, exact mode, fsync,
+/// rename, fsync of the folder), creating (and fsyncing) missing folders first.
 fn write_atomic<T: Resource>(path: &Path, obj: &T) -> Result<()> {
     let yaml = serde_saphyr::to_string(obj)
         .map_err(|e| Error::Backend(format!("encoding {} {} as YAML: {e}", T::KIND, obj.key())))?;
     let dir = parent(path)?;
     create_dirs(dir)?;
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-    let stem = stem.get(..TEMP_PREFIX).unwrap_or(stem);
-    let tmp = dir.join(format!(".{stem}.tmp-{:016x}", rand::random::<u64>()));
     let mode = if T::KIND == JoinToken::KIND { 0o600 } else { 0o644 };
-    let io_err = |what: &str, source| Error::Io {
-        context: format!("{what} {}", tmp.display()),
-        source,
-    };
-    let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|e| io_err("creating", e))?;
-        // The umask may have narrowed the mode; set it exactly.
-        file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(|e| io_err("setting the mode of", e))?;
-        file.write_all(yaml.as_bytes())
-            .map_err(|e| io_err("writing", e))?;
-        file.sync_all().map_err(|e| io_err("syncing", e))?;
-        drop(file);
-        fs::rename(&tmp, path).map_err(|source| Error::Io {
-            context: format!("renaming {} to {}", tmp.display(), path.display()),
-            source,
-        })?;
-        sync_dir(dir)
-    })();
-    if written.is_err() {
-        // Best effort: a leftover temp file is hidden and ignored by every reader anyway.
-        let _ = fs::remove_file(&tmp);
-    }
-    written
+    gangplank_fs::write(path, yaml.as_bytes(), mode).map_err(fs_err)
 }
 
 /// Creates `dir` and any missing parents, fsyncing each parent that got a new child so the
@@ -720,12 +689,15 @@ fn create_dirs(dir: &Path) -> Result<()> {
 
 /// Fsyncs a folder, making renames and removals in it durable.
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| Error::Io {
-            context: format!("syncing folder {}", dir.display()),
-            source,
-        })
+    gangplank_fs::sync_dir(dir).map_err(fs_err)
+}
+
+/// A failed write or fsync of the atomic-write helper, as this module reports I/O errors.
+fn fs_err(e: gangplank_fs::Error) -> Error {
+    Error::Io {
+        context: format!("cannot {} {}", e.action, e.path.display()),
+        source: e.source,
+    }
 }
 
 #[cfg(test)]
@@ -737,7 +709,6 @@ mod tests {
         let name = format!("{}.b", "a".repeat(251));
         let stem = file_stem(&name);
         assert!(format!("{stem}.yaml").len() <= 255, "{stem}");
-        assert!(format!(".{}.tmp-{:016x}", &stem[..TEMP_PREFIX], 0u64).len() <= 255);
         assert_ne!(stem, file_stem(&format!("{}.c", "a".repeat(251))));
         assert_eq!(file_stem("short"), "short");
     }

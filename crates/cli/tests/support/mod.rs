@@ -1,4 +1,5 @@
-//! A small mesh for end-to-end tests: a directory registry with a WorkloadGroup, a real
+//! What the CLI's integration tests share: running the `gangplank` binary, and a small mesh
+//! for end-to-end tests: a directory registry with a WorkloadGroup, a real
 //! `gangplank-endpoint` process with a dev certificate, and real `gangplank-agent`
 //! processes whose sidecar is a stand-in shell script that records its environment.
 #![allow(dead_code)]
@@ -6,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use gangplank_api::istio::{
@@ -23,6 +24,82 @@ use gangplank_testkit::process::{Proc, bin};
 
 pub const PLANE_ID: &str = "plane-e2e-0001";
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The WorkloadGroup `bookinfo/ratings` (label `app: ratings`, service account `ratings`).
+pub const RATINGS_GROUP: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: ratings, namespace: bookinfo, labels: {app: ratings}}
+spec:
+  template: {serviceAccount: ratings}
+"#;
+
+/// The `gangplank` binary under test with `args`, without `GANGPLANK_REGISTRY` from the
+/// caller's environment.
+pub fn gangplank_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gangplank"));
+    cmd.args(args).env_remove("GANGPLANK_REGISTRY");
+    cmd
+}
+
+/// Runs `gangplank args…` to completion.
+pub fn gangplank(args: &[&str]) -> Output {
+    gangplank_command(args).output().expect("gangplank runs")
+}
+
+/// Output bytes as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The claims of a JWT, read without checking its signature.
+pub fn claims_of(jwt: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = jwt.split('.').nth(1).expect("a JWT");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// A directory registry at `<dir>/registry` holding [`RATINGS_GROUP`] and the
+/// OnboardingPolicy `policy` (YAML); returns it with its root folder as text.
+pub async fn registry_with_policy(dir: &Path, policy: &str) -> (dir::Registry, String) {
+    let root = dir.join("registry");
+    let registry = dir::Registry::open(&root).expect("registry");
+    let group: WorkloadGroup = serde_saphyr::from_str(RATINGS_GROUP).expect("group");
+    registry.put(&group).await.expect("put group");
+    let policy: OnboardingPolicy = serde_saphyr::from_str(policy).expect("policy");
+    registry.put(&policy).await.expect("put policy");
+    (registry, root.to_str().expect("utf-8").to_string())
+}
+
+/// Starts `gangplank-endpoint --config <config>` (process name `name`) and waits until it
+/// listens; returns the process and its address.
+pub fn run_endpoint(name: &str, config: &Path) -> (Proc, SocketAddr) {
+    let mut cmd = Command::new(bin("gangplank-endpoint"));
+    cmd.arg("--config").arg(config).env("RUST_LOG", "info");
+    let mut endpoint = Proc::spawn(name, cmd);
+    let addr = endpoint
+        .wait_for(r"endpoint listening addr=(\S+)", WAIT)
+        .parse()
+        .unwrap();
+    (endpoint, addr)
+}
+
+/// Waits until the VM's sidecar started, then returns the mesh's only WorkloadEntry.
+pub async fn wait_onboarded(mesh: &Mesh, vm: &mut Vm) -> WorkloadEntry {
+    let found = gangplank_testkit::process::until(WAIT, || vm.read("sidecar.env"));
+    assert!(
+        found.is_some(),
+        "the sidecar never started; agent output:\n{}\nendpoint:\n{}",
+        vm.agent.output(),
+        mesh.endpoint.output()
+    );
+    let entries = mesh.entries().await;
+    assert_eq!(entries.len(), 1, "{entries:#?}");
+    entries.into_iter().next().expect("one entry")
+}
 
 /// Endpoint settings for a test.
 #[derive(Clone)]
@@ -217,7 +294,7 @@ identities:
                 more = options.identities,
             ),
         );
-        let (endpoint, addr) = Self::spawn_endpoint(&config);
+        let (endpoint, addr) = run_endpoint("endpoint", &config);
         Self {
             dir,
             registry,
@@ -228,17 +305,6 @@ identities:
         }
     }
 
-    fn spawn_endpoint(config: &Path) -> (Proc, SocketAddr) {
-        let mut cmd = Command::new(bin("gangplank-endpoint"));
-        cmd.arg("--config").arg(config).env("RUST_LOG", "info");
-        let mut endpoint = Proc::spawn("endpoint", cmd);
-        let addr = endpoint
-            .wait_for(r"endpoint listening addr=(\S+)", WAIT)
-            .parse()
-            .unwrap();
-        (endpoint, addr)
-    }
-
     /// Stops the endpoint process and starts it again on the same port.
     pub fn restart_endpoint(&mut self) {
         self.endpoint.signal("TERM");
@@ -247,7 +313,7 @@ identities:
             .unwrap()
             .replace("listen: 127.0.0.1:0\n", &format!("listen: {}\n", self.addr));
         std::fs::write(&self.config, text).unwrap();
-        let (endpoint, addr) = Self::spawn_endpoint(&self.config);
+        let (endpoint, addr) = run_endpoint("endpoint", &self.config);
         assert_eq!(addr, self.addr);
         self.endpoint = endpoint;
     }
@@ -307,7 +373,8 @@ identities:
     }
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+/// Every file below `dir`, depth first.
+pub fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             let p = e.path();

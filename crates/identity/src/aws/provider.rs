@@ -207,22 +207,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::result::Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| format!("cannot be written: {e}"))?;
-        file.write_all(bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| format!("cannot be written: {e}"))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot be written: {e}"))
+    gangplank_fs::write(path, bytes, 0o600).map_err(|e| format!("cannot be written: {e}"))
 }
 
 #[async_trait]
