@@ -82,7 +82,7 @@ fn tls(config: &Config, servers: &TaskTracker, stopping: &CancellationToken) -> 
     let stopping = stopping.clone();
     servers.spawn(async move {
         stopping.cancelled().await;
-        watcher.abort();
+        drop(watcher);
     });
     Ok(server_config)
 }

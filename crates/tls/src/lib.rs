@@ -324,15 +324,26 @@ impl ReloadingServer {
         }
     }
 
-    /// Checks the files every `every` until the returned task is dropped or aborted.
-    pub fn watch(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// Checks the files every `every` for as long as the returned [`Watch`] is kept: dropping
+    /// it stops the checks.
+    pub fn watch(&self, every: Duration) -> Watch {
         let this = self.clone();
-        tokio::spawn(async move {
+        Watch(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 this.reload_if_changed();
             }
-        })
+        }))
+    }
+}
+
+/// A running certificate watch ([`ReloadingServer::watch`]); stops when dropped.
+#[derive(Debug)]
+pub struct Watch(tokio::task::JoinHandle<()>);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
