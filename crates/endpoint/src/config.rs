@@ -334,7 +334,17 @@ pub enum Problem {
     /// A sidecar token lifetime too short to renew.
     #[error("sidecarToken.lifetime: must be at least 10s (istioctl's default is 1h)")]
     TokenLifetime,
+    /// A sidecar token lifetime Kubernetes' TokenRequest refuses.
+    #[error(
+        "sidecarToken.lifetime: {} is shorter than 10m, which Kubernetes' TokenRequest refuses \
+         (\"may not specify a duration less than 10 minutes\"): set at least 10m with registry.kubernetes",
+        humantime::format_duration(*.0)
+    )]
+    TokenLifetimeKubernetes(Duration),
 }
+
+/// The shortest token Kubernetes' TokenRequest issues.
+pub const TOKEN_REQUEST_MINIMUM: Duration = Duration::from_secs(600);
 
 /// The `apiVersion` of the endpoint's configuration.
 pub const API_VERSION: &str = "onboarding.gangplank.dev/v1alpha1";
@@ -449,6 +459,9 @@ impl Config {
         }
         if file.sidecar_token.lifetime < Duration::from_secs(10) {
             return Err(Problem::TokenLifetime);
+        }
+        if matches!(registry, Source::Kubernetes(_)) && file.sidecar_token.lifetime < TOKEN_REQUEST_MINIMUM {
+            return Err(Problem::TokenLifetimeKubernetes(file.sidecar_token.lifetime));
         }
         let replica = match &file.replica {
             Some(r) if !r.is_empty() => r.clone(),

@@ -86,5 +86,15 @@ pub enum Error {
     Signals(#[source] std::io::Error),
 }
 
+impl Error {
+    /// Whether the configuration (or a file it names) is what to fix: such errors exit 2.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Error::Config(_) | Error::Read { .. } | Error::Invalid { .. } | Error::Identity { .. }
+        )
+    }
+}
+
 /// A result of the endpoint library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

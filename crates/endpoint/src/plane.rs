@@ -67,17 +67,34 @@ pub struct Plane {
 /// of boot inputs (self-minted tokens and files, or TokenRequest and Istio's ConfigMaps).
 pub async fn build(config: Config) -> Result<Plane> {
     let file = &config.file;
-    let keys = Arc::new(Keys::load(&file.state_dir, &config.token_issuer)?);
-    let (registry, mesh, kube): (Arc<dyn Registry>, Arc<dyn crate::mesh::Source>, _) = match &config.registry
-    {
+    // Loaded (and on first start created) only once the registry is known to be there.
+    let load_keys = || Keys::load(&file.state_dir, &config.token_issuer).map(Arc::new);
+    type Parts = (
+        Arc<Keys>,
+        Arc<dyn Registry>,
+        Arc<dyn crate::mesh::Source>,
+        Option<kube::Client>,
+    );
+    let (keys, registry, mesh, kube): Parts = match &config.registry {
         Source::Directory(dir) => {
+            // Never create it: a mistyped path would serve an empty registry.
+            if !dir.is_dir() {
+                return Err(Error::Invalid {
+                    setting: "registry.directory",
+                    message: format!(
+                        "{} does not exist or is not a folder: create it (istiod reads it as fs://), or fix the path",
+                        dir.display()
+                    ),
+                });
+            }
             let registry =
                 gangplank_registry::dir::Registry::open(dir).map_err(|source| Error::Registry {
                     setting: "registry.directory",
                     source,
                 })?;
+            let keys = load_keys()?;
             let mesh = crate::mesh::Local::from_files(keys.clone(), &file.mesh)?;
-            (Arc::new(registry), Arc::new(mesh), None)
+            (keys, Arc::new(registry), Arc::new(mesh), None)
         }
         Source::Kubernetes(k8s) => {
             let client = crate::cluster::client(k8s.kubeconfig.as_deref()).await?;
@@ -97,7 +114,7 @@ pub async fn build(config: Config) -> Result<Plane> {
                 &file.mesh.istio_namespace,
                 &file.mesh.revision,
             );
-            (Arc::new(registry), Arc::new(mesh), Some(client))
+            (load_keys()?, Arc::new(registry), Arc::new(mesh), Some(client))
         }
     };
     let verifiers = verifiers(file, &registry)?;

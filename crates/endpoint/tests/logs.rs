@@ -12,6 +12,7 @@ fn json_logs_are_one_object_per_line_with_fields() {
         "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
+    std::fs::create_dir(root.join("registry")).unwrap();
     let config = root.join("endpoint.yaml");
     std::fs::write(
         &config,

@@ -59,7 +59,7 @@ impl Env {
             .expect("loading GANGPLANK_TEST_KUBECONFIG");
         let client = kube::Client::try_from(config).expect("client");
         install_crds(&client).await;
-        let ns = format!("gangplank-conformance-{scenario}-{}", std::process::id());
+        let ns = namespace_for(scenario, std::process::id());
         let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
         namespaces
             .patch(
@@ -612,6 +612,46 @@ async fn stand_in_without_istio_refuses_to_start() {
 // ---------------------------------------------------------------------------------------------
 // Against a real cluster
 
+/// The throw-away namespace of a scenario: `gangplank-conformance-<scenario>-<pid>`, with the
+/// scenario cut so the name stays a DNS label (63 characters) whatever the pid.
+fn namespace_for(scenario: &str, pid: u32) -> String {
+    const PREFIX: &str = "gangplank-conformance-";
+    let room = 63 - PREFIX.len() - 1 - pid.to_string().len();
+    let scenario = scenario[..scenario.len().min(room)].trim_end_matches('-');
+    format!("{PREFIX}{scenario}-{pid}")
+}
+
+/// The scenarios [`real_cluster`] runs, as their namespaces name them.
+const SCENARIOS: &[&str] = &[
+    "onboard",
+    "renew-and-health",
+    "disconnect-and-gc",
+    "group-deletion-cascades",
+    "policy-changes-apply-without-restart",
+    "join-tokens",
+];
+
+/// A real apiserver refuses namespace names over 63 characters; with a 5-digit pid the longest
+/// scenario's name used to be 64.
+#[test]
+fn every_scenario_namespace_is_a_dns_label_for_any_pid() {
+    for scenario in SCENARIOS {
+        for pid in [1, 31155, 4_194_304, u32::MAX] {
+            let ns = namespace_for(scenario, pid);
+            assert!(
+                gangplank_api::meta::is_dns1123_label(&ns),
+                "{ns} ({} characters)",
+                ns.len()
+            );
+            assert!(ns.starts_with("gangplank-conformance-"), "{ns}");
+        }
+    }
+    assert_eq!(
+        namespace_for("onboard", 31155),
+        "gangplank-conformance-onboard-31155"
+    );
+}
+
 /// Needs a real cluster, so it is ignored (reported as skipped, never as passed) unless run
 /// with `--ignored` and `GANGPLANK_TEST_KUBECONFIG` set (see the README).
 #[tokio::test]
@@ -626,7 +666,9 @@ async fn real_cluster() {
     let kubeconfig = kubeconfig.to_string_lossy().into_owned();
     macro_rules! run {
         ($scenario:ident) => {{
-            let env = Env::cluster(&kubeconfig, &stringify!($scenario).replace('_', "-")).await;
+            let name = stringify!($scenario).replace('_', "-");
+            assert!(SCENARIOS.contains(&name.as_str()), "add {name} to SCENARIOS");
+            let env = Env::cluster(&kubeconfig, &name).await;
             $scenario(&env).await;
             env.cleanup().await;
             eprintln!("real cluster: {} passed", stringify!($scenario));
