@@ -370,7 +370,7 @@ fn identity_status(err: gangplank_identity::Error) -> Status {
                  endpoint's operator must restore its access; the agent retries"
             ))
         }
-        E::Rejected(_) => Status::unauthenticated(err.to_string()),
+        E::Rejected { .. } => Status::unauthenticated(err.to_string()),
     }
 }
 

@@ -183,8 +183,13 @@ impl fmt::Display for Identity {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The credential is malformed, forged, expired or otherwise not acceptable.
-    #[error("{0}")]
-    Rejected(String),
+    #[error("{credential} {reason}")]
+    Rejected {
+        /// What was refused.
+        credential: Refused,
+        /// Why, and what to change (never the credential itself).
+        reason: String,
+    },
     /// The credential's kind is not configured on this endpoint.
     #[error("credential kind {0:?} is not accepted by this endpoint")]
     UnsupportedKind(String),
@@ -194,6 +199,51 @@ pub enum Error {
     /// A store the verifier needs (join tokens, registrations) failed.
     #[error(transparent)]
     Store(#[from] store::Error),
+}
+
+/// What a refusal is about: a credential kind, or a part of one. Its `Display` starts the
+/// message (`jwt has no iss claim: …`), so a verifier that wraps another (GCE tokens are
+/// JWTs) can re-word a refusal from its parts instead of editing the other's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// A join token.
+    JoinToken,
+    /// An OIDC JWT.
+    Jwt,
+    /// A GCE instance identity token.
+    GcpToken,
+    /// An AWS instance identity document.
+    AwsDocument,
+    /// The agent key proof that binds an AWS credential to its VM.
+    AwsKeyProof,
+    /// An AWS IAM role proof (a signed STS GetCallerIdentity).
+    AwsRoleProof,
+    /// An Azure attested document.
+    AzureDocument,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Refused::JoinToken => "join token",
+            Refused::Jwt => "jwt",
+            Refused::GcpToken => "gcp identity token",
+            Refused::AwsDocument => "aws instance identity document",
+            Refused::AwsKeyProof => "aws credential",
+            Refused::AwsRoleProof => "aws iam role proof",
+            Refused::AzureDocument => "azure attested document",
+        })
+    }
+}
+
+impl Error {
+    /// A refusal of `credential` because of `reason`.
+    pub fn rejected(credential: Refused, reason: impl Into<String>) -> Self {
+        Error::Rejected {
+            credential,
+            reason: reason.into(),
+        }
+    }
 }
 
 /// A verifier's or provider's result.

@@ -39,7 +39,7 @@ async fn setup() -> Setup {
 
 fn rejected(result: Result<impl std::fmt::Debug, Error>) -> String {
     match result {
-        Err(Error::Rejected(msg)) => msg,
+        Err(e @ Error::Rejected { .. }) => e.to_string(),
         other => panic!("expected Rejected, got {other:?}"),
     }
 }

@@ -60,7 +60,7 @@ async fn make(s: &Setup, group: &NamespacedName, ttl_secs: i64, uses: u32) -> (S
 
 fn rejected<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
     match r {
-        Err(Error::Rejected(msg)) => msg,
+        Err(e @ Error::Rejected { .. }) => e.to_string(),
         other => panic!("expected Rejected, got {other:?}"),
     }
 }

@@ -180,7 +180,7 @@ pub fn is_role_name(name: &str) -> bool {
 }
 
 fn reject(why: impl fmt::Display) -> Error {
-    Error::Rejected(format!("aws iam role proof {why}"))
+    Error::rejected(crate::Refused::AwsRoleProof, why.to_string())
 }
 
 /// The endpoint half: sends role proofs to the configured STS and reads the role back.

@@ -146,7 +146,7 @@ impl fmt::Debug for Verifier {
 }
 
 fn reject(why: impl fmt::Display) -> Error {
-    Error::Rejected(format!("aws instance identity document {why}"))
+    Error::rejected(crate::Refused::AwsDocument, why.to_string())
 }
 
 impl Verifier {
@@ -255,20 +255,27 @@ impl Verifier {
 /// Verifies `proof` over the challenge with `public_key` (SPKI DER, Ed25519).
 fn check_proof(public_key: &[u8], proof: &[u8], challenge: &Challenge) -> Result<PKey<Public>> {
     if public_key.is_empty() || proof.is_empty() {
-        return Err(Error::Rejected(
-            "aws credential has no agent key proof: upgrade gangplank-agent (it signs the endpoint's nonce with its instance key)".into(),
+        return Err(Error::rejected(
+            crate::Refused::AwsKeyProof,
+            "has no agent key proof: upgrade gangplank-agent (it signs the endpoint's nonce with its instance key)",
         ));
     }
     let key = PKey::public_key_from_der(public_key)
         .ok()
         .filter(|k| k.id() == Id::ED25519)
-        .ok_or_else(|| Error::Rejected("aws credential's agent public key is not an Ed25519 key".into()))?;
+        .ok_or_else(|| {
+            Error::rejected(
+                crate::Refused::AwsKeyProof,
+                "carries an agent public key that is not an Ed25519 key",
+            )
+        })?;
     let ok = openssl::sign::Verifier::new_without_digest(&key)
         .and_then(|mut v| v.verify_oneshot(proof, &proof_message(challenge)))
         .unwrap_or(false);
     if !ok {
-        return Err(Error::Rejected(
-            "aws credential's proof is not a signature of this challenge by the agent's key".into(),
+        return Err(Error::rejected(
+            crate::Refused::AwsKeyProof,
+            "proof is not a signature of this challenge by the agent's key",
         ));
     }
     Ok(key)

@@ -161,7 +161,7 @@ impl fmt::Debug for Verifier {
 }
 
 fn reject(why: impl fmt::Display) -> Error {
-    Error::Rejected(format!("azure attested document {why}"))
+    Error::rejected(crate::Refused::AzureDocument, why.to_string())
 }
 
 #[derive(Deserialize)]

@@ -93,7 +93,7 @@ impl fmt::Debug for Verifier {
 }
 
 fn reject(why: impl fmt::Display) -> Error {
-    Error::Rejected(format!("gcp identity token {why}"))
+    Error::rejected(crate::Refused::GcpToken, why.to_string())
 }
 
 impl Verifier {
@@ -134,7 +134,7 @@ impl Verifier {
             ));
         }
         let facts = self.jwt.verify_token(token).await.map_err(|e| match e {
-            Error::Rejected(m) => reject(format!("refused: {}", m.trim_start_matches("jwt "))),
+            Error::Rejected { reason, .. } => reject(format!("refused: {reason}")),
             other => other,
         })?;
         let claims = &facts.claims;

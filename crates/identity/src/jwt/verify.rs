@@ -315,7 +315,7 @@ impl Verifier {
             .iter()
             .find(|i| i.config.issuer == iss)
             .ok_or_else(|| {
-                Error::Rejected(format!(
+                reject(format!(
                     "issuer {} is not configured on this endpoint: add it to jwt.issuers in the endpoint config",
                     shown(iss)
                 ))
@@ -383,7 +383,7 @@ impl Verifier {
 }
 
 fn reject(why: String) -> Error {
-    Error::Rejected(format!("jwt {why}"))
+    Error::rejected(crate::Refused::Jwt, why)
 }
 
 /// A short, printable form of an untrusted value for an error message.

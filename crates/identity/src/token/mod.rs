@@ -76,9 +76,10 @@ struct Parsed<'a> {
 /// Splits `<id>.<secret>`. The error never contains the token.
 fn parse(token: &str) -> Result<Parsed<'_>> {
     let malformed = |what: &str| {
-        Error::Rejected(format!(
-            "join token is malformed ({what}): expected <id>.<secret> as printed by `gangplank token create`"
-        ))
+        Error::rejected(
+            crate::Refused::JoinToken,
+            format!("is malformed ({what}): expected <id>.<secret> as printed by `gangplank token create`"),
+        )
     };
     let (id, secret) = token
         .split_once('.')

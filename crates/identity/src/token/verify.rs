@@ -18,7 +18,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::{Facts, ID_ALPHABET, ID_LEN, SECRET_BYTES, Secret, parse, secret_sha256};
 use crate::store::{self, JoinTokens};
-use crate::{Challenge, Error, Identity, Result};
+use crate::{Challenge, Error, Identity, Refused, Result};
 
 const CREATE_HINT: &str = "create a new one with `gangplank token create`";
 
@@ -85,7 +85,7 @@ impl Verifier {
         let token = payload(credential)?;
         let parsed = parse(token)?;
         let key = NamespacedName::new(&group.namespace, parsed.id);
-        let rejected = |why: String| Error::Rejected(format!("join token {}: {why}", parsed.id));
+        let rejected = |why: String| Error::rejected(Refused::JoinToken, format!("{}: {why}", parsed.id));
         let stored = self.store.join_token(&key).await?.ok_or_else(|| {
             rejected(format!(
                 "not found in namespace {}: check the WorkloadGroup's namespace, or {CREATE_HINT}",
@@ -104,10 +104,13 @@ impl Verifier {
             )));
         }
         if stored.spec.workload_group != group.name {
-            return Err(Error::Rejected(format!(
-                "join token {} was created for WorkloadGroup {}, not {}: use a token created for {group}",
-                parsed.id, stored.spec.workload_group, group.name
-            )));
+            return Err(Error::rejected(
+                Refused::JoinToken,
+                format!(
+                    "{} was created for WorkloadGroup {}, not {}: use a token created for {group}",
+                    parsed.id, stored.spec.workload_group, group.name
+                ),
+            ));
         }
         let expires = OffsetDateTime::parse(&stored.spec.expires_at, &Rfc3339).map_err(|_| {
             rejected(format!(
@@ -145,16 +148,20 @@ impl Verifier {
         now: OffsetDateTime,
     ) -> Result<()> {
         let crate::Facts::JoinToken(facts) = &identity.facts else {
-            return Err(Error::Rejected(format!(
-                "{identity} is not a join token: the join-token verifier cannot commit it"
-            )));
+            return Err(Error::rejected(
+                Refused::JoinToken,
+                format!("verifier cannot commit {identity}: it is not a join token"),
+            ));
         };
         let parsed = parse(payload(credential)?)?;
         if parsed.id != facts.id {
-            return Err(Error::Rejected(format!(
-                "join token {}: the credential does not belong to the verified identity",
-                parsed.id
-            )));
+            return Err(Error::rejected(
+                Refused::JoinToken,
+                format!(
+                    "{}: the credential does not belong to the verified identity",
+                    parsed.id
+                ),
+            ));
         }
         let key = NamespacedName::new(&facts.namespace, &facts.id);
         match self
@@ -164,7 +171,7 @@ impl Verifier {
         {
             Ok(_) => Ok(()),
             Err(store::Error::TokenUnusable { id, reason, .. }) => {
-                Err(Error::Rejected(format!("join token {id}: {reason}")))
+                Err(Error::rejected(Refused::JoinToken, format!("{id}: {reason}")))
             }
             Err(e) => Err(e.into()),
         }
@@ -176,9 +183,9 @@ fn payload(credential: &proto::Credential) -> Result<&str> {
         return Err(Error::UnsupportedKind(credential.kind.clone()));
     }
     std::str::from_utf8(&credential.payload).map_err(|_| {
-        Error::Rejected(
-            "join token is malformed (not UTF-8): expected <id>.<secret> as printed by `gangplank token create`"
-                .into(),
+        Error::rejected(
+            Refused::JoinToken,
+            "is malformed (not UTF-8): expected <id>.<secret> as printed by `gangplank token create`",
         )
     })
 }
