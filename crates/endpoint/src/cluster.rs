@@ -65,19 +65,17 @@ pub const API_CALLS: &[ApiCall] = &[
 
 /// A client from `kubeconfig`, or the in-cluster / default configuration.
 pub(crate) async fn client(kubeconfig: Option<&std::path::Path>) -> crate::Result<kube::Client> {
-    let fail = |setting: String| {
-        move |e: &dyn std::fmt::Display| crate::Error::Kubernetes {
-            setting,
-            message: e.to_string(),
-        }
+    let fail = |setting: &str, e: &dyn std::fmt::Display| crate::Error::Kubernetes {
+        setting: setting.to_owned(),
+        message: e.to_string(),
     };
     let config = match kubeconfig {
         Some(path) => {
             let setting = format!(".kubeconfig {}", path.display());
-            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| fail(setting.clone())(&e))?;
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| fail(&setting, &e))?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
-                .map_err(|e| fail(setting)(&e))?
+                .map_err(|e| fail(&setting, &e))?
         }
         None => kube::Config::infer().await.map_err(|e| crate::Error::Kubernetes {
             setting: String::new(),

@@ -103,14 +103,17 @@ fn dev_certificate(
         source,
     };
     std::fs::create_dir_all(&dir).map_err(|e| write(&dir, e))?;
+    let public = |path: &std::path::Path, pem: &str| {
+        gangplank_fs::write(path, pem.as_bytes(), 0o644).map_err(|e| write(path, e.source))
+    };
     let dev_ca = gangplank_tls::dev::Ca::generate("gangplank dev CA")?;
     let mut all: Vec<&str> = vec!["localhost"];
     all.extend(names.iter().map(String::as_str));
     let ips = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
     let issued = dev_ca.issue(&all, &ips)?;
     crate::keys::write_secret(&key, issued.key_pem.as_bytes())?;
-    std::fs::write(&cert, &issued.cert_pem).map_err(|e| write(&cert, e))?;
-    std::fs::write(&ca, dev_ca.cert_pem()).map_err(|e| write(&ca, e))?;
+    public(&cert, &issued.cert_pem)?;
+    public(&ca, dev_ca.cert_pem())?;
     tracing::warn!(ca = %ca.display(), "serving a generated DEV certificate; agents must trust this CA. Never in production");
     Ok((cert, key))
 }
@@ -140,33 +143,13 @@ pub async fn start(plane: Plane) -> Result<Endpoint> {
             get(move || async move { axum::Json(p2.keys.jwks()) }),
         );
 
-    let listener = TcpListener::bind(listen).await.map_err(|source| Error::Bind {
-        setting: "listen",
-        addr: listen,
-        source,
-    })?;
-    let addr = listener.local_addr().map_err(|source| Error::Bind {
-        setting: "listen",
-        addr: listen,
-        source,
-    })?;
+    let (listener, addr) = bind("listen", listen).await?;
     if plane.config.token_issuer_defaulted {
         plane
             .keys
             .set_issuer(crate::config::default_issuer(&plane.config.file, addr.port()));
     }
-    let monitoring = TcpListener::bind(monitoring_listen)
-        .await
-        .map_err(|source| Error::Bind {
-            setting: "monitoringListen",
-            addr: monitoring_listen,
-            source,
-        })?;
-    let monitoring_addr = monitoring.local_addr().map_err(|source| Error::Bind {
-        setting: "monitoringListen",
-        addr: monitoring_listen,
-        source,
-    })?;
+    let (monitoring, monitoring_addr) = bind("monitoringListen", monitoring_listen).await?;
 
     servers.spawn(serve_tls(
         listener,
@@ -186,6 +169,18 @@ pub async fn start(plane: Plane) -> Result<Endpoint> {
         abort,
         servers,
     })
+}
+
+/// Binds `setting`'s address; returns the listener and the address actually bound.
+async fn bind(setting: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
+    let fail = |source| Error::Bind {
+        setting,
+        addr,
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(fail)?;
+    let bound = listener.local_addr().map_err(fail)?;
+    Ok((listener, bound))
 }
 
 async fn serve_tls(

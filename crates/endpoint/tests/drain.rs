@@ -174,7 +174,14 @@ spec:
         assert!(!annotations.contains_key(annotation::DISCONNECTED_AT), "{key}");
     }
 
+    let plane = endpoint.plane.clone();
     endpoint.shutdown().await;
+    // No task that could write is left: every stream, connection, the sweep are done.
+    assert!(
+        plane.tasks.is_closed() && plane.tasks.is_empty(),
+        "{} tasks still running",
+        plane.tasks.len()
+    );
 
     // Every agent stream recorded its disconnect before shutdown returned.
     for key in &entries {
@@ -194,8 +201,9 @@ spec:
         assert!(end.is_ok(), "an agent stream is still open after shutdown");
     }
 
-    // Nothing is written afterwards: the sweep (every second here) and the session tasks are
-    // gone. Two sweep intervals pass with the registry byte-identical.
+    // Nothing is written afterwards, not even by something the tracker does not know of: a
+    // deliberate fixed window of two sweep intervals (1 s here) with the registry
+    // byte-identical (an absence has no event to wait for).
     let settled = snapshot(&root.join("registry"));
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(500)).await;
