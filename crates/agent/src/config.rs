@@ -71,6 +71,9 @@ pub mod defaults {
     pub const TOKEN: &str = layout::TOKEN;
     /// `files.hosts`.
     pub const HOSTS: &str = layout::HOSTS;
+    /// `files.stateDir`: what the agent keeps across restarts (its bound key and
+    /// registration, the sidecar's pid file).
+    pub const STATE_DIR: &str = "/var/lib/gangplank";
     /// `settings.retry.initial`.
     pub const RETRY_INITIAL: &str = "1s";
     /// `settings.retry.max`.
@@ -314,6 +317,9 @@ pub struct Files {
     pub token: PathBuf,
     /// The hosts file the agent keeps its block in.
     pub hosts: PathBuf,
+    /// What the agent keeps across restarts, reboots and upgrades: the VM's bound key and
+    /// its registration (`files.stateDir`). Never on a tmpfs.
+    pub state_dir: PathBuf,
 }
 
 /// `settings`.
@@ -511,6 +517,8 @@ struct RawFiles {
     token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     hosts: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_dir: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -729,6 +737,7 @@ impl Agent {
             root_cert: v.file_path(&root, "files.rootCert", files.root_cert, defaults::ROOT_CERT)?,
             token: v.file_path(&root, "files.token", files.token, defaults::TOKEN)?,
             hosts: v.file_path(&root, "files.hosts", files.hosts, defaults::HOSTS)?,
+            state_dir: v.file_path(&root, "files.stateDir", files.state_dir, defaults::STATE_DIR)?,
             root,
         };
 
@@ -841,6 +850,7 @@ impl Agent {
                 root_cert: Some(unroot(&self.files.root_cert)),
                 token: Some(unroot(&self.files.token)),
                 hosts: Some(unroot(&self.files.hosts)),
+                state_dir: Some(unroot(&self.files.state_dir)),
             }),
             settings: Some(RawSettings {
                 retry: Some(RawRetry {
