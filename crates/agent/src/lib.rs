@@ -41,6 +41,7 @@ pub mod host;
 pub mod launcher;
 pub mod readiness;
 pub mod run;
+pub mod state;
 
 pub use config::Config;
 pub use run::{Agent, Status, run};

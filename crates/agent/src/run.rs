@@ -165,6 +165,10 @@ pub struct Agent {
     readiness: Option<Readiness>,
     writer: files::Writer,
     status: watch::Sender<Status>,
+    /// `files.stateDir`: the registration the VM's key is bound to.
+    state_dir: std::path::PathBuf,
+    /// The VM's bound key.
+    key_path: std::path::PathBuf,
 }
 
 impl fmt::Debug for Agent {
@@ -185,6 +189,9 @@ struct State {
     launched: bool,
     /// The last start or restart failed; retried on every heartbeat.
     launch_pending: bool,
+    /// The entry was deleted under the running sidecar: if onboarding again fails, the
+    /// sidecar is stopped (it would serve the mesh with no WorkloadEntry).
+    entry_removed: bool,
 }
 
 /// How a Session stream ended.
@@ -193,6 +200,8 @@ enum SessionEnd {
     Reonboard(String),
     /// The stream broke: reopen it with the same session.
     Broken(String),
+    /// The endpoint says the entry was deleted: onboard again, or stop the sidecar.
+    EntryRemoved(String),
 }
 
 impl Agent {
@@ -225,6 +234,8 @@ impl Agent {
             }),
             writer: files::Writer::new(agent.files.clone(), &agent.sidecar.proxy_user),
             status: watch::channel(Status::Onboarding { last_error: None }).0,
+            state_dir: agent.files.state_dir.clone(),
+            key_path: crate::state::key_path(agent),
         }
     }
 
@@ -283,6 +294,16 @@ impl Agent {
             match self.onboard_once(state).await {
                 Ok(()) => return,
                 Err(message) => {
+                    if std::mem::take(&mut state.entry_removed) && state.launched {
+                        tracing::error!(
+                            "stopping the sidecar: its WorkloadEntry was deleted and onboarding again failed: {message}"
+                        );
+                        if let Err(e) = self.launcher.stop().await {
+                            tracing::error!(error = %e, "cannot stop the sidecar");
+                        }
+                        state.launched = false;
+                        state.launch_pending = false;
+                    }
                     let delay = backoff.next_delay();
                     tracing::warn!(retry_in = ?delay, "onboarding failed: {message}");
                     self.status.send_replace(Status::Onboarding {
@@ -316,12 +337,31 @@ impl Agent {
             aws_sts_url: discovered.aws_sts_url,
         };
 
-        let credential = match &self.identity {
-            Identity::Fixed(p) => p.credential(&challenge).await,
-            Identity::Config(c) => match provider(c) {
-                Ok(p) => p.credential(&challenge).await,
-                Err(e) => Err(e),
-            },
+        let key = gangplank_identity::bound::Key::load_or_create(&self.key_path)
+            .map_err(|e| format!("cannot load this VM's key: {e}"))?;
+        let bound = crate::state::Registration::load(&self.state_dir).filter(|r| {
+            let mine = r.is_for(group);
+            if !mine {
+                tracing::info!(registered = %r.workload_group, "the saved registration is for another WorkloadGroup; joining with the first-join credential");
+            }
+            mine
+        });
+        let credential = match &bound {
+            Some(registration) => {
+                tracing::info!(workload_entry = %registration.entry, "rejoining with this VM's bound key");
+                key.rejoin(&challenge, group, &registration.entry)
+            }
+            None => match &self.identity {
+                Identity::Fixed(p) => p.credential(&challenge).await,
+                Identity::Config(c) => match provider(c) {
+                    Ok(p) => p.credential(&challenge).await,
+                    Err(e) => Err(e),
+                },
+            }
+            .map(|mut c| {
+                key.attach(&mut c, &challenge);
+                c
+            }),
         }
         .map_err(|e| format!("cannot obtain this host's credential: {e}"))?;
         if !discovered.credential_kinds.is_empty() && !discovered.credential_kinds.contains(&credential.kind)
@@ -346,7 +386,14 @@ impl Agent {
                 host: Some(facts),
             })
             .await
-            .map_err(|s| onboard_refused(&s, group, &endpoint))?
+            .map_err(|s| {
+                if bound.is_some() && s.code() == tonic::Code::Unauthenticated {
+                    // Released, expired, or never made on this plane: the next attempt uses
+                    // the first-join credential.
+                    crate::state::Registration::forget(&self.state_dir);
+                }
+                onboard_refused(&s, group, &endpoint)
+            })?
             .into_inner();
         let registration = response.registration.ok_or_else(|| {
             format!("the endpoint {endpoint} returned no registration: this is an endpoint bug")
@@ -363,6 +410,18 @@ impl Agent {
             identity = %registration.identity,
             "onboarded"
         );
+
+        let saved = crate::state::Registration {
+            workload_group: group.to_string(),
+            entry: entry.name.clone(),
+            endpoint: endpoint.clone(),
+        };
+        if bound.as_ref() != Some(&saved)
+            && let Err(e) = saved.save(&self.state_dir)
+        {
+            tracing::error!("cannot save the registration ({e}): a restarted agent needs a new first-join credential");
+        }
+        state.entry_removed = false;
 
         // Registered: from here on, shutdown deregisters even if the files fail below.
         state.session = Some(Session(registration.session));
@@ -444,6 +503,13 @@ impl Agent {
                     self.set_connected(false);
                     return;
                 }
+                SessionEnd::EntryRemoved(why) => {
+                    tracing::warn!("{why}; onboarding again");
+                    state.session = None;
+                    state.entry_removed = true;
+                    self.set_connected(false);
+                    return;
+                }
                 SessionEnd::Broken(why) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(retry_in = ?delay, "session with the onboarding endpoint lost: {why}");
@@ -514,6 +580,7 @@ impl Agent {
                                 tracing::info!(replica = %w.replica, heartbeat = ?every, "session open");
                             }
                             proto::endpoint_message::Kind::TokenRenewed(t) => self.token_renewed(state, t).await,
+                            proto::endpoint_message::Kind::EntryRemoved(r) => return SessionEnd::EntryRemoved(r.reason),
                             proto::endpoint_message::Kind::ConfigChanged(c) => {
                                 tracing::info!("the endpoint sent new boot configuration");
                                 match self.write(c.files).await {

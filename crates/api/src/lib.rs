@@ -3,6 +3,7 @@
 //! - [`istio`]: the Istio resources Gangplank reads and writes (WorkloadGroup, WorkloadEntry);
 //! - [`policy`]: our own `OnboardingPolicy` resource;
 //! - [`token`]: our own `JoinToken` resource;
+//! - [`binding`]: our own `WorkloadBinding` resource (a VM's bound key);
 //! - [`meta`]: what every resource has (names; metadata, label selectors);
 //! - [`names`]: deterministic WorkloadEntry names and the annotations Gangplank records;
 //! - [`yaml`]: the one YAML parser of config files (line, column and field in every error);
@@ -11,6 +12,8 @@
 //! The resource types (and with them k8s-openapi) come with the `resources` feature: the
 //! agent needs only the protocol, names and [`NamespacedName`].
 
+#[cfg(feature = "resources")]
+pub mod binding;
 #[cfg(feature = "resources")]
 pub mod istio;
 pub mod meta;
@@ -46,4 +49,7 @@ pub mod kind {
     pub const GCP_GCE: &str = "gcp-gce";
     /// An Azure IMDS attested document.
     pub const AZURE_VM: &str = "azure-vm";
+    /// A rejoin: a signature over the endpoint's nonce by the VM's bound key
+    /// ([`crate::binding`]).
+    pub const BOUND_KEY: &str = "bound-key";
 }

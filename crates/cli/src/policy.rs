@@ -159,6 +159,7 @@ fn identity(path: &Path, group: &NamespacedName) -> anyhow::Result<Identity> {
                 id: id.to_string(),
                 namespace: group.namespace.clone(),
                 workload_group,
+                key: String::new(),
             }),
             address: None,
         });

@@ -212,6 +212,12 @@ pub struct Workloads {
     /// directory (istiod's `fs://` source does not read status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_checks: Option<bool>,
+    /// How long a VM's binding (its bound key, which lets it rejoin without a new
+    /// credential) outlives its entry: a VM gone for the grace period loses its entry, and
+    /// one gone for the grace period plus this long must present a first-join credential
+    /// again. `gangplank instance release` ends a binding at once.
+    #[serde(default = "defaults::binding_retention", with = "humantime_serde")]
+    pub binding_retention: Duration,
 }
 
 impl Default for Workloads {
@@ -221,6 +227,7 @@ impl Default for Workloads {
             propagation_delay: defaults::propagation_delay(),
             heartbeat: defaults::heartbeat(),
             health_checks: None,
+            binding_retention: defaults::binding_retention(),
         }
     }
 }
@@ -252,6 +259,10 @@ pub mod defaults {
     /// Five minutes.
     pub fn grace_period() -> Duration {
         Duration::from_secs(300)
+    }
+    /// A day.
+    pub fn binding_retention() -> Duration {
+        Duration::from_secs(24 * 3600)
     }
     /// Ten seconds.
     pub fn propagation_delay() -> Duration {

@@ -149,6 +149,11 @@ fn verifiers(
     let ids = &file.identities;
     let store = Arc::new(gangplank_registry::IdentityStore::new(registry.clone()));
     let mut verifiers: BTreeMap<&'static str, Arc<dyn Verifier>> = BTreeMap::new();
+    // Always on: a VM that joined with any credential rejoins with its bound key.
+    verifiers.insert(
+        gangplank_api::kind::BOUND_KEY,
+        Arc::new(gangplank_identity::bound::Verifier::new(store.clone())),
+    );
     if ids.join_tokens {
         let v = gangplank_identity::token::Verifier::new(store.clone());
         verifiers.insert(gangplank_api::kind::JOIN_TOKEN, Arc::new(v));
@@ -186,11 +191,28 @@ pub fn registry_status(err: gangplank_registry::Error) -> Status {
     match err {
         E::NotFound { .. } => Status::not_found(err.to_string()),
         E::Conflict { .. } => Status::aborted(format!("{err}; retry")),
-        E::TokenUnusable { .. } => Status::unauthenticated(err.to_string()),
-        E::Invalid { .. } => Status::failed_precondition(err.to_string()),
+        E::TokenUnusable { .. } => {
+            let reference = crate::service::reference_id();
+            tracing::warn!(%reference, "credential refused: {err}");
+            Status::unauthenticated(format!(
+                "{} (reference {reference}; the endpoint's log says why)",
+                gangplank_identity::Refused::JoinToken.public_message()
+            ))
+        }
+        // Which object or file is broken, and where, is for the endpoint's log only.
+        E::Invalid { .. } => {
+            let reference = crate::service::reference_id();
+            tracing::error!(%reference, %err, "registry object is malformed");
+            Status::failed_precondition(format!(
+                "the endpoint's registry holds a malformed object (reference {reference}; the endpoint's log names it): the endpoint's operator must fix it; the agent retries"
+            ))
+        }
         E::Io { .. } | E::Backend(_) => {
-            tracing::error!(%err, "registry failure");
-            Status::unavailable(format!("the endpoint cannot reach its registry: {err}"))
+            let reference = crate::service::reference_id();
+            tracing::error!(%reference, %err, "registry failure");
+            Status::unavailable(format!(
+                "the endpoint cannot reach its registry (reference {reference}; the endpoint's log says why): nothing to change on this VM; the endpoint's operator must restore it"
+            ))
         }
     }
 }

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::Stream;
+use gangplank_api::binding::{WorkloadBinding, WorkloadBindingSpec, WorkloadBindingStatus};
 use gangplank_api::istio::WorkloadEntry;
-use gangplank_api::names::annotation;
+use gangplank_api::meta::OwnerReference;
+use gangplank_api::names::{annotation, label};
 use gangplank_api::proto::onboarding_server::Onboarding;
 use gangplank_api::proto::{self, agent_message, endpoint_message};
 use gangplank_api::{NamespacedName, Resource};
@@ -145,23 +147,69 @@ impl Service {
 
         let session_id = Keys::random_id();
         let entry = plane.entry(&group, &identity, &host, &session_id)?;
+        let key = entry.key();
+        let rejoin = credential.kind == gangplank_api::kind::BOUND_KEY;
+        // The key this VM proves itself with from now on: the rejoin's, the one the AWS
+        // verifier checked, or the one a first join carries (checked here).
+        let agent_key = match &identity.facts {
+            _ if rejoin => Some(gangplank_identity::bound::encode_public_key(&credential.public_key)),
+            gangplank_identity::Facts::Aws(f) => Some(f.agent_public_key.clone()).filter(|k| !k.is_empty()),
+            _ => gangplank_identity::bound::check_first_join_proof(&credential, &challenge)
+                .map_err(identity_status)?,
+        };
+        let existing = plane.registry.entry(&key).await.map_err(registry_status)?;
+        if rejoin && let Some(current) = &existing {
+            self.refuse_if_held_elsewhere(current)?;
+        }
+        let existing_binding = match &agent_key {
+            Some(_) => plane.registry.binding(&key).await.map_err(registry_status)?,
+            None => None,
+        };
+        if !rejoin && let (Some(bound), Some(presented)) = (&existing_binding, &agent_key)
+            && &bound.spec.public_key != presented
+        {
+            // Another VM holds this name (an AWS instance re-imaged without a release).
+            return Err(identity_status(gangplank_identity::Error::rejected(
+                gangplank_identity::Refused::BoundKey,
+                format!("{key} is bound to another key: run `gangplank instance release {key}` if this VM was re-imaged"),
+            )));
+        }
+
+        // Everything that can fail on the endpoint's side happens before the credential is
+        // spent, and a failure after a write undoes what this onboarding created.
         let (files, token) = plane.boot_files(&group, &entry).await?;
-        verifier
-            .commit(&identity, &credential)
-            .await
-            .map_err(identity_status)?;
         let stored = plane
             .registry
             .apply_entry(&entry)
             .await
             .map_err(registry_status)?;
-        let key = stored.key();
+        let undo = async |binding_created: bool| {
+            if existing.is_none() && let Err(err) = plane.registry.delete_entry(&key).await {
+                tracing::warn!(entry = %key, %err, "could not undo the entry of a failed onboarding; the sweep removes it");
+            }
+            if binding_created && let Err(err) = plane.registry.delete_binding(&key).await {
+                tracing::warn!(entry = %key, %err, "could not undo the binding of a failed onboarding");
+            }
+        };
+        let mut binding_created = false;
+        if let Some(public_key) = &agent_key {
+            let binding = binding_for(&group, &key, &identity, public_key, existing_binding.as_ref(), &credential.kind);
+            if let Err(err) = plane.registry.apply_binding(&binding).await {
+                undo(false).await;
+                return Err(registry_status(err));
+            }
+            binding_created = existing_binding.is_none();
+        }
+        if !rejoin && let Err(err) = verifier.commit(&identity, &credential).await {
+            undo(binding_created).await;
+            return Err(identity_status(err));
+        }
         let session = plane
             .keys
             .session(&key.to_string(), &session_id, SESSION_LIFETIME)
             .map_err(|e| Status::internal(e.to_string()))?;
         plane.metrics.onboard("allowed");
-        tracing::info!(entry = %key, identity = %identity, address = %stored.spec.address, "onboarded");
+        tracing::info!(entry = %key, identity = %identity, address = %stored.spec.address, rejoin, bound = agent_key.is_some(), "onboarded");
         Ok(proto::OnboardResponse {
             registration: Some(proto::Registration {
                 namespace: key.namespace,
@@ -175,6 +223,55 @@ impl Service {
             token_expires_at: token.expires_at,
             token_issued_at: token.issued_at,
         })
+    }
+
+    /// Refuses a rejoin into `entry` while another agent holds it: connected through another
+    /// replica, or through a stream this replica holds. A copy of a VM's key cannot join
+    /// while the original is connected. An entry marked connected here with no stream here is
+    /// stale (the agent died with its stream) and is taken over.
+    fn refuse_if_held_elsewhere(&self, entry: &WorkloadEntry) -> Result<(), Status> {
+        let key = entry.key();
+        let annotations = entry.metadata.annotations.clone().unwrap_or_default();
+        if !annotations.contains_key(annotation::CONNECTED_AT)
+            || annotations.contains_key(annotation::DISCONNECTED_AT)
+        {
+            return Ok(());
+        }
+        let replica = annotations
+            .get(annotation::ENDPOINT_REPLICA)
+            .cloned()
+            .unwrap_or_default();
+        let live_here = self
+            .plane
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&key);
+        if replica == self.plane.config.replica && !live_here {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "WorkloadEntry {key} is held by a connected agent (through endpoint replica {replica:?}): a copy of this VM's key cannot join while the original is connected; if this VM's agent just restarted, the endpoint notices its old stream's end within seconds (retrying)"
+        )))
+    }
+
+    /// Whether a removal notice means `key` is gone: it names `key`, or notices were lost
+    /// (the receiver lagged) and the entry is no longer there.
+    async fn entry_gone(
+        plane: &Plane,
+        key: &NamespacedName,
+        removed: Result<NamespacedName, tokio::sync::broadcast::error::RecvError>,
+    ) -> bool {
+        use tokio::sync::broadcast::error::RecvError;
+        match removed {
+            Ok(gone) => &gone == key && matches!(plane.registry.entry(key).await, Ok(None)),
+            Err(RecvError::Lagged(_)) => matches!(plane.registry.entry(key).await, Ok(None)),
+            // The registry stopped following removals: the stream lives on without them.
+            Err(RecvError::Closed) => {
+                std::future::pending::<()>().await;
+                false
+            }
+        }
     }
 
     /// Records a stream's end on the entry, unless a newer stream of the same agent took over.
@@ -307,11 +404,27 @@ impl Onboarding for Service {
             .send(Ok(message(endpoint_message::Kind::Welcome(welcome))))
             .await;
         let mut inbound = request.into_inner();
+        let mut removals = plane.registry.entry_removals();
         // Tracked, so a shutdown waits for the stream's last write (its disconnect).
         plane.clone().tasks.spawn(async move {
             loop {
                 let msg = tokio::select! {
                     msg = inbound.next() => msg,
+                    removed = removals.recv() => {
+                        if Self::entry_gone(&plane, &key, removed).await {
+                            let reason = format!(
+                                "WorkloadEntry {key} was deleted (by an admin, `gangplank instance release`, \
+                                 the garbage collector after its WorkloadGroup was deleted, or a sweep)"
+                            );
+                            tracing::info!(entry = %key, "entry removed while its agent was connected; telling the agent");
+                            plane.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                            let _ = tx
+                                .send(Ok(message(endpoint_message::Kind::EntryRemoved(proto::EntryRemoved { reason }))))
+                                .await;
+                            return;
+                        }
+                        continue;
+                    }
                     _ = plane.stopping.cancelled() => break,
                 };
                 let Some(Ok(msg)) = msg else { break };
@@ -335,7 +448,18 @@ impl Onboarding for Service {
         &self,
         request: Request<proto::LeaveRequest>,
     ) -> Result<Response<proto::LeaveResponse>, Status> {
-        let (key, _) = self.authenticate(&request).await?;
+        let key = match self.authenticate(&request).await {
+            Ok((key, _)) => key,
+            // The entry is already gone (swept, released, or its group deleted): there is
+            // nothing left to deregister, and no traffic to drain.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                tracing::info!("agent left; its entry was already gone");
+                return Ok(Response::new(proto::LeaveResponse {
+                    propagation_delay_seconds: 0,
+                }));
+            }
+            Err(status) => return Err(status),
+        };
         self.plane
             .live
             .lock()
@@ -354,6 +478,55 @@ impl Onboarding for Service {
     }
 }
 
+/// The binding `key` gets from this onboarding: a rejoin keeps what the first join proved
+/// and records the join; a first join (re)binds `public_key` to what `identity` is now.
+fn binding_for(
+    group: &gangplank_api::istio::WorkloadGroup,
+    key: &NamespacedName,
+    identity: &gangplank_identity::Identity,
+    public_key: &str,
+    existing: Option<&WorkloadBinding>,
+    credential_kind: &str,
+) -> WorkloadBinding {
+    let now = now_rfc3339();
+    let mut binding = existing.cloned().unwrap_or_default();
+    if existing.is_none() || credential_kind != gangplank_api::kind::BOUND_KEY {
+        binding.spec = WorkloadBindingSpec {
+            workload_group: group.key().name,
+            public_key: public_key.to_owned(),
+            credential_kind: identity.kind().to_owned(),
+            identity: identity.annotation(),
+            facts: serde_json::to_value(&identity.facts).unwrap_or_default(),
+            address: identity.address.map(|a| a.to_string()).unwrap_or_default(),
+            bound_at: now.clone(),
+        };
+    }
+    binding.api_version = WorkloadBinding::API_VERSION.into();
+    binding.kind = WorkloadBinding::KIND.into();
+    binding.metadata.name = Some(key.name.clone());
+    binding.metadata.namespace = Some(key.namespace.clone());
+    binding.metadata.labels = Some(
+        [
+            (label::MANAGED_BY.to_string(), label::MANAGED_BY_VALUE.to_string()),
+            (label::WORKLOAD_GROUP.to_string(), group.key().name),
+        ]
+        .into(),
+    );
+    binding.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: gangplank_api::istio::WorkloadGroup::API_VERSION.into(),
+        kind: gangplank_api::istio::WorkloadGroup::KIND.into(),
+        name: group.key().name,
+        uid: group.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }]);
+    binding.status = WorkloadBindingStatus {
+        last_joined_at: now,
+        entry_gone_since: String::new(),
+    };
+    binding
+}
+
 /// Maps a verifier's failure to the gRPC status an agent can act on: a refused credential
 /// is the agent's to fix (UNAUTHENTICATED); a verifier that cannot reach what it checks
 /// against (an issuer's JWKS, a CA, STS) is the endpoint's problem (UNAVAILABLE), and says so.
@@ -370,8 +543,22 @@ fn identity_status(err: gangplank_identity::Error) -> Status {
                  endpoint's operator must restore its access; the agent retries"
             ))
         }
-        E::Rejected { .. } => Status::unauthenticated(err.to_string()),
+        E::Rejected { credential, reason } => {
+            // The precise reason (which check, which token id, which path) is for the
+            // endpoint's operator only: the caller is not authenticated yet.
+            let reference = reference_id();
+            tracing::warn!(%reference, credential = %credential, "credential refused: {credential} {reason}");
+            Status::unauthenticated(format!(
+                "{} (reference {reference}; the endpoint's log says why)",
+                credential.public_message()
+            ))
+        }
     }
+}
+
+/// A short id that ties a refusal an agent saw to the endpoint's log line with the reason.
+pub fn reference_id() -> String {
+    Keys::random_id().chars().take(12).collect()
 }
 
 fn message(kind: endpoint_message::Kind) -> proto::EndpointMessage {

@@ -60,8 +60,10 @@ pub async fn once(
         .unwrap_or_default();
     let mut deleted = 0;
     let mut seen = Vec::new();
+    let mut remaining = std::collections::HashSet::new();
     for entry in entries {
         let key = entry.key();
+        remaining.insert(key.clone());
         let annotations = entry.metadata.annotations.clone().unwrap_or_default();
         let gone_since = annotations
             .get(annotation::DISCONNECTED_AT)
@@ -79,6 +81,7 @@ pub async fn once(
         if due {
             match plane.registry.delete_entry(&key).await {
                 Ok(_) => {
+                    remaining.remove(&key);
                     deleted += 1;
                     plane.metrics.deleted("grace-period");
                     tracing::info!(entry = %key, "removed the entry of an agent gone longer than the grace period");
@@ -88,7 +91,51 @@ pub async fn once(
         }
     }
     orphans.retain(|k, _| seen.contains(k));
+    expire_bindings(plane, &remaining, now).await?;
     Ok(deleted)
+}
+
+/// Ends the bindings of VMs gone for too long: a binding with no entry is stamped with
+/// when that was first seen, and deleted `workloads.bindingRetention` after it (so a VM can
+/// rejoin with its bound key for the grace period plus the retention after it vanished). A
+/// binding whose entry is back loses its stamp.
+async fn expire_bindings(
+    plane: &Plane,
+    entries: &std::collections::HashSet<gangplank_api::NamespacedName>,
+    now: time::OffsetDateTime,
+) -> Result<(), gangplank_registry::Error> {
+    let retention = plane.config.file.workloads.binding_retention;
+    for mut binding in plane.registry.bindings().await? {
+        let key = binding.key();
+        let stamped = parse(&binding.status.entry_gone_since);
+        let has_entry = entries.contains(&key);
+        let write = match (has_entry, stamped) {
+            (true, None) => false,
+            (false, Some(since)) if now - since <= retention => false,
+            (true, Some(_)) => {
+                binding.status.entry_gone_since.clear();
+                true
+            }
+            (false, None) => {
+                binding.status.entry_gone_since = crate::plane::now_rfc3339();
+                true
+            }
+            (false, Some(_)) => {
+                match plane.registry.delete_binding(&key).await {
+                    Ok(_) => {
+                        plane.metrics.deleted("binding-expired");
+                        tracing::info!(binding = %key, "removed the binding of a VM gone longer than the grace period and workloads.bindingRetention; it must present a first-join credential again");
+                    }
+                    Err(err) => tracing::warn!(binding = %key, %err, "could not remove an expired binding"),
+                }
+                false
+            }
+        };
+        if write && let Err(err) = plane.registry.apply_binding(&binding).await {
+            tracing::warn!(binding = %key, %err, "could not record the binding's entry state");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

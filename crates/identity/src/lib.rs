@@ -18,6 +18,7 @@ use gangplank_api::proto;
 
 pub mod aws;
 pub mod azure;
+pub mod bound;
 pub mod detect;
 pub mod gcp;
 pub mod jwt;
@@ -41,8 +42,10 @@ pub struct Challenge {
     pub aws_sts_url: String,
 }
 
-/// Verified facts about a workload, by platform.
-#[derive(Debug, Clone, PartialEq)]
+/// Verified facts about a workload, by platform. Serialised (externally tagged, camelCase)
+/// into a VM's binding, so a rejoin is evaluated against what the first join proved.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum Facts {
     /// A join token created for a WorkloadGroup.
     JoinToken(token::Facts),
@@ -92,6 +95,8 @@ impl Identity {
     /// The parts of the identity that make the WorkloadEntry name unique.
     pub fn name_parts(&self) -> Vec<String> {
         match &self.facts {
+            // Token and VM key: each VM a multi-use token admits has its own entry.
+            Facts::JoinToken(f) if !f.key.is_empty() => vec![f.id.clone(), f.key.clone()],
             Facts::JoinToken(f) => vec![f.id.clone()],
             Facts::Jwt(f) => vec![f.issuer.clone(), f.subject.clone()],
             Facts::Aws(f) => f.name_parts(),
@@ -220,6 +225,8 @@ pub enum Refused {
     AwsRoleProof,
     /// An Azure attested document.
     AzureDocument,
+    /// A VM's bound key (a rejoin), or the agent key a first join carries.
+    BoundKey,
 }
 
 impl fmt::Display for Refused {
@@ -232,7 +239,35 @@ impl fmt::Display for Refused {
             Refused::AwsKeyProof => "aws credential",
             Refused::AwsRoleProof => "aws iam role proof",
             Refused::AzureDocument => "azure attested document",
+            Refused::BoundKey => "bound key",
         })
+    }
+}
+
+impl Refused {
+    /// What an unauthenticated caller is told: one message per class, never which check
+    /// failed (the endpoint logs that), so a refusal is no oracle for token ids or bindings.
+    pub fn public_message(self) -> &'static str {
+        match self {
+            Refused::JoinToken => {
+                "join token not accepted: unknown, wrong, expired or spent — create a new one with `gangplank token create`"
+            }
+            Refused::Jwt => {
+                "jwt not accepted: its issuer, signature, audience, expiry or claims are not what this endpoint trusts — check identity.jwt on the VM and identities.jwt on the endpoint"
+            }
+            Refused::GcpToken => {
+                "gcp identity token not accepted: its signature, audience or expiry is not what this endpoint trusts — check the endpoint's identities.gcpGce and this VM's clock"
+            }
+            Refused::AwsDocument | Refused::AwsKeyProof | Refused::AwsRoleProof => {
+                "aws instance credential not accepted: its signature, age, instance key or role proof is not what this endpoint trusts — an instance already registered elsewhere or re-imaged needs `gangplank instance release`"
+            }
+            Refused::AzureDocument => {
+                "azure attested document not accepted: its signature, nonce or VM is not what this endpoint trusts — check the endpoint's identities.azureVm"
+            }
+            Refused::BoundKey => {
+                "bound key not accepted: this VM's binding is unknown, released, expired or held by another key — the agent falls back to its first-join credential"
+            }
+        }
     }
 }
 

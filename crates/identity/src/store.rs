@@ -8,7 +8,7 @@
 //! holds it.
 
 #[cfg(feature = "verify")]
-use gangplank_api::{NamespacedName, istio::WorkloadEntry, token::JoinToken};
+use gangplank_api::{NamespacedName, binding::WorkloadBinding, istio::WorkloadEntry, token::JoinToken};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,4 +54,12 @@ pub trait Entries: Send + Sync {
     async fn managed_entries(&self) -> Result<Vec<WorkloadEntry>, Error>;
     /// Deletes an entry; `Ok(false)` if it was already gone.
     async fn delete_entry(&self, key: &NamespacedName) -> Result<bool, Error>;
+}
+
+/// The WorkloadBindings of a store (the rejoin verifier reads them).
+#[cfg(feature = "verify")]
+#[async_trait::async_trait]
+pub trait Bindings: Send + Sync {
+    /// The binding `key`, read fresh (a release takes effect at once), or `None`.
+    async fn binding(&self, key: &NamespacedName) -> Result<Option<WorkloadBinding>, Error>;
 }

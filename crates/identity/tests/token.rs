@@ -83,6 +83,7 @@ async fn verify_does_not_write_and_commit_takes_one_use() {
             id: id.clone(),
             namespace: "bookinfo".into(),
             workload_group: "ratings".into(),
+            key: String::new(),
         })
     );
     // Verifying twice is fine and writes nothing.

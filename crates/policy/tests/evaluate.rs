@@ -48,6 +48,7 @@ fn token_identity(id: &str, ns: &str, group: &str) -> Identity {
             id: id.into(),
             namespace: ns.into(),
             workload_group: group.into(),
+            key: String::new(),
         }),
         address: None,
     }

@@ -1,4 +1,4 @@
-//! Gangplank's own CustomResourceDefinitions: `OnboardingPolicy` and `JoinToken`
+//! Gangplank's own CustomResourceDefinitions: `OnboardingPolicy`, `JoinToken` and `WorkloadBinding`
 //! (`onboarding.gangplank.dev/v1alpha1`), with structural schemas and printer columns.
 //!
 //! The schemas mirror the Rust types in `gangplank_api::{policy, token}` field for field (the
@@ -8,6 +8,7 @@
 //! `gangplank install crds` prints [`yaml`]; `deploy/crds/` holds the same text.
 
 use gangplank_api::Resource;
+use gangplank_api::binding::WorkloadBinding;
 use gangplank_api::policy::OnboardingPolicy;
 use gangplank_api::token::JoinToken;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -168,6 +169,40 @@ pub fn join_token_schema() -> Value {
     })
 }
 
+/// The `openAPIV3Schema` of WorkloadBinding.
+pub fn workload_binding_schema() -> Value {
+    json!({
+        "type": "object",
+        "description": "A VM's bound key: lets the VM rejoin its WorkloadGroup by signing the endpoint's nonce, without a new credential.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": string(),
+            "kind": string(),
+            "metadata": {"type": "object"},
+            "spec": {
+                "type": "object",
+                "required": ["workloadGroup", "publicKey", "credentialKind", "identity", "facts", "boundAt"],
+                "properties": {
+                    "workloadGroup": {"type": "string", "minLength": 1},
+                    "publicKey": {"type": "string", "minLength": 1},
+                    "credentialKind": {"type": "string", "minLength": 1},
+                    "identity": string(),
+                    "facts": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                    "address": string(),
+                    "boundAt": {"type": "string", "format": "date-time"},
+                },
+            },
+            "status": {
+                "type": "object",
+                "properties": {
+                    "lastJoinedAt": {"type": "string", "format": "date-time"},
+                    "entryGoneSince": {"type": "string", "format": "date-time"},
+                },
+            },
+        },
+    })
+}
+
 fn crd<T: Resource>(
     singular: &str,
     short: &str,
@@ -243,9 +278,25 @@ pub fn join_token() -> Result<CustomResourceDefinition, Error> {
     )
 }
 
+/// The WorkloadBinding CRD (no status subresource: only the endpoint writes bindings).
+pub fn workload_binding() -> Result<CustomResourceDefinition, Error> {
+    crd::<WorkloadBinding>(
+        "workloadbinding",
+        "wb",
+        workload_binding_schema(),
+        json!([
+            {"name": "Group", "type": "string", "jsonPath": ".spec.workloadGroup"},
+            {"name": "Identity", "type": "string", "jsonPath": ".spec.identity"},
+            {"name": "Joined", "type": "date", "jsonPath": ".status.lastJoinedAt"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ]),
+        false,
+    )
+}
+
 /// Every CRD Gangplank owns.
 pub fn all() -> Result<Vec<CustomResourceDefinition>, Error> {
-    Ok(vec![onboarding_policy()?, join_token()?])
+    Ok(vec![onboarding_policy()?, join_token()?, workload_binding()?])
 }
 
 /// Every CRD as a multi-document YAML stream, as `kubectl apply -f -` takes it.

@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use gangplank_api::binding::WorkloadBinding;
 use gangplank_api::istio::{WorkloadEntry, WorkloadGroup};
 use gangplank_api::meta::{is_dns1123_label, is_dns1123_subdomain};
 use gangplank_api::names::label;
@@ -55,6 +56,8 @@ const LOCK_FILE: &str = ".lock";
 const MAX_PLAIN_NAME: usize = 250;
 /// How much of a long name is kept before its hash.
 const LONG_NAME_PREFIX: usize = 233;
+/// How often the folder is scanned for removed entries while someone follows removals.
+const REMOVAL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A [`crate::Registry`] over a folder that istiod can also read as `fs://<root>`.
 ///
@@ -63,6 +66,15 @@ const LONG_NAME_PREFIX: usize = 233;
 #[derive(Debug, Clone)]
 pub struct Registry {
     store: Arc<Store>,
+    removals: Arc<Removals>,
+}
+
+/// Who follows entry removals, and the scan that finds them (started with the first
+/// follower, stopped with the last clone of the registry).
+#[derive(Debug)]
+struct Removals {
+    sender: tokio::sync::broadcast::Sender<NamespacedName>,
+    scanning: std::sync::Once,
 }
 
 impl Registry {
@@ -81,7 +93,48 @@ impl Registry {
         drop(store.lock()?);
         Ok(Self {
             store: Arc::new(store),
+            removals: Arc::new(Removals {
+                sender: tokio::sync::broadcast::channel(1024).0,
+                scanning: std::sync::Once::new(),
+            }),
         })
+    }
+
+    /// Scans the folder every [`REMOVAL_POLL`] while anyone follows removals, sending the
+    /// key of every managed entry file that disappeared, until the registry is dropped.
+    fn scan_removals(&self) {
+        let store = Arc::downgrade(&self.store);
+        let removals = Arc::downgrade(&self.removals);
+        tokio::spawn(async move {
+            let mut known: Option<std::collections::BTreeSet<NamespacedName>> = None;
+            let mut tick = tokio::time::interval(REMOVAL_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (Some(store), Some(removals)) = (store.upgrade(), removals.upgrade()) else {
+                    return;
+                };
+                if removals.sender.receiver_count() == 0 {
+                    known = None;
+                    continue;
+                }
+                let scanned = tokio::task::spawn_blocking(move || store.entry_keys()).await;
+                let now = match scanned {
+                    Ok(Ok(now)) => now,
+                    Ok(Err(err)) => {
+                        tracing::warn!(%err, "scanning the registry folder for removed entries failed; retrying");
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                if let Some(before) = &known {
+                    for gone in before.difference(&now) {
+                        let _ = removals.sender.send(gone.clone());
+                    }
+                }
+                known = Some(now);
+            }
+        });
     }
 
     /// The folder this registry keeps its objects in.
@@ -259,6 +312,28 @@ impl crate::Registry for Registry {
         })
         .await
     }
+
+    async fn binding(&self, key: &NamespacedName) -> Result<Option<WorkloadBinding>> {
+        self.get(key).await
+    }
+
+    async fn bindings(&self) -> Result<Vec<WorkloadBinding>> {
+        self.list(None).await
+    }
+
+    async fn apply_binding(&self, binding: &WorkloadBinding) -> Result<WorkloadBinding> {
+        self.put(binding).await
+    }
+
+    async fn delete_binding(&self, key: &NamespacedName) -> Result<bool> {
+        self.delete::<WorkloadBinding>(key).await
+    }
+
+    fn entry_removals(&self) -> tokio::sync::broadcast::Receiver<NamespacedName> {
+        let receiver = self.removals.sender.subscribe();
+        self.removals.scanning.call_once(|| self.scan_removals());
+        receiver
+    }
 }
 
 /// The synchronous part: paths, atomic files and the lock.
@@ -318,6 +393,30 @@ impl Store {
             });
         }
         Ok(dir.join(format!("{}.yaml", file_stem(&key.name))))
+    }
+
+    /// The keys of every managed WorkloadEntry in the folder (reading only the files whose
+    /// name is not the object's name, and skipping unreadable ones: this is a change
+    /// detector, not a listing).
+    fn entry_keys(&self) -> Result<std::collections::BTreeSet<NamespacedName>> {
+        let mut keys = std::collections::BTreeSet::new();
+        for ns in read_dir(&self.root)? {
+            if !is_dns1123_label(&ns) || !self.root.join(&ns).is_dir() {
+                continue;
+            }
+            let dir = self.dir::<WorkloadEntry>(&ns)?;
+            for file in read_dir(&dir)? {
+                let Some(stem) = file.strip_suffix(".yaml").filter(|_| !file.starts_with('.')) else {
+                    continue;
+                };
+                if stem.len() <= LONG_NAME_PREFIX {
+                    keys.insert(NamespacedName::new(&ns, stem));
+                } else if let Ok(Some(e)) = read_file::<WorkloadEntry>(&dir.join(&file), &NamespacedName::new(&ns, stem)) {
+                    keys.insert(e.key());
+                }
+            }
+        }
+        Ok(keys)
     }
 
     /// Reads one object; `None` if its file is absent or empty.
@@ -665,7 +764,12 @@ fn write_atomic<T: Resource>(path: &Path, obj: &T) -> Result<()> {
         .map_err(|e| Error::Backend(format!("encoding {} {} as YAML: {e}", T::KIND, obj.key())))?;
     let dir = parent(path)?;
     create_dirs(dir)?;
-    let mode = if T::KIND == JoinToken::KIND { 0o600 } else { 0o644 };
+    // Join tokens hold a secret's hash, bindings a VM's verified facts: not for every reader.
+    let mode = if T::KIND == JoinToken::KIND || T::KIND == WorkloadBinding::KIND {
+        0o600
+    } else {
+        0o644
+    };
     gangplank_fs::write(path, yaml.as_bytes(), mode).map_err(fs_err)
 }
 

@@ -57,6 +57,16 @@ impl store::Entries for IdentityStore {
     }
 }
 
+#[async_trait]
+impl store::Bindings for IdentityStore {
+    async fn binding(
+        &self,
+        key: &NamespacedName,
+    ) -> Result<Option<gangplank_api::binding::WorkloadBinding>, store::Error> {
+        Ok(self.0.binding(key).await?)
+    }
+}
+
 impl From<Error> for store::Error {
     fn from(err: Error) -> Self {
         match err {

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use gangplank_api::binding::WorkloadBinding;
 use gangplank_api::istio::{WorkloadEntry, WorkloadGroup};
 use gangplank_api::names::label;
 use gangplank_api::policy::OnboardingPolicy;
@@ -76,10 +77,16 @@ pub const API_CALLS: &[ApiCall] = &[
     call("onboarding.gangplank.dev", "jointokens/status", "update"),
     call("networking.istio.io", "workloadentries", "get"),
     call("networking.istio.io", "workloadentries", "list"),
+    call("networking.istio.io", "workloadentries", "watch"),
     call("networking.istio.io", "workloadentries", "create"),
     call("networking.istio.io", "workloadentries", "patch"),
     call("networking.istio.io", "workloadentries", "delete"),
     call("networking.istio.io", "workloadentries/status", "patch"),
+    call("onboarding.gangplank.dev", "workloadbindings", "get"),
+    call("onboarding.gangplank.dev", "workloadbindings", "list"),
+    call("onboarding.gangplank.dev", "workloadbindings", "create"),
+    call("onboarding.gangplank.dev", "workloadbindings", "patch"),
+    call("onboarding.gangplank.dev", "workloadbindings", "delete"),
 ];
 
 /// Calls only the admin CLI makes through [`Registry`] (`gangplank token create`), not the
@@ -110,8 +117,12 @@ pub struct Registry {
     groups: Store<DynamicObject>,
     policies: Store<DynamicObject>,
     tokens: Store<DynamicObject>,
+    /// The managed WorkloadEntries (label `app.kubernetes.io/managed-by=gangplank`).
+    managed: Store<DynamicObject>,
+    removals: tokio::sync::broadcast::Sender<NamespacedName>,
     group_ar: ApiResource,
     token_ar: ApiResource,
+    binding_ar: ApiResource,
     _tasks: Arc<Tasks>,
 }
 
@@ -165,12 +176,17 @@ impl Registry {
         let groups = cache(&client, &group_ar, &mut tasks);
         let policies = cache(&client, &policy_ar, &mut tasks);
         let tokens = cache(&client, &token_ar, &mut tasks);
+        let entries = istio::<WorkloadEntry>(&version);
+        let removals = tokio::sync::broadcast::channel(1024).0;
+        let (managed, task) = managed_entries(&client, &entries, removals.clone());
+        tasks.push(task);
         let tasks = Arc::new(Tasks(tasks));
         let ready = async {
             for (store, what) in [
                 (&groups, "WorkloadGroups"),
                 (&policies, "OnboardingPolicies"),
                 (&tokens, "JoinTokens"),
+                (&managed, "WorkloadEntries"),
             ] {
                 store
                     .wait_until_ready()
@@ -183,7 +199,7 @@ impl Registry {
             .await
             .map_err(|_| {
                 Error::Backend(format!(
-                    "listing WorkloadGroups, OnboardingPolicies and JoinTokens did not finish within \
+                    "listing WorkloadGroups, OnboardingPolicies, JoinTokens and WorkloadEntries did not finish within \
                      {:?}: check that Gangplank's CRDs are installed (gangplank install crds | kubectl \
                      apply -f -) and that the endpoint's RBAC allows list and watch on them",
                     options.cache_timeout
@@ -191,12 +207,15 @@ impl Registry {
             })??;
         Ok(Self {
             client,
-            entries: istio::<WorkloadEntry>(&version),
+            entries,
             groups,
             policies,
             tokens,
+            managed,
+            removals,
             group_ar,
             token_ar,
+            binding_ar: ours::<WorkloadBinding>(),
             _tasks: tasks,
         })
     }
@@ -213,6 +232,10 @@ impl Registry {
 
     fn entries_in(&self, namespace: &str) -> Api<DynamicObject> {
         Api::namespaced_with(self.client.clone(), namespace, &self.entries)
+    }
+
+    fn bindings_in(&self, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), namespace, &self.binding_ar)
     }
 
     fn tokens_in(&self, namespace: &str) -> Api<DynamicObject> {
@@ -267,6 +290,57 @@ fn cache(client: &kube::Client, ar: &ApiResource, tasks: &mut Vec<JoinHandle<()>
     );
     tasks.push(task);
     store
+}
+
+/// Starts a cache of the managed WorkloadEntries in every namespace that also tells
+/// `removals` of every entry that goes: deleted while watched, or missing from a relisting
+/// after a watch gap.
+fn managed_entries(
+    client: &kube::Client,
+    ar: &ApiResource,
+    removals: tokio::sync::broadcast::Sender<NamespacedName>,
+) -> (Store<DynamicObject>, JoinHandle<()>) {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
+    let selector = format!("{}={}", label::MANAGED_BY, label::MANAGED_BY_VALUE);
+    let config = watcher::Config::default().labels(&selector).any_semantic();
+    let writer = reflector::store::Writer::new(ar.clone());
+    let reader = writer.as_reader();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut known = std::collections::HashSet::new();
+        let mut relisted: Option<std::collections::HashSet<NamespacedName>> = None;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(watcher::Event::Apply(o)) => {
+                    known.insert(key_of(&o));
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    let key = key_of(&o);
+                    known.remove(&key);
+                    let _ = removals.send(key);
+                }
+                Ok(watcher::Event::Init) => relisted = Some(Default::default()),
+                Ok(watcher::Event::InitApply(o)) => {
+                    if let Some(r) = relisted.as_mut() {
+                        r.insert(key_of(&o));
+                    }
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(now) = relisted.take() {
+                        for gone in known.difference(&now) {
+                            let _ = removals.send(gone.clone());
+                        }
+                        known = now;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(watching = "WorkloadEntries", error = %e, "watching the Kubernetes API failed; retrying");
+                }
+            }
+        }
+    });
+    (reader, task)
 }
 
 /// Starts a task keeping a cache of what `api` and `config` select (`dyntype`: `()` for
@@ -404,19 +478,11 @@ impl crate::Registry for Registry {
         got.map(|o| decode(&o, WorkloadEntry::KIND, key)).transpose()
     }
 
+    /// From the watch-backed cache: no API call.
     async fn managed_entries(&self) -> Result<Vec<WorkloadEntry>> {
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &self.entries);
-        let selector = format!("{}={}", label::MANAGED_BY, label::MANAGED_BY_VALUE);
-        let list = api
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(|e| {
-                Error::Backend(format!(
-                    "listing WorkloadEntries labelled {selector}: {e}: check that the endpoint's RBAC allows list on workloadentries"
-                ))
-            })?;
-        let mut out: Vec<WorkloadEntry> = list
-            .items
+        let mut out: Vec<WorkloadEntry> = self
+            .managed
+            .state()
             .iter()
             .map(|o| decode(o, WorkloadEntry::KIND, &key_of(o)))
             .collect::<Result<_>>()?;
@@ -563,11 +629,74 @@ impl crate::Registry for Registry {
             detail: format!("{CONSUME_ATTEMPTS} concurrent uses in a row: retry the onboarding"),
         })
     }
+
+    async fn binding(&self, key: &NamespacedName) -> Result<Option<WorkloadBinding>> {
+        let got = self
+            .bindings_in(&key.namespace)
+            .get_opt(&key.name)
+            .await
+            .map_err(|e| api_error(e, WorkloadBinding::KIND, key, "reading"))?;
+        got.map(|o| decode(&o, WorkloadBinding::KIND, key)).transpose()
+    }
+
+    async fn bindings(&self) -> Result<Vec<WorkloadBinding>> {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &self.binding_ar);
+        let list = api.list(&ListParams::default()).await.map_err(|e| {
+            Error::Backend(format!(
+                "listing WorkloadBindings: {e}: check that Gangplank's CRDs are installed and the endpoint's RBAC allows list on workloadbindings"
+            ))
+        })?;
+        let mut out: Vec<WorkloadBinding> = list
+            .items
+            .iter()
+            .map(|o| decode(o, WorkloadBinding::KIND, &key_of(o)))
+            .collect::<Result<_>>()?;
+        out.sort_by_key(Resource::key);
+        Ok(out)
+    }
+
+    async fn apply_binding(&self, binding: &WorkloadBinding) -> Result<WorkloadBinding> {
+        let key = binding.key();
+        let mut body = serde_json::to_value(binding)
+            .map_err(|e| Error::Backend(format!("encoding WorkloadBinding {key}: {e}")))?;
+        body["apiVersion"] = json!(WorkloadBinding::API_VERSION);
+        body["kind"] = json!(WorkloadBinding::KIND);
+        if let Some(m) = body["metadata"].as_object_mut() {
+            for f in ["resourceVersion", "uid", "creationTimestamp", "generation", "managedFields"] {
+                m.remove(f);
+            }
+        }
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let stored = self
+            .bindings_in(&key.namespace)
+            .patch(&key.name, &params, &Patch::Apply(&body))
+            .await
+            .map_err(|e| api_error(e, WorkloadBinding::KIND, &key, "applying"))?;
+        decode(&stored, WorkloadBinding::KIND, &key)
+    }
+
+    async fn delete_binding(&self, key: &NamespacedName) -> Result<bool> {
+        match self
+            .bindings_in(&key.namespace)
+            .delete(&key.name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(api_error(e, WorkloadBinding::KIND, key, "deleting")),
+        }
+    }
+
+    fn entry_removals(&self) -> tokio::sync::broadcast::Receiver<NamespacedName> {
+        self.removals.subscribe()
+    }
+
 }
 
 enum Check {
     Unusable(String),
     Invalid(Error),
+
 }
 
 /// Whether `token` may be used now with a secret hashing to `given`; the secret is compared

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use gangplank_api::NamespacedName;
+use gangplank_api::binding::WorkloadBinding;
 use gangplank_api::istio::{WorkloadEntry, WorkloadGroup};
 use gangplank_api::policy::OnboardingPolicy;
 use gangplank_api::token::JoinToken;
@@ -125,4 +126,20 @@ pub trait Registry: Send + Sync + 'static {
         secret_sha256: &str,
         now: time::OffsetDateTime,
     ) -> Result<JoinToken>;
+
+    /// A VM's binding, or `None`. Always read fresh, so a release takes effect at once.
+    async fn binding(&self, key: &NamespacedName) -> Result<Option<WorkloadBinding>>;
+    /// Every WorkloadBinding, in all namespaces.
+    async fn bindings(&self) -> Result<Vec<WorkloadBinding>>;
+    /// Creates or replaces the binding (spec and status) with this exact content; returns
+    /// what was stored.
+    async fn apply_binding(&self, binding: &WorkloadBinding) -> Result<WorkloadBinding>;
+    /// Deletes a binding; `Ok(false)` if it was already gone.
+    async fn delete_binding(&self, key: &NamespacedName) -> Result<bool>;
+
+    /// The managed WorkloadEntries removed from now on, by anyone (the sweep, an admin, the
+    /// garbage collector, another replica), as the registry sees them go. Seen within about
+    /// a second; a receiver that lags is told so ([`tokio::sync::broadcast`]) and should
+    /// re-read what it cares about.
+    fn entry_removals(&self) -> tokio::sync::broadcast::Receiver<NamespacedName>;
 }

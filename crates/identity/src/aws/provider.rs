@@ -8,11 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use gangplank_api::{kind, proto};
-use rustls_pki_types::PrivatePkcs8KeyDer;
-use rustls_pki_types::pem::PemObject;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
@@ -157,57 +153,10 @@ impl Provider {
     }
 }
 
-/// The PEM label of a PKCS#8 private key.
-const PKCS8_LABEL: &str = "PRIVATE KEY";
-
 /// Loads the instance key from `path`, creating it (Ed25519, PKCS#8 v1 PEM, mode 0600) if
-/// absent. The file's format is the one OpenSSL writes (and earlier agents wrote with it),
-/// so a key survives an agent upgrade or downgrade.
+/// absent: the VM's bound key ([`crate::bound`]), which also proves an AWS first join.
 pub fn load_or_create_key(path: &Path) -> Result<Ed25519KeyPair> {
-    let fail = |what: String| Error::Unavailable(format!("instance key {}: {what}", path.display()));
-    match std::fs::read(path) {
-        Ok(pem) => {
-            return PrivatePkcs8KeyDer::from_pem_slice(&pem)
-                .ok()
-                .and_then(|der| Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der()).ok())
-                .ok_or_else(|| {
-                    fail(
-                        "is not an Ed25519 private key in PEM: remove it only if this VM was re-imaged"
-                            .into(),
-                    )
-                });
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(format!("cannot be read: {e}"))),
-    }
-    let key = Ed25519KeyPair::generate().map_err(|e| fail(format!("cannot be generated: {e}")))?;
-    let der = key
-        .to_pkcs8v1()
-        .map_err(|e| fail(format!("cannot be encoded: {e}")))?;
-    write_private(path, pem(PKCS8_LABEL, der.as_ref()).as_bytes()).map_err(fail)?;
-    Ok(key)
-}
-
-/// `der` as PEM, as OpenSSL writes it: base64 in lines of 64.
-fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for (i, c) in b64.chars().enumerate() {
-        if i > 0 && i % 64 == 0 {
-            out.push('\n');
-        }
-        out.push(c);
-    }
-    out.push_str(&format!("\n-----END {label}-----\n"));
-    out
-}
-
-/// Writes `bytes` to `path` with mode 0600, creating its directory; the error says what failed.
-fn write_private(path: &Path, bytes: &[u8]) -> std::result::Result<(), String> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    gangplank_fs::write(path, bytes, 0o600).map_err(|e| format!("cannot be written: {e}"))
+    crate::bound::load_or_create_pair(path)
 }
 
 #[async_trait]

@@ -29,7 +29,7 @@ pub use verify::{
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Verified facts of a JWT.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Facts {
     /// `iss`.
     pub issuer: String,

@@ -33,7 +33,8 @@ const ID_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 const SECRET_LEN: usize = 43;
 
 /// Verified facts of a join token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Facts {
     /// The token id (`metadata.name` of the stored token).
     pub id: String,
@@ -41,6 +42,11 @@ pub struct Facts {
     pub namespace: String,
     /// The WorkloadGroup it was created for.
     pub workload_group: String,
+    /// The fingerprint of the agent key the token was presented with
+    /// ([`crate::bound::fingerprint`]); empty for an agent without one. It names the VM's
+    /// entry, so each VM a multi-use token admits gets its own.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
 }
 
 /// A whole join token as handed to an admin (`<id>.<secret>`). Its `Debug` never shows it.

@@ -135,6 +135,11 @@ impl Verifier {
                 id: parsed.id.to_string(),
                 namespace: group.namespace.clone(),
                 workload_group: stored.spec.workload_group,
+                key: if credential.public_key.is_empty() {
+                    String::new()
+                } else {
+                    crate::bound::fingerprint(&credential.public_key)
+                },
             }),
             address: None,
         })
