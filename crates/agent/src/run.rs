@@ -419,7 +419,9 @@ impl Agent {
         if bound.as_ref() != Some(&saved)
             && let Err(e) = saved.save(&self.state_dir)
         {
-            tracing::error!("cannot save the registration ({e}): a restarted agent needs a new first-join credential");
+            tracing::error!(
+                "cannot save the registration ({e}): a restarted agent needs a new first-join credential"
+            );
         }
         state.entry_removed = false;
 

@@ -94,7 +94,10 @@ mod tests {
         assert!(r.is_for(&NamespacedName::new("bookinfo", "ratings")));
         assert!(!r.is_for(&NamespacedName::new("bookinfo", "reviews")));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(state.join(REGISTRATION_FILE)).expect("stat").permissions().mode();
+        let mode = std::fs::metadata(state.join(REGISTRATION_FILE))
+            .expect("stat")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(state.join(REGISTRATION_FILE), b"{not json").expect("write");
         assert_eq!(Registration::load(&state), None);

@@ -146,12 +146,23 @@ impl onboarding_server::Onboarding for Fake {
     ) -> Result<Response<proto::OnboardResponse>, RpcStatus> {
         let r = request.into_inner();
         let credential = r.credential.unwrap_or_default();
-        assert_eq!(credential.kind, "join-token");
-        assert_eq!(
-            credential.payload,
-            b"plane-1/nonce-1".to_vec(),
-            "credential bound to the challenge"
-        );
+        // A first join carries the agent's key and its proof; every later onboarding of the
+        // same agent is a rejoin with that key, naming the entry it was given.
+        assert_eq!(credential.public_key.len(), 44, "an Ed25519 SubjectPublicKeyInfo");
+        assert_eq!(credential.proof.len(), 64, "an Ed25519 signature");
+        match credential.kind.as_str() {
+            "join-token" => assert_eq!(
+                credential.payload,
+                b"plane-1/nonce-1".to_vec(),
+                "credential bound to the challenge"
+            ),
+            "bound-key" => assert_eq!(
+                credential.payload,
+                br#"{"binding":"ratings-token-t1"}"#.to_vec(),
+                "a rejoin names the entry the first join got"
+            ),
+            other => panic!("unexpected credential kind {other}"),
+        }
         assert_eq!(r.nonce, "nonce-1");
         let group = r.workload_group.unwrap_or_default();
         assert_eq!(

@@ -61,7 +61,9 @@ async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
         let key = match (id.split_once('/'), &args.namespace) {
             (Some((ns, name)), None) => NamespacedName::new(ns, name),
             (None, Some(ns)) => NamespacedName::new(ns, id),
-            (Some(_), Some(_)) => anyhow::bail!("give the WorkloadEntry as NAMESPACE/NAME or as NAME with -n, not both"),
+            (Some(_), Some(_)) => {
+                anyhow::bail!("give the WorkloadEntry as NAMESPACE/NAME or as NAME with -n, not both")
+            }
             (None, None) => anyhow::bail!(
                 "{id:?} is neither NAMESPACE/NAME of a WorkloadEntry (or NAME with -n NAMESPACE) nor an EC2 instance id (i-0abc1234def567890)"
             ),
@@ -105,7 +107,11 @@ async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
             gangplank_identity::aws::release(&store, id).await?
         }
     };
-    let what = if is_instance { format!("instance {id}") } else { id.to_owned() };
+    let what = if is_instance {
+        format!("instance {id}")
+    } else {
+        id.to_owned()
+    };
     if entries.is_empty() && released_bindings.is_empty() {
         println!("{what} holds no registration in {place}");
         return Ok(ExitCode::from(1));

@@ -220,7 +220,7 @@ async fn instance_release_deletes_only_that_instance_s_registration() {
     let bad = gangplank(&["instance", "release", "vm-7", "--registry", &root]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(
-        text(&bad.stderr).contains("is not an EC2 instance id"),
+        text(&bad.stderr).contains("is neither NAMESPACE/NAME of a WorkloadEntry"),
         "{}",
         text(&bad.stderr)
     );

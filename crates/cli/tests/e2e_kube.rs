@@ -376,7 +376,6 @@ async fn two_replicas_behind_a_service_failover_keeps_returning_agents_and_remov
         let id = token.metadata.name.clone().unwrap();
         secrets.push((format!("ratings-token-{id}"), secret.expose().to_owned()));
     }
-    let (stays_entry, goes_entry, other_entry) = (&secrets[0].0, &secrets[1].0, &secrets[2].0);
 
     // Two replicas (sharing the signing keys, as the Deployment's Secret gives them), one
     // Service in front. The test plays the EndpointSlice controller: while the first two VMs
@@ -396,6 +395,20 @@ async fn two_replicas_behind_a_service_failover_keeps_returning_agents_and_remov
     service.set_backends(&[b_addr]);
     let (other, other_fs) = spawn_agent(root, "other", service.addr(), &secrets[2].1);
     assert!(onboarded(&other_fs), "not onboarded; B:\n{}", b.output());
+    // Each entry is named from its token and its VM's bound key; the agent saved the name.
+    let registered = |fs: &std::path::Path| -> String {
+        let text = std::fs::read(fs.join("var/lib/gangplank/registration.json")).expect("registration saved");
+        let v: serde_json::Value = serde_json::from_slice(&text).expect("registration json");
+        v["entry"].as_str().expect("entry").to_owned()
+    };
+    let names: Vec<String> = [&stays_fs, &goes_fs, &other_fs].map(|fs| registered(fs)).into();
+    for (name, (prefix, _)) in names.iter().zip(&secrets) {
+        assert!(
+            name.starts_with(&format!("{prefix}-")),
+            "{name} is not {prefix}-<key fingerprint>"
+        );
+    }
+    let (stays_entry, goes_entry, other_entry) = (&names[0], &names[1], &names[2]);
     service.set_backends(&[a_addr, b_addr]);
     let served_by =
         |entry: &str| annotations_of(&server, entry).map(|a| a[annotation::ENDPOINT_REPLICA].clone());

@@ -38,10 +38,16 @@ async fn seed_config_onboards_writes_boot_files_and_sigterm_leaves() {
     let entry = wait_onboarded(&mesh, &mut vm).await;
 
     // The WorkloadEntry: deterministic name, labels, address, owner, annotations.
-    assert_eq!(
-        entry.metadata.name.as_deref(),
-        Some(format!("ratings-token-{id}").as_str())
+    // Named from the token and the VM's bound key (the agent saved it as its registration).
+    let name = entry.metadata.name.clone().unwrap_or_default();
+    let fingerprint = name
+        .strip_prefix(&format!("ratings-token-{id}-"))
+        .unwrap_or_else(|| panic!("{name} is not ratings-token-{id}-<key fingerprint>"));
+    assert!(
+        fingerprint.len() == 10 && fingerprint.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{name}"
     );
+    assert_eq!(vm.registered_entry().as_deref(), Some(name.as_str()));
     assert_eq!(entry.metadata.namespace.as_deref(), Some("bookinfo"));
     let labels = &entry.spec.labels;
     assert_eq!(labels.get("app").map(String::as_str), Some("ratings"));

@@ -52,6 +52,17 @@ fn snapshot(mesh: &Mesh) -> Vec<(std::path::PathBuf, Vec<u8>)> {
 }
 
 /// Marks every use of a join token as spent, as earlier onboardings would have.
+/// The endpoint's log line that carries `reference` (waiting, bounded, for it to be written).
+async fn logged_with(mesh: &Mesh, reference: &str) -> String {
+    for _ in 0..100 {
+        if let Some(line) = mesh.endpoint.output().lines().find(|l| l.contains(reference)) {
+            return line.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no endpoint log line with reference {reference}");
+}
+
 async fn spend(mesh: &Mesh, token: &str) {
     let id = token.split('.').next().unwrap();
     let key = gangplank_api::NamespacedName::new("bookinfo", id);
@@ -111,6 +122,10 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
     spend(&mesh, &used_token).await;
     let (id, _) = good_token.split_once('.').unwrap();
     let wrong_secret = format!("{id}.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+    let unknown_id = format!(
+        "zzzzzzzzzz.{}",
+        good_token.split_once('.').map(|(_, s)| s).unwrap_or_default()
+    );
 
     let now = oidc::now();
     let claims = |sub: &str| issuer.claims(sub, PLANE_ID);
@@ -186,6 +201,14 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
             nonce: None,
             code: Code::Unauthenticated,
             message: "",
+        },
+        Case {
+            what: "unknown join token id",
+            group: "ratings",
+            credential: join(&unknown_id),
+            nonce: None,
+            code: Code::Unauthenticated,
+            message: "not found in namespace bookinfo",
         },
         Case {
             what: "wrong join token secret",
@@ -279,6 +302,7 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
 
     let before = snapshot(&mesh);
     let mut client = mesh.client().await;
+    let mut public: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
     for case in cases {
         let nonce = match case.nonce {
             Some(n) => n,
@@ -306,11 +330,36 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
         };
         let status = client.onboard(request).await.expect_err(case.what);
         assert_eq!(status.code(), case.code, "{}: {}", case.what, status.message());
+        // An unauthenticated caller is told the class and a reference; the precise reason is
+        // only in the endpoint's log line with that reference.
+        let explained = if status.code() == Code::Unauthenticated {
+            let reference = status
+                .message()
+                .split("(reference ")
+                .nth(1)
+                .and_then(|r| r.split(';').next())
+                .unwrap_or_else(|| panic!("{}: no reference in {:?}", case.what, status.message()))
+                .to_owned();
+            public
+                .entry(
+                    status
+                        .message()
+                        .split(" (reference ")
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+                .or_insert_with(Vec::new)
+                .push(case.what);
+            logged_with(&mesh, &reference).await
+        } else {
+            status.message().to_owned()
+        };
         assert!(
-            status.message().contains(case.message),
+            explained.contains(case.message),
             "{}: {:?} lacks {:?}",
             case.what,
-            status.message(),
+            explained,
             case.message
         );
         for secret in [&good_token, &expired_token, &used_token] {
@@ -322,6 +371,15 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
         }
         assert_eq!(snapshot(&mesh), before, "{}: the registry changed", case.what);
     }
+    // One message per class: a caller cannot tell an unknown token from a wrong secret, an
+    // expired or a spent one.
+    let join_token_messages: Vec<&String> = public.keys().filter(|m| m.starts_with("join token")).collect();
+    assert_eq!(join_token_messages.len(), 1, "{public:#?}");
+    assert_eq!(public[join_token_messages[0]].len(), 5, "{public:#?}");
+    assert!(
+        public.keys().all(|m| !m.contains('/')),
+        "no paths reach the caller: {public:#?}"
+    );
     assert!(mesh.entry_files().is_empty());
     let log = mesh.endpoint.output();
     assert!(

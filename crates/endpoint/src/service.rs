@@ -152,7 +152,9 @@ impl Service {
         // The key this VM proves itself with from now on: the rejoin's, the one the AWS
         // verifier checked, or the one a first join carries (checked here).
         let agent_key = match &identity.facts {
-            _ if rejoin => Some(gangplank_identity::bound::encode_public_key(&credential.public_key)),
+            _ if rejoin => Some(gangplank_identity::bound::encode_public_key(
+                &credential.public_key,
+            )),
             gangplank_identity::Facts::Aws(f) => Some(f.agent_public_key.clone()).filter(|k| !k.is_empty()),
             _ => gangplank_identity::bound::check_first_join_proof(&credential, &challenge)
                 .map_err(identity_status)?,
@@ -165,14 +167,13 @@ impl Service {
             Some(_) => plane.registry.binding(&key).await.map_err(registry_status)?,
             None => None,
         };
-        if !rejoin && let (Some(bound), Some(presented)) = (&existing_binding, &agent_key)
+        // A fresh first-join credential with another key rebinds the name (a re-imaged VM
+        // proving its identity again), but not while the holder of the old key is connected.
+        if !rejoin
+            && let (Some(bound), Some(presented), Some(current)) = (&existing_binding, &agent_key, &existing)
             && &bound.spec.public_key != presented
         {
-            // Another VM holds this name (an AWS instance re-imaged without a release).
-            return Err(identity_status(gangplank_identity::Error::rejected(
-                gangplank_identity::Refused::BoundKey,
-                format!("{key} is bound to another key: run `gangplank instance release {key}` if this VM was re-imaged"),
-            )));
+            self.refuse_if_held_elsewhere(current)?;
         }
 
         // Everything that can fail on the endpoint's side happens before the credential is
@@ -184,7 +185,9 @@ impl Service {
             .await
             .map_err(registry_status)?;
         let undo = async |binding_created: bool| {
-            if existing.is_none() && let Err(err) = plane.registry.delete_entry(&key).await {
+            if existing.is_none()
+                && let Err(err) = plane.registry.delete_entry(&key).await
+            {
                 tracing::warn!(entry = %key, %err, "could not undo the entry of a failed onboarding; the sweep removes it");
             }
             if binding_created && let Err(err) = plane.registry.delete_binding(&key).await {
@@ -193,7 +196,14 @@ impl Service {
         };
         let mut binding_created = false;
         if let Some(public_key) = &agent_key {
-            let binding = binding_for(&group, &key, &identity, public_key, existing_binding.as_ref(), &credential.kind);
+            let binding = binding_for(
+                &group,
+                &key,
+                &identity,
+                public_key,
+                existing_binding.as_ref(),
+                &credential.kind,
+            );
             if let Err(err) = plane.registry.apply_binding(&binding).await {
                 undo(false).await;
                 return Err(registry_status(err));

@@ -71,6 +71,33 @@ fn entry(name: &str, replica: &str, disconnected: bool) -> WorkloadEntry {
     )
 }
 
+/// Waits (bounded) until the registry's watch-backed cache of managed entries shows what the
+/// API holds for each of `names`: the sweep reads the cache, which follows writes within
+/// moments.
+async fn settle(registry: &dyn Registry, names: &[&str]) {
+    for _ in 0..200 {
+        let cached = registry.managed_entries().await.unwrap();
+        let mut caught_up = cached.len() == names.len();
+        for name in names {
+            let fresh = registry
+                .entry(&NamespacedName::new("bookinfo", *name))
+                .await
+                .unwrap()
+                .map(|e| e.metadata.resource_version);
+            let seen = cached
+                .iter()
+                .find(|e| e.metadata.name.as_deref() == Some(*name))
+                .map(|e| e.metadata.resource_version.clone());
+            caught_up &= fresh == seen;
+        }
+        if caught_up {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the entry cache did not catch up with {names:?} within 5 s");
+}
+
 async fn disconnected(registry: &dyn Registry, name: &str) -> bool {
     let e = registry
         .entry(&NamespacedName::new("bookinfo", name))
@@ -93,6 +120,8 @@ async fn one_sweeper_marks_the_entries_of_vanished_replicas() {
     ] {
         registry.apply_entry(&entry(name, replica, gone)).await.unwrap();
     }
+    let all = ["vm-a", "vm-b", "vm-ghost", "vm-left"];
+    settle(registry.as_ref(), &all).await;
     let t0 = OffsetDateTime::now_utc();
     a.renew(t0).await.unwrap();
     b.renew(t0).await.unwrap();
@@ -109,6 +138,7 @@ async fn one_sweeper_marks_the_entries_of_vanished_replicas() {
     assert!(!disconnected(registry.as_ref(), "vm-a").await);
     assert!(!disconnected(registry.as_ref(), "vm-b").await);
     assert_eq!(server.write_count("workloadentries"), 1, "one write per orphan");
+    settle(registry.as_ref(), &all).await;
 
     // B stops renewing: once its Lease expired, its entries are marked, once.
     let t1 = t0 + LEASE + time::Duration::seconds(1);
@@ -118,6 +148,7 @@ async fn one_sweeper_marks_the_entries_of_vanished_replicas() {
     assert_eq!(a.mark_orphans(registry.as_ref(), t1).await.unwrap(), 1);
     assert!(disconnected(registry.as_ref(), "vm-b").await);
     assert!(!disconnected(registry.as_ref(), "vm-a").await);
+    settle(registry.as_ref(), &all).await;
     assert_eq!(
         a.mark_orphans(registry.as_ref(), t1).await.unwrap(),
         0,

@@ -411,7 +411,9 @@ impl Store {
                 };
                 if stem.len() <= LONG_NAME_PREFIX {
                     keys.insert(NamespacedName::new(&ns, stem));
-                } else if let Ok(Some(e)) = read_file::<WorkloadEntry>(&dir.join(&file), &NamespacedName::new(&ns, stem)) {
+                } else if let Ok(Some(e)) =
+                    read_file::<WorkloadEntry>(&dir.join(&file), &NamespacedName::new(&ns, stem))
+                {
                     keys.insert(e.key());
                 }
             }

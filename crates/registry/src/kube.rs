@@ -662,7 +662,13 @@ impl crate::Registry for Registry {
         body["apiVersion"] = json!(WorkloadBinding::API_VERSION);
         body["kind"] = json!(WorkloadBinding::KIND);
         if let Some(m) = body["metadata"].as_object_mut() {
-            for f in ["resourceVersion", "uid", "creationTimestamp", "generation", "managedFields"] {
+            for f in [
+                "resourceVersion",
+                "uid",
+                "creationTimestamp",
+                "generation",
+                "managedFields",
+            ] {
                 m.remove(f);
             }
         }
@@ -690,13 +696,11 @@ impl crate::Registry for Registry {
     fn entry_removals(&self) -> tokio::sync::broadcast::Receiver<NamespacedName> {
         self.removals.subscribe()
     }
-
 }
 
 enum Check {
     Unusable(String),
     Invalid(Error),
-
 }
 
 /// Whether `token` may be used now with a secret hashing to `given`; the secret is compared

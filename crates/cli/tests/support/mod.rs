@@ -404,6 +404,9 @@ pub enum Credential {
 pub struct Vm {
     pub root: PathBuf,
     pub agent: Proc,
+    name: String,
+    onboarding: PathBuf,
+    agent_config: PathBuf,
 }
 
 impl Vm {
@@ -493,14 +496,48 @@ settings:
                 readiness = readiness_url.unwrap_or_default(),
             ),
         );
+        let agent = Self::spawn_agent(name, &onboarding, &agent_config);
+        Self {
+            root,
+            agent,
+            name: name.to_owned(),
+            onboarding,
+            agent_config,
+        }
+    }
+
+    fn spawn_agent(name: &str, onboarding: &Path, agent_config: &Path) -> Proc {
         let mut cmd = Command::new(bin("gangplank-agent"));
         cmd.arg("--onboarding-config")
-            .arg(&onboarding)
+            .arg(onboarding)
             .arg("--agent-config")
-            .arg(&agent_config)
+            .arg(agent_config)
             .env("RUST_LOG", "info");
-        let agent = Proc::spawn(&format!("agent-{name}"), cmd);
-        Self { root, agent }
+        Proc::spawn(&format!("agent-{name}"), cmd)
+    }
+
+    /// Kills the agent with SIGKILL (a crash: no Leave) and waits for it to be gone.
+    pub fn kill_agent(&mut self) {
+        self.agent.signal("KILL");
+        self.agent.wait_exit(Duration::from_secs(10));
+    }
+
+    /// Starts the agent again with the same configuration and state dir (after a crash, an
+    /// upgrade, or a "reboot": the VM's disk kept, its processes gone).
+    pub fn restart_agent(&mut self) {
+        self.agent = Self::spawn_agent(&self.name, &self.onboarding, &self.agent_config);
+    }
+
+    /// The VM's state dir (`files.stateDir` under `files.root`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("/var/lib/gangplank")
+    }
+
+    /// The WorkloadEntry name the agent saved as its registration, if any.
+    pub fn registered_entry(&self) -> Option<String> {
+        let text = std::fs::read(self.state_dir().join("registration.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+        v["entry"].as_str().map(str::to_owned)
     }
 
     /// A path on the VM's file system (`files.root`).

@@ -137,7 +137,12 @@ impl Key {
     }
 
     /// A rejoin credential for `binding` in `group`.
-    pub fn rejoin(&self, challenge: &Challenge, group: &NamespacedName, binding: &str) -> Result<proto::Credential> {
+    pub fn rejoin(
+        &self,
+        challenge: &Challenge,
+        group: &NamespacedName,
+        binding: &str,
+    ) -> Result<proto::Credential> {
         let payload = serde_json::to_vec(&Payload {
             binding: binding.to_owned(),
         })

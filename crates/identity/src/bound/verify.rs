@@ -16,22 +16,32 @@ use crate::store::Bindings;
 use crate::{Challenge, Error, Facts, Identity, Refused, Result};
 
 /// The DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), before the 32 key bytes.
-const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
 
 /// The raw Ed25519 key inside `spki`, if it is one.
 fn ed25519(spki: &[u8]) -> Option<&[u8]> {
-    spki.strip_prefix(&ED25519_SPKI_PREFIX[..]).filter(|k| k.len() == 32)
+    spki.strip_prefix(&ED25519_SPKI_PREFIX[..])
+        .filter(|k| k.len() == 32)
 }
 
 /// Whether `proof` is `spki`'s signature of `message`.
 fn signed(spki: &[u8], message: &[u8], proof: &[u8]) -> bool {
-    ed25519(spki).is_some_and(|raw| UnparsedPublicKey::new(&ED25519, raw).verify(message, proof).is_ok())
+    ed25519(spki).is_some_and(|raw| {
+        UnparsedPublicKey::new(&ED25519, raw)
+            .verify(message, proof)
+            .is_ok()
+    })
 }
 
 /// Checks the agent key a first-join `credential` carries: `Ok(None)` when it carries none
 /// (an agent older than bound keys: it gets no binding), `Ok(Some(public key, base64))` when
 /// its proof over `challenge` verifies, and a refusal otherwise.
-pub fn check_first_join_proof(credential: &proto::Credential, challenge: &Challenge) -> Result<Option<String>> {
+pub fn check_first_join_proof(
+    credential: &proto::Credential,
+    challenge: &Challenge,
+) -> Result<Option<String>> {
     if credential.public_key.is_empty() && credential.proof.is_empty() {
         return Ok(None);
     }
@@ -41,7 +51,11 @@ pub fn check_first_join_proof(credential: &proto::Credential, challenge: &Challe
             "carries an agent public key that is not an Ed25519 SubjectPublicKeyInfo",
         ));
     }
-    if !signed(&credential.public_key, &first_join_message(challenge), &credential.proof) {
+    if !signed(
+        &credential.public_key,
+        &first_join_message(challenge),
+        &credential.proof,
+    ) {
         return Err(Error::rejected(
             Refused::BoundKey,
             "proof is not a signature of this challenge by the agent's key",
@@ -90,7 +104,10 @@ impl crate::Verifier for Verifier {
         let payload: Payload = serde_json::from_slice(&credential.payload)
             .map_err(|_| refuse("is malformed: expected {\"binding\": NAME}".into()))?;
         if !is_dns1123_subdomain(&payload.binding) {
-            return Err(refuse(format!("names binding {:?}, which is not a valid name", payload.binding)));
+            return Err(refuse(format!(
+                "names binding {:?}, which is not a valid name",
+                payload.binding
+            )));
         }
         let key = NamespacedName::new(&group.namespace, &payload.binding);
         let binding = self
@@ -129,7 +146,10 @@ impl crate::Verifier for Verifier {
             None
         } else {
             Some(binding.spec.address.parse().map_err(|_| {
-                refuse(format!("{key}: the stored address {:?} is not an IP", binding.spec.address))
+                refuse(format!(
+                    "{key}: the stored address {:?} is not an IP",
+                    binding.spec.address
+                ))
             })?)
         };
         Ok(Identity { facts, address })
