@@ -352,7 +352,11 @@ impl Env {
                  to run the membership scenarios against it"
             );
         };
-        let kubeconfig = std::path::PathBuf::from(kubeconfig);
+        Self::cluster_at(kubeconfig.into(), scenario).await
+    }
+
+    /// The cluster `kubeconfig` names, in a fresh namespace for `scenario`.
+    async fn cluster_at(kubeconfig: std::path::PathBuf, scenario: &str) -> Self {
         let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("reading GANGPLANK_TEST_KUBECONFIG");
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
             .await
