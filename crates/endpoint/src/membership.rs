@@ -7,7 +7,15 @@
 //! - the holder marks the entries claimed by a replica whose Lease is gone or expired as
 //!   disconnected (`disconnected-at`, one write per entry, once); the sweep
 //!   ([`crate::sweep`], run by every replica) then deletes them after the grace period unless
-//!   their agent reconnected to a live replica meanwhile.
+//!   their agent reconnected to a live replica meanwhile;
+//! - the holder also deletes the replica Leases of dead pods, once they have been expired for
+//!   [`STALE_AFTER`] of their own durations (a replica that was only slow renews its Lease
+//!   meanwhile, and a delete conditional on the `resourceVersion` listed never removes a Lease
+//!   renewed since), so Leases do not pile up with every rollout;
+//! - a replica that shuts down cleanly leaves: it releases the sweeper Lease if it holds it
+//!   ([`Membership::release_sweeper`]) and, once its agent streams recorded their disconnects,
+//!   deletes its own Lease ([`Membership::leave`]), so another replica sweeps at its next
+//!   round and counts it gone at once, instead of waiting for the Leases to expire.
 //!
 //! Steady-state heartbeats of agents write nothing: only the replica Leases are renewed, once
 //! per renewal interval per replica, whatever the number of agents.
@@ -21,7 +29,7 @@ use gangplank_api::names::{annotation, label};
 use gangplank_registry::kube::ApiCall;
 use gangplank_registry::{AnnotationPatch, Registry};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -34,6 +42,12 @@ use crate::plane::Plane;
 pub const LEADER_LEASE: &str = "gangplank-endpoint-sweeper";
 /// The prefix of every replica's own Lease.
 pub const REPLICA_LEASE_PREFIX: &str = "gangplank-replica-";
+/// How many of its own durations a replica Lease stays expired before the sweeper deletes it.
+pub const STALE_AFTER: i64 = 4;
+/// How long one step of leaving (releasing the sweeper Lease, deleting the replica Lease) may
+/// take; past it the step is given up and the Lease expires on its own, as after a crash. It
+/// bounds the shutdown when the API server is unreachable.
+pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Every call [`Membership`] makes, in the endpoint's namespace.
 pub const API_CALLS: &[ApiCall] = &[
@@ -61,6 +75,13 @@ pub const API_CALLS: &[ApiCall] = &[
         verb: "update",
         names: &[],
     },
+    // A replica's own Lease when it leaves; stale Leases of dead pods (the sweeper).
+    ApiCall {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verb: "delete",
+        names: &[],
+    },
 ];
 
 /// What can go wrong keeping membership.
@@ -68,7 +89,7 @@ pub const API_CALLS: &[ApiCall] = &[
 pub enum Error {
     /// A Lease call failed.
     #[error(
-        "Lease {name} in namespace {namespace}: {source}: check that the endpoint's Role allows get, list, create and update on leases there"
+        "Lease {name} in namespace {namespace}: {source}: check that the endpoint's Role allows get, list, create, update and delete on leases there"
     )]
     Lease {
         /// The namespace.
@@ -117,10 +138,41 @@ fn micro(t: OffsetDateTime) -> String {
 
 /// When `lease` expires, from its renew time and duration; `None` if it has neither.
 fn expiry(lease: &Lease) -> Option<OffsetDateTime> {
+    expiry_after(lease, 1)
+}
+
+/// `durations` of its own durations after `lease` was renewed; `None` without either.
+fn expiry_after(lease: &Lease, durations: i64) -> Option<OffsetDateTime> {
     let v = serde_json::to_value(lease).ok()?;
     let renewed = OffsetDateTime::parse(v["spec"]["renewTime"].as_str()?, &Rfc3339).ok()?;
     let seconds = v["spec"]["leaseDurationSeconds"].as_i64()?;
-    Some(renewed + time::Duration::seconds(seconds))
+    Some(renewed + time::Duration::seconds(seconds.saturating_mul(durations)))
+}
+
+/// Who holds `lease`; `None` when nobody does (no holder, or an empty one: released).
+fn holder(lease: &Lease) -> Option<&str> {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref())
+        .filter(|h| !h.is_empty())
+}
+
+fn is_replica_lease(lease: &Lease) -> bool {
+    lease
+        .metadata
+        .name
+        .as_deref()
+        .is_some_and(|n| n.starts_with(REPLICA_LEASE_PREFIX))
+}
+
+/// The replicas whose own Lease, among `leases`, is valid at `now`.
+fn live_among(leases: &[Lease], now: OffsetDateTime) -> Vec<String> {
+    leases
+        .iter()
+        .filter(|l| is_replica_lease(l) && expiry(l).is_some_and(|t| t > now))
+        .filter_map(|l| holder(l).map(str::to_owned))
+        .collect()
 }
 
 impl Membership {
@@ -176,8 +228,12 @@ impl Membership {
         })
     }
 
-    /// Takes or renews the Lease `name` if it is free, expired or already ours; `Ok(false)`
-    /// when another replica holds it (or won a race for it).
+    fn ours(&self, lease: &Lease) -> bool {
+        holder(lease) == Some(self.options.replica.as_str())
+    }
+
+    /// Takes or renews the Lease `name` if it is free (absent, released or expired) or
+    /// already ours; `Ok(false)` when another replica holds it (or won a race for it).
     async fn hold(&self, name: &str, now: OffsetDateTime) -> Result<bool, Error> {
         let old = self.leases.get_opt(name).await.map_err(self.err(name))?;
         let pp = PostParams::default();
@@ -188,10 +244,8 @@ impl Membership {
                 Err(e) => Err(self.err(name)(e)),
             },
             Some(old) => {
-                let ours = old.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
-                    == Some(self.options.replica.as_str());
-                let expired = expiry(&old).is_none_or(|t| t <= now);
-                if !ours && !expired {
+                let free = holder(&old).is_none() || expiry(&old).is_none_or(|t| t <= now);
+                if !self.ours(&old) && !free {
                     return Ok(false);
                 }
                 match self
@@ -218,32 +272,121 @@ impl Membership {
         self.hold(LEADER_LEASE, now).await
     }
 
-    /// The replicas whose own Lease is valid at `now`.
-    pub async fn live_replicas(&self, now: OffsetDateTime) -> Result<Vec<String>, Error> {
+    /// Releases the sweeper Lease if this replica holds it, as client-go's leader election
+    /// does with `ReleaseOnCancel`: the holder is cleared and the Lease lasts one second, so
+    /// any other replica takes it at its next round instead of waiting for it to expire.
+    /// Cleared rather than deleted, as client-go does: the Lease keeps its
+    /// `leaseTransitions` (the history `kubectl describe lease` shows), any elector reads an
+    /// empty holder as free, and it is the same conditional update that takes a Lease.
+    /// Conditional on the version read: a Lease another replica took meanwhile is left
+    /// alone. Whether it was released.
+    pub async fn release_sweeper(&self, now: OffsetDateTime) -> Result<bool, Error> {
+        let Some(old) = self
+            .leases
+            .get_opt(LEADER_LEASE)
+            .await
+            .map_err(self.err(LEADER_LEASE))?
+        else {
+            return Ok(false);
+        };
+        if !self.ours(&old) {
+            return Ok(false);
+        }
+        let mut released = self.lease_body(LEADER_LEASE, now, Some(&old))?;
+        if let Some(spec) = released.spec.as_mut() {
+            spec.holder_identity = Some(String::new());
+            spec.lease_duration_seconds = Some(1);
+            spec.acquire_time = spec.renew_time.clone();
+        }
+        match self
+            .leases
+            .replace(LEADER_LEASE, &PostParams::default(), &released)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(false),
+            Err(e) => Err(self.err(LEADER_LEASE)(e)),
+        }
+    }
+
+    /// Deletes this replica's own Lease, if it is still this replica's and unchanged since
+    /// read, so the other replicas count it gone at once. Whether it was deleted.
+    pub async fn leave(&self) -> Result<bool, Error> {
+        let name = format!("{REPLICA_LEASE_PREFIX}{}", self.options.replica);
+        let Some(lease) = self.leases.get_opt(&name).await.map_err(self.err(&name))? else {
+            return Ok(false);
+        };
+        if !self.ours(&lease) {
+            return Ok(false);
+        }
+        self.delete_unchanged(&lease).await
+    }
+
+    /// Deletes `lease` if its `resourceVersion` (and uid) are still the ones read; `Ok(false)`
+    /// when it changed (renewed meanwhile) or is already gone.
+    async fn delete_unchanged(&self, lease: &Lease) -> Result<bool, Error> {
+        let name = lease.metadata.name.clone().unwrap_or_default();
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: lease.metadata.resource_version.clone(),
+                uid: lease.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        };
+        match self.leases.delete(&name, &dp).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(false),
+            Err(e) => Err(self.err(&name)(e)),
+        }
+    }
+
+    /// Every Gangplank replica Lease in the namespace (labelled `managed-by=gangplank`).
+    pub async fn replica_leases(&self) -> Result<Vec<Lease>, Error> {
         let selector = format!("{}={}", label::MANAGED_BY, label::MANAGED_BY_VALUE);
         let list = self
             .leases
             .list(&ListParams::default().labels(&selector))
             .await
             .map_err(self.err("*"))?;
-        Ok(list
-            .items
-            .iter()
-            .filter(|l| {
-                l.metadata
-                    .name
-                    .as_deref()
-                    .is_some_and(|n| n.starts_with(REPLICA_LEASE_PREFIX))
-            })
-            .filter(|l| expiry(l).is_some_and(|t| t > now))
-            .filter_map(|l| l.spec.as_ref().and_then(|s| s.holder_identity.clone()))
-            .collect())
+        Ok(list.items.into_iter().filter(is_replica_lease).collect())
+    }
+
+    /// The replicas whose own Lease is valid at `now`.
+    pub async fn live_replicas(&self, now: OffsetDateTime) -> Result<Vec<String>, Error> {
+        Ok(live_among(&self.replica_leases().await?, now))
+    }
+
+    /// Deletes, among `leases` (as listed by [`Membership::replica_leases`]), the replica
+    /// Leases expired for [`STALE_AFTER`] of their durations at `now`, each only if unchanged
+    /// since listed; returns how many. Only the sweeper calls this.
+    pub async fn delete_stale(&self, leases: &[Lease], now: OffsetDateTime) -> Result<usize, Error> {
+        let mut deleted = 0;
+        for lease in leases.iter().filter(|l| is_replica_lease(l)) {
+            // Without a renew time or duration its age is unknown: left alone.
+            if expiry_after(lease, 1 + STALE_AFTER).is_none_or(|t| t > now) {
+                continue;
+            }
+            if self.delete_unchanged(lease).await? {
+                deleted += 1;
+                tracing::info!(lease = ?lease.metadata.name, "replica Lease of a dead pod deleted");
+            }
+        }
+        Ok(deleted)
     }
 
     /// Marks as disconnected (at `now`) every connected entry whose replica is not live;
     /// returns how many. Only the sweeper calls this.
     pub async fn mark_orphans(&self, registry: &dyn Registry, now: OffsetDateTime) -> Result<usize, Error> {
         let live = self.live_replicas(now).await?;
+        self.mark_orphans_of(registry, &live, now).await
+    }
+
+    async fn mark_orphans_of(
+        &self,
+        registry: &dyn Registry,
+        live: &[String],
+        now: OffsetDateTime,
+    ) -> Result<usize, Error> {
         let mut marked = 0;
         for entry in registry.managed_entries().await? {
             let annotations = entry.metadata.annotations.clone().unwrap_or_default();
@@ -276,38 +419,72 @@ impl Membership {
     }
 
     /// One round: renew our Lease, take or keep the sweeper Lease, and if we hold it mark the
-    /// orphans.
+    /// orphans (returns how many) and delete stale replica Leases.
     pub async fn round(&self, registry: &dyn Registry) -> Result<usize, Error> {
         let now = OffsetDateTime::now_utc();
         self.renew(now).await?;
-        if self.lead(now).await? {
-            return self.mark_orphans(registry, now).await;
+        if !self.lead(now).await? {
+            return Ok(0);
         }
-        Ok(0)
+        let leases = self.replica_leases().await?;
+        let marked = self
+            .mark_orphans_of(registry, &live_among(&leases, now), now)
+            .await?;
+        self.delete_stale(&leases, now).await?;
+        Ok(marked)
     }
 
-    /// Runs rounds every third of the Lease duration until `stopping` is cancelled; a round
-    /// under way finishes first.
+    /// Runs rounds every third of the Lease duration until `stopping` is cancelled (a round
+    /// under way finishes first), then releases the sweeper Lease if held. The replica's own
+    /// Lease stays until [`Membership::leave`], so that the others keep counting this replica
+    /// live while its agent streams record their disconnects.
     pub async fn run(self, registry: Arc<dyn Registry>, stopping: CancellationToken) {
         let every = (self.options.lease_duration / 3).max(Duration::from_millis(100));
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = stopping.cancelled() => return,
+                _ = stopping.cancelled() => break,
             }
             if let Err(err) = self.round(registry.as_ref()).await {
                 tracing::warn!(%err, "membership round failed; retrying");
+            }
+        }
+        let released =
+            tokio::time::timeout(LEAVE_TIMEOUT, self.release_sweeper(OffsetDateTime::now_utc())).await;
+        match released {
+            Ok(Ok(true)) => tracing::info!("sweeper Lease released"),
+            Ok(Ok(false)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(%err, "releasing the sweeper Lease failed; another replica takes it once it expires");
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?LEAVE_TIMEOUT, "releasing the sweeper Lease timed out; another replica takes it once it expires");
+            }
+        }
+    }
+
+    /// [`Membership::leave`], bounded by [`LEAVE_TIMEOUT`], failures logged: for shutdown.
+    pub async fn leave_on_shutdown(&self) {
+        match tokio::time::timeout(LEAVE_TIMEOUT, self.leave()).await {
+            Ok(Ok(true)) => tracing::info!(replica = %self.options.replica, "replica Lease deleted"),
+            Ok(Ok(false)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(%err, "deleting this replica's Lease failed; it expires, and the sweeper deletes it later");
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?LEAVE_TIMEOUT, "deleting this replica's Lease timed out; it expires, and the sweeper deletes it later");
             }
         }
     }
 }
 
 /// Starts this replica's membership (replica Lease, sweeper election, marking entries of
-/// vanished replicas) on the plane's tasks, when the plane uses `registry.kubernetes`.
-pub fn start(plane: &Plane) {
+/// vanished replicas) on the plane's tasks, when the plane uses `registry.kubernetes`; returns
+/// it, for [`Membership::leave_on_shutdown`] once the plane's tasks are drained.
+pub fn start(plane: &Plane) -> Option<Membership> {
     let (Source::Kubernetes(k8s), Some(client)) = (&plane.config.registry, &plane.kube) else {
-        return;
+        return None;
     };
     let m = Membership::new(
         client.clone(),
@@ -319,7 +496,8 @@ pub fn start(plane: &Plane) {
     );
     plane
         .tasks
-        .spawn(m.run(plane.registry.clone(), plane.stopping.clone()));
+        .spawn(m.clone().run(plane.registry.clone(), plane.stopping.clone()));
+    Some(m)
 }
 
 /// The pod's namespace: `POD_NAMESPACE`, else the service account's, else `gangplank-system`.

@@ -3,7 +3,9 @@
 //!
 //! Shutdown drains, as ztunnel's does: [`Endpoint::shutdown`] stops accepting, tells every
 //! tracked task ([`Plane::tasks`]: agent streams, the sweep, membership, connections) to
-//! finish, and waits for them, so nothing writes to the registry after it returns.
+//! finish, and waits for them, so nothing writes to the registry after it returns. On
+//! Kubernetes the replica then deletes its own Lease (membership released the sweeper Lease
+//! as it stopped), once its agent streams have recorded their disconnects.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -41,13 +43,15 @@ pub struct Endpoint {
     abort: CancellationToken,
     /// The listeners and the certificate watcher (not registry writers).
     servers: TaskTracker,
+    /// This replica's membership, on Kubernetes.
+    membership: Option<crate::membership::Membership>,
 }
 
 impl Endpoint {
     /// Stops accepting, ends every agent stream (each records its disconnect), lets in-flight
     /// calls and a sweep pass under way finish, and waits for all of it (at most
-    /// [`DRAIN_DEADLINE`], then what remains is cancelled). Once it returns, nothing the
-    /// endpoint started writes to the registry.
+    /// [`DRAIN_DEADLINE`], then what remains is cancelled), then deletes this replica's
+    /// Lease. Once it returns, nothing the endpoint started writes to the registry.
     pub async fn shutdown(self) {
         let plane = &self.plane;
         plane.stopping.cancel();
@@ -65,6 +69,9 @@ impl Endpoint {
             self.abort.cancel();
             plane.tasks.wait().await;
             self.servers.wait().await;
+        }
+        if let Some(membership) = &self.membership {
+            membership.leave_on_shutdown().await;
         }
     }
 }
@@ -160,7 +167,7 @@ pub async fn start(plane: Plane) -> Result<Endpoint> {
     ));
     servers.spawn(serve_monitoring(monitoring, plane.clone()));
     plane.tasks.spawn(crate::sweep::run(plane.clone()));
-    crate::membership::start(&plane);
+    let membership = crate::membership::start(&plane);
     tracing::info!(%addr, %monitoring_addr, plane = %plane.config.file.plane_id, replica = %plane.config.replica, "endpoint listening");
     Ok(Endpoint {
         addr,
@@ -168,6 +175,7 @@ pub async fn start(plane: Plane) -> Result<Endpoint> {
         plane,
         abort,
         servers,
+        membership,
     })
 }
 

@@ -544,3 +544,405 @@ async fn crds_are_served_once_created_and_discovered() {
     let core = c.list_core_api_resources("v1").await.unwrap();
     assert!(core.resources.iter().any(|r| r.name == "serviceaccounts/token"));
 }
+
+/// The `Status` of a refused call.
+fn refusal(e: kube::Error) -> kube::core::Status {
+    match e {
+        kube::Error::Api(s) => *s,
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+/// Asserts `s` is a 422 `Invalid` about `kind` (in `group`) `name` whose causes are `causes`
+/// (`(field, message)`, all `FieldValueInvalid`), with the API server's message.
+fn assert_invalid(s: &kube::core::Status, group: &str, kind: &str, name: &str, causes: &[(&str, &str)]) {
+    assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"), "{s:?}");
+    let details = s.details.as_ref().expect("details");
+    assert_eq!(
+        (
+            details.group.as_str(),
+            details.kind.as_str(),
+            details.name.as_str()
+        ),
+        (group, kind, name),
+        "{s:?}"
+    );
+    let got: Vec<(&str, &str, &str)> = details
+        .causes
+        .iter()
+        .map(|c| (c.reason.as_str(), c.field.as_str(), c.message.as_str()))
+        .collect();
+    let want: Vec<(&str, &str, &str)> = causes
+        .iter()
+        .map(|(f, m)| ("FieldValueInvalid", *f, *m))
+        .collect();
+    assert_eq!(got, want);
+    let qualified = if group.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}.{group}")
+    };
+    let errors: Vec<String> = causes.iter().map(|(f, m)| format!("{f}: {m}")).collect();
+    let errors = match errors.as_slice() {
+        [one] => one.clone(),
+        many => format!("[{}]", many.join(", ")),
+    };
+    assert_eq!(s.message, format!("{qualified} {name:?} is invalid: {errors}"));
+}
+
+const LABEL_REGEX: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
+const SUBDOMAIN_REGEX: &str = r"a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
+
+/// A real API server refuses a Namespace name over 63 characters (a test namespace built from
+/// a long scenario name and a pid once was); the stand-in used to take any name.
+#[tokio::test]
+async fn namespace_names_are_dns_labels() {
+    let (server, c) = started().await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(c.clone());
+    let ns = |name: &str| serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    let pp = PostParams::default();
+
+    let long = "a".repeat(64);
+    let s = refusal(namespaces.create(&pp, &ns(&long)).await.unwrap_err());
+    assert_invalid(
+        &s,
+        "",
+        "Namespace",
+        &long,
+        &[(
+            "metadata.name",
+            &format!("Invalid value: \"{long}\": must be no more than 63 characters"),
+        )],
+    );
+    assert_eq!(
+        s.message,
+        format!(
+            "Namespace \"{long}\" is invalid: metadata.name: Invalid value: \"{long}\": must be no more than 63 characters"
+        )
+    );
+    // Dots make a subdomain, not a label.
+    let s = refusal(namespaces.create(&pp, &ns("bookinfo.prod")).await.unwrap_err());
+    assert_invalid(
+        &s,
+        "",
+        "Namespace",
+        "bookinfo.prod",
+        &[(
+            "metadata.name",
+            "Invalid value: \"bookinfo.prod\": must not contain dots",
+        )],
+    );
+    let s = refusal(namespaces.create(&pp, &ns("Bookinfo")).await.unwrap_err());
+    assert_invalid(
+        &s,
+        "",
+        "Namespace",
+        "Bookinfo",
+        &[(
+            "metadata.name",
+            &format!("Invalid value: \"Bookinfo\": {LABEL_REGEX}"),
+        )],
+    );
+    assert_eq!(server.write_count("namespaces"), 0, "nothing was created");
+    // Test setup obeys the same rule.
+    let e = server
+        .seed(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": long}}))
+        .unwrap_err();
+    assert_eq!((e.code, e.reason), (422, "Invalid"));
+
+    // 63 characters is fine.
+    let fits = "a".repeat(63);
+    namespaces.create(&pp, &ns(&fits)).await.unwrap();
+    // Objects in a namespace whose name is not a label are refused too.
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(c.clone(), &long);
+    let s = refusal(
+        cms.create(
+            &pp,
+            &serde_json::from_value(json!({"metadata": {"name": "istio"}})).unwrap(),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_invalid(
+        &s,
+        "",
+        "ConfigMap",
+        "istio",
+        &[(
+            "metadata.namespace",
+            &format!("Invalid value: \"{long}\": must be no more than 63 characters"),
+        )],
+    );
+}
+
+/// Leases, ConfigMaps, Secrets, ServiceAccounts and custom resources are named by DNS-1123
+/// subdomains (up to 253 characters, dots allowed); Services by DNS-1035 labels.
+#[tokio::test]
+async fn object_names_follow_their_kinds_rule() {
+    let (server, c) = started().await;
+    let pp = PostParams::default();
+    let named = |name: &str| json!({"metadata": {"name": name}});
+    let part = "a".repeat(63);
+    let longest = format!("{part}.{part}.{part}.{}", "b".repeat(61));
+    assert_eq!(longest.len(), 253);
+    let too_long = format!("{longest}c");
+
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(c.clone(), "gangplank-system");
+    leases
+        .create(&pp, &serde_json::from_value(named(&longest)).unwrap())
+        .await
+        .unwrap();
+    let s = refusal(
+        leases
+            .create(&pp, &serde_json::from_value(named(&too_long)).unwrap())
+            .await
+            .unwrap_err(),
+    );
+    assert_invalid(
+        &s,
+        "coordination.k8s.io",
+        "Lease",
+        &too_long,
+        &[(
+            "metadata.name",
+            &format!("Invalid value: \"{too_long}\": must be no more than 253 characters"),
+        )],
+    );
+
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(c.clone(), "bookinfo");
+    let s = refusal(
+        cms.create(&pp, &serde_json::from_value(named("root_cert")).unwrap())
+            .await
+            .unwrap_err(),
+    );
+    assert_invalid(
+        &s,
+        "",
+        "ConfigMap",
+        "root_cert",
+        &[(
+            "metadata.name",
+            &format!("Invalid value: \"root_cert\": {SUBDOMAIN_REGEX}"),
+        )],
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(c.clone(), "bookinfo");
+    let s = refusal(
+        secrets
+            .create(&pp, &serde_json::from_value(named("tls-")).unwrap())
+            .await
+            .unwrap_err(),
+    );
+    assert_invalid(
+        &s,
+        "",
+        "Secret",
+        "tls-",
+        &[(
+            "metadata.name",
+            &format!("Invalid value: \"tls-\": {SUBDOMAIN_REGEX}"),
+        )],
+    );
+    // A ServiceAccount name may be long and dotted.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(c.clone(), "bookinfo");
+    sas.create(&pp, &serde_json::from_value(named("ratings.v1")).unwrap())
+        .await
+        .unwrap();
+    sas.create(&pp, &serde_json::from_value(named(&"s".repeat(100))).unwrap())
+        .await
+        .unwrap();
+
+    // A custom resource: a subdomain as well.
+    let api = entries(&c, "bookinfo", "v1");
+    api.create(&pp, &entry(&"v".repeat(100), "10.0.0.1"))
+        .await
+        .unwrap();
+    let s = refusal(api.create(&pp, &entry("VM-1", "10.0.0.2")).await.unwrap_err());
+    assert_invalid(
+        &s,
+        "networking.istio.io",
+        "WorkloadEntry",
+        "VM-1",
+        &[(
+            "metadata.name",
+            &format!("Invalid value: \"VM-1\": {SUBDOMAIN_REGEX}"),
+        )],
+    );
+
+    // A Service: a DNS-1035 label (starts with a letter).
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(c.clone(), "bookinfo");
+    services
+        .create(&pp, &serde_json::from_value(named("ratings")).unwrap())
+        .await
+        .unwrap();
+    let s = refusal(
+        services
+            .create(&pp, &serde_json::from_value(named("9ratings")).unwrap())
+            .await
+            .unwrap_err(),
+    );
+    assert_invalid(
+        &s,
+        "",
+        "Service",
+        "9ratings",
+        &[(
+            "metadata.name",
+            "Invalid value: \"9ratings\": a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')",
+        )],
+    );
+
+    // No name at all.
+    let s = refusal(
+        cms.create(&pp, &serde_json::from_value(json!({"metadata": {}})).unwrap())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        s.message,
+        "ConfigMap \"\" is invalid: metadata.name: Required value: name or generateName is required"
+    );
+    let cause = &s.details.as_ref().unwrap().causes[0];
+    assert_eq!(
+        (cause.reason.as_str(), cause.field.as_str()),
+        ("FieldValueRequired", "metadata.name")
+    );
+    // Only the valid objects were written.
+    let written: Vec<String> = server.writes().iter().map(|w| w.name.clone()).collect();
+    assert_eq!(written.len(), 5, "{written:?}");
+}
+
+/// `generateName`: the prefix (cut to 58 characters) and five random characters, validated
+/// like a name; a fresh name every time.
+#[tokio::test]
+async fn generate_name_makes_fresh_valid_names() {
+    let (_server, c) = started().await;
+    let pp = PostParams::default();
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(c.clone(), "bookinfo");
+    let generated = |prefix: &str| {
+        serde_json::from_value::<k8s_openapi::api::core::v1::ConfigMap>(
+            json!({"metadata": {"generateName": prefix}}),
+        )
+        .unwrap()
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let made = cms.create(&pp, &generated("ratings-")).await.unwrap();
+        let name = made.metadata.name.unwrap();
+        let suffix = name.strip_prefix("ratings-").expect("the prefix");
+        assert_eq!(suffix.len(), 5, "{name}");
+        assert!(
+            suffix
+                .bytes()
+                .all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)),
+            "{name}"
+        );
+        assert_eq!(made.metadata.generate_name.as_deref(), Some("ratings-"));
+        assert!(cms.get(&name).await.is_ok());
+        names.insert(name);
+    }
+    assert_eq!(names.len(), 20, "every generated name is fresh");
+
+    // A long prefix is cut so the name is 63 characters.
+    let long = format!("{}-", "n".repeat(69));
+    let name = cms
+        .create(&pp, &generated(&long))
+        .await
+        .unwrap()
+        .metadata
+        .name
+        .unwrap();
+    assert_eq!(name.len(), 63, "{name}");
+    assert!(name.starts_with(&"n".repeat(58)), "{name}");
+    // But the prefix itself follows the kind's rule: a Namespace's is at most 63 characters.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(c.clone());
+    let s = refusal(
+        namespaces
+            .create(
+                &pp,
+                &serde_json::from_value(json!({"metadata": {"generateName": long}})).unwrap(),
+            )
+            .await
+            .unwrap_err(),
+    );
+    let causes = &s.details.as_ref().unwrap().causes;
+    assert_eq!(causes.len(), 1, "{s:?}");
+    assert_eq!(causes[0].field, "metadata.generateName");
+    assert_eq!(
+        causes[0].message,
+        format!("Invalid value: \"{long}\": must be no more than 63 characters")
+    );
+
+    // An invalid prefix: both it and the name made from it are refused.
+    let s = refusal(
+        namespaces
+            .create(
+                &pp,
+                &serde_json::from_value(json!({"metadata": {"generateName": "Book_"}})).unwrap(),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
+    let fields: Vec<&str> = s
+        .details
+        .as_ref()
+        .unwrap()
+        .causes
+        .iter()
+        .map(|c| c.field.as_str())
+        .collect();
+    assert_eq!(fields, ["metadata.generateName", "metadata.name"], "{s:?}");
+    assert!(
+        s.message
+            .contains("metadata.generateName: Invalid value: \"Book_\": a lowercase RFC 1123 label"),
+        "{}",
+        s.message
+    );
+}
+
+/// TokenRequest refusals say what a real API server says (no object name, the value given).
+#[tokio::test]
+async fn token_request_lifetimes_are_bounded_as_the_api_servers() {
+    let (_server, c) = started().await;
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(c.clone(), "bookinfo");
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "ratings"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let request = |seconds: i64| {
+        serde_json::from_value::<k8s_openapi::api::authentication::v1::TokenRequest>(
+            json!({"spec": {"audiences": ["istio-ca"], "expirationSeconds": seconds}}),
+        )
+        .unwrap()
+    };
+    for (seconds, detail) in [
+        (599, "may not specify a duration less than 10 minutes"),
+        (
+            (1 << 32) + 1,
+            "may not specify a duration larger than 2^32 seconds",
+        ),
+    ] {
+        let s = refusal(
+            sas.create_token_request("ratings", &PostParams::default(), &request(seconds))
+                .await
+                .unwrap_err(),
+        );
+        assert_invalid(
+            &s,
+            "authentication.k8s.io",
+            "TokenRequest",
+            "",
+            &[(
+                "spec.expirationSeconds",
+                &format!("Invalid value: {seconds}: {detail}"),
+            )],
+        );
+    }
+    sas.create_token_request("ratings", &PostParams::default(), &request(600))
+        .await
+        .unwrap();
+}

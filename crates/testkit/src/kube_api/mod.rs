@@ -16,6 +16,13 @@
 //!   the status), `generation` bumped on spec changes;
 //! - 422 (`Invalid`, one cause per violation) for a custom resource that breaks its CRD's
 //!   schema, checked with [`crate::crd::Schema`];
+//! - names validated as `ValidateObjectMeta` does, with the API server's messages and `Status`
+//!   (`Namespace "x" is invalid: metadata.name: Invalid value: "x": must be no more than 63
+//!   characters`, `details.causes[].field`): Namespaces are DNS-1123 labels (63 characters),
+//!   Services DNS-1035 labels, everything else (Leases, ConfigMaps, Secrets, ServiceAccounts,
+//!   CRDs, custom resources) DNS-1123 subdomains (253); `metadata.namespace` a label;
+//!   `generateName` checked by the same rule (trailing dash masked) and, on create, turned into
+//!   the prefix cut to 58 characters plus 5 random characters;
 //! - watch: replay from `resourceVersion` (410 `Expired` once compacted), initial `ADDED`
 //!   events without one, `BOOKMARK`s when `allowWatchBookmarks` is set (after the replay and
 //!   then every [`Server::set_bookmark_interval`]), label-selector transitions reported as
@@ -38,12 +45,14 @@
 //!
 //! TokenRequest (`POST .../serviceaccounts/<sa>/token`) needs the ServiceAccount to exist and
 //! returns an ES256 JWT signed by the stand-in ([`Server::token_key`]), with the requested
-//! `audiences` and `expirationSeconds` (default 3600, at least 600), `sub`
+//! `audiences` and `expirationSeconds` (default 3600, at least 600 and at most 2^32, else 422
+//! worded as the API server's), `sub`
 //! `system:serviceaccount:<ns>:<sa>` and the `kubernetes.io` claim.
 
 mod apply;
 mod discovery;
 mod kinds;
+mod names;
 mod record;
 mod routing;
 mod select;
@@ -55,7 +64,7 @@ mod watch;
 
 pub use record::{Read, Write};
 pub use server::Server;
-pub use status::ApiError;
+pub use status::{ApiError, Cause, Subject};
 
 /// The issuer (`iss`) of the ServiceAccount tokens the stand-in mints.
 pub const TOKEN_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";

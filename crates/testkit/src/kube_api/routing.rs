@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use super::apply::{apply, merge_patch};
 use super::discovery::{group_list, resource_list};
+use super::names::generate;
 use super::record::Read;
 use super::select::list;
 use super::status::{ApiError, ApiResult};
@@ -189,9 +190,26 @@ pub(super) fn route(
             ok(served_as(obj, &target))
         }
         (Method::POST, None) => {
-            let obj = parse_body(body)?;
+            let mut obj = parse_body(body)?;
             let mut st = shared.lock();
-            let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            let mut name = obj["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            let prefix = obj["metadata"]["generateName"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if name.is_empty()
+                && !prefix.is_empty()
+                && let Some(meta) = obj["metadata"].as_object_mut()
+            {
+                // A few tries past names taken, as the API server retries a generated name.
+                for _ in 0..8 {
+                    name = generate(&prefix);
+                    if st.get(&target, &name).is_none() {
+                        break;
+                    }
+                }
+                meta.insert("name".into(), json!(name));
+            }
             if st.get(&target, &name).is_some() {
                 return Err(ApiError::new(
                     409,

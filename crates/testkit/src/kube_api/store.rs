@@ -9,8 +9,9 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use super::kinds::{Kind, crd_kind};
+use super::names;
 use super::record::{Read, Write};
-use super::status::{ApiError, ApiResult};
+use super::status::{ApiError, ApiResult, Cause};
 use crate::oidc::Key;
 
 /// How many events the watch history keeps by default before older resource versions expire
@@ -207,13 +208,6 @@ impl Store {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
-        if name.is_empty() {
-            return Err(ApiError::new(
-                422,
-                "Invalid",
-                "metadata.name: Required value: name is required",
-            ));
-        }
         if let Some(url_name) = &t.name
             && *url_name != name
         {
@@ -239,6 +233,10 @@ impl Store {
             meta.insert("namespace".into(), json!(ns));
         } else {
             meta.remove("namespace");
+        }
+        let invalid = names::validate(kind, meta);
+        if !invalid.is_empty() {
+            return Err(ApiError::invalid(&kind.group, &kind.kind, &name, &invalid));
         }
         // Precondition on resourceVersion.
         if let (Some(old), Some(given)) = (old, meta.get("resourceVersion").and_then(Value::as_str))
@@ -324,21 +322,22 @@ impl Store {
                 }
             }
             if let Err(violations) = schema.validate(&check) {
-                let causes: Vec<(String, String)> = violations
-                    .iter()
-                    .map(|v| (v.path.clone(), v.message.clone()))
-                    .collect();
                 let list = violations
                     .iter()
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(", ");
-                let mut e = ApiError::new(
-                    422,
-                    "Invalid",
-                    format!("{} {:?} is invalid: {list}", kind.kind, name),
-                );
-                e.causes = causes;
+                // The violations are worded by the schema checker, not as field errors.
+                let mut e = ApiError::invalid(&kind.group, &kind.kind, &name, &[]);
+                e.message = format!("{}: {list}", e.message);
+                e.causes = violations
+                    .iter()
+                    .map(|v| Cause {
+                        reason: "FieldValueInvalid",
+                        field: v.path.clone(),
+                        message: v.message.clone(),
+                    })
+                    .collect();
                 return Err(e);
             }
         }

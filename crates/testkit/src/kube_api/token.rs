@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 
 use super::TOKEN_ISSUER;
-use super::status::{ApiError, ApiResult};
+use super::status::{ApiError, ApiResult, FieldError};
 use super::store::{Shared, Target, now_nanos, rfc3339};
 
 pub(super) fn token_request(shared: &Shared, t: &Target, sa: &Value, req: Value) -> ApiResult<Value> {
@@ -13,17 +13,23 @@ pub(super) fn token_request(shared: &Shared, t: &Target, sa: &Value, req: Value)
         _ => vec![TOKEN_ISSUER.to_owned()],
     };
     let seconds = spec["expirationSeconds"].as_i64().unwrap_or(3600);
-    if seconds < 600 {
-        let mut e = ApiError::new(
-            422,
-            "Invalid",
-            "TokenRequest.authentication.k8s.io is invalid: spec.expirationSeconds: may not specify a duration less than 10 minutes",
-        );
-        e.causes.push((
-            "spec.expirationSeconds".into(),
-            "may not specify a duration less than 10 minutes".into(),
+    // As ValidateTokenRequest, reported by the API server with no object name.
+    let limit = match seconds {
+        s if s < 600 => Some("may not specify a duration less than 10 minutes"),
+        s if s > 1 << 32 => Some("may not specify a duration larger than 2^32 seconds"),
+        _ => None,
+    };
+    if let Some(detail) = limit {
+        return Err(ApiError::invalid(
+            "authentication.k8s.io",
+            "TokenRequest",
+            "",
+            &[FieldError::Invalid {
+                field: "spec.expirationSeconds".into(),
+                value: seconds.to_string(),
+                detail: detail.into(),
+            }],
         ));
-        return Err(e);
     }
     let ns = t.ns();
     let name = sa["metadata"]["name"].as_str().unwrap_or_default();
