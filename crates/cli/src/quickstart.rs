@@ -138,6 +138,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             if let Err(err) = result {
                 bail!("the agent did not stop cleanly: {err:#}");
             }
+            // Stopped with its Onboard call in flight, the agent cannot know what the
+            // endpoint registered; this registry is the quickstart's alone, so clean it here.
+            for entry in registry.list::<WorkloadEntry>(None).await? {
+                let key = entry.key();
+                registry.delete::<WorkloadEntry>(&key).await?;
+                say(&format!("WorkloadEntry {key}, registered as the agent stopped, removed."));
+            }
             say("The agent, the stand-in sidecar and the endpoint stopped. Bye.");
             return Ok(ExitCode::SUCCESS);
         }

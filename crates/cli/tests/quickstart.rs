@@ -108,6 +108,28 @@ fn quickstart_leaves_on_sigterm_like_on_ctrl_c() {
     stop(running, "TERM");
 }
 
+/// SIGTERM as soon as the entry is written, when the agent may not yet have the answer to
+/// its Onboard call: the quickstart still ends with no entry in its registry.
+#[test]
+fn a_signal_while_the_agent_onboards_leaves_no_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("qs");
+    let mut cmd = gangplank_command(&["quickstart", "--port", "0", "--dir"]);
+    cmd.arg(&state);
+    let mut qs = Proc::spawn("quickstart", cmd);
+    let written = until(Duration::from_secs(60), || {
+        std::fs::read_dir(state.join("registry/bookinfo/workloadentries"))
+            .ok()
+            .and_then(|mut d| d.next())
+    });
+    assert!(written.is_some(), "no entry written:\n{}", qs.output());
+    qs.signal("TERM");
+    let status = qs.wait_exit(Duration::from_secs(30));
+    let out = qs.output();
+    assert!(status.success(), "{status:?}\n{out}");
+    assert_eq!(entries(&state), 0, "no entry is left:\n{out}");
+}
+
 #[test]
 fn a_second_quickstart_on_the_same_dir_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
