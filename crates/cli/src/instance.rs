@@ -50,11 +50,13 @@ async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
     let store = gangplank_registry::IdentityStore::new(registry);
     let released = gangplank_identity::aws::release(&store, id).await?;
     if released.is_empty() {
-        println!("instance {id} holds no registration in {place}");
+        gangplank_stdout::println(format_args!("instance {id} holds no registration in {place}"))?;
         return Ok(ExitCode::from(1));
     }
     for key in &released {
-        println!("released instance {id}: deleted WorkloadEntry {key}");
+        gangplank_stdout::println(format_args!(
+            "released instance {id}: deleted WorkloadEntry {key}"
+        ))?;
     }
     Ok(ExitCode::SUCCESS)
 }

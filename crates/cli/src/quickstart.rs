@@ -15,6 +15,7 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -217,8 +218,16 @@ pub async fn standin() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints a line of the quickstart's story. When stdout is gone (`| head -1`) it says so once
+/// on stderr and carries on: the quickstart still has a mesh entry to remove on Ctrl-C.
 fn say(line: &str) {
-    println!("{line}");
+    static SILENT: AtomicBool = AtomicBool::new(false);
+    if !SILENT.load(Ordering::Relaxed)
+        && let Err(e) = gangplank_stdout::println(line)
+        && !SILENT.swap(true, Ordering::Relaxed)
+    {
+        eprintln!("gangplank quickstart: {e}; still running: press Ctrl-C to leave the mesh and stop");
+    }
 }
 
 /// Ctrl-C (SIGINT) and SIGTERM, which both end the quickstart the same way.
