@@ -51,6 +51,9 @@ pub mod defaults {
     pub const PROCESS_COMMAND: [&str; 3] = ["/usr/local/bin/pilot-agent", "proxy", "sidecar"];
     /// `sidecar.process.stopTimeout`.
     pub const STOP_TIMEOUT: &str = "10s";
+    /// `sidecar.process.pidFile` (under `files.root`): which sidecar an agent started, so
+    /// the next agent can stop it if it outlived its agent.
+    pub const PID_FILE: &str = "/var/run/gangplank/sidecar.pid";
     /// `sidecar.docker.command`.
     pub const DOCKER: &str = "docker";
     /// `sidecar.docker.name`.
@@ -289,6 +292,8 @@ pub struct Process {
     pub command: Vec<String>,
     /// How long to wait after SIGTERM before SIGKILL.
     pub stop_timeout: Duration,
+    /// Where the running sidecar's pid is kept (joined onto `files.root`).
+    pub pid_file: PathBuf,
 }
 
 /// `sidecar.docker`.
@@ -489,6 +494,8 @@ struct RawProcess {
     command: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stop_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -722,10 +729,9 @@ impl Agent {
 
         let identity = v.identity(raw.identity)?;
 
-        let sidecar = v.sidecar(raw.sidecar.unwrap_or_default())?;
-
         let files = raw.files.unwrap_or_default();
         let root = PathBuf::from(v.non_empty("files.root", files.root, defaults::ROOT)?);
+        let sidecar = v.sidecar(raw.sidecar.unwrap_or_default(), &root)?;
         let files = Files {
             cluster_env: v.file_path(
                 &root,
@@ -842,7 +848,7 @@ impl Agent {
             api_version: Some(AGENT_API_VERSION.to_owned()),
             kind: Some("AgentConfiguration".to_owned()),
             identity: Some(identity),
-            sidecar: Some(self.sidecar.to_raw()),
+            sidecar: Some(self.sidecar.to_raw(&unroot)),
             files: Some(RawFiles {
                 root: Some(self.files.root.display().to_string()),
                 cluster_env: Some(unroot(&self.files.cluster_env)),
@@ -876,7 +882,7 @@ impl Agent {
 impl Sidecar {
     /// `sidecar` as `config print` shows it: every launcher's section, the chosen one's
     /// settings and the defaults of the others.
-    fn to_raw(&self) -> RawSidecar {
+    fn to_raw(&self, unroot: &dyn Fn(&Path) -> String) -> RawSidecar {
         let mut systemd = RawSystemd {
             command: Some(defaults::SYSTEMCTL.to_owned()),
             unit: Some(defaults::UNIT.to_owned()),
@@ -884,6 +890,7 @@ impl Sidecar {
         let mut process = RawProcess {
             command: Some(defaults::PROCESS_COMMAND.map(str::to_owned).to_vec()),
             stop_timeout: Some(defaults::STOP_TIMEOUT.to_owned()),
+            pid_file: Some(defaults::PID_FILE.to_owned()),
         };
         let mut docker = RawDocker {
             command: Some(defaults::DOCKER.to_owned()),
@@ -901,6 +908,7 @@ impl Sidecar {
                 process = RawProcess {
                     command: Some(p.command.clone()),
                     stop_timeout: Some(humantime::format_duration(p.stop_timeout).to_string()),
+                    pid_file: Some(unroot(&p.pid_file)),
                 };
             }
             Launcher::Docker(d) => {
@@ -1103,7 +1111,7 @@ impl Validator<'_> {
 
     /// Every launcher's section is checked, whichever launcher is chosen; the chosen one's
     /// settings go into [`Launcher`].
-    fn sidecar(&self, raw: RawSidecar) -> Result<Sidecar> {
+    fn sidecar(&self, raw: RawSidecar, root: &Path) -> Result<Sidecar> {
         enum Kind {
             Systemd,
             Docker,
@@ -1136,6 +1144,12 @@ impl Validator<'_> {
                 "sidecar.process.stopTimeout",
                 process.stop_timeout.as_deref(),
                 defaults::STOP_TIMEOUT,
+            )?,
+            pid_file: self.file_path(
+                root,
+                "sidecar.process.pidFile",
+                process.pid_file,
+                defaults::PID_FILE,
             )?,
         };
         let docker = raw.docker.unwrap_or_default();
@@ -1691,6 +1705,10 @@ settings:
         };
         assert_eq!(process.command, vec!["/bin/sleep", "1000"]);
         assert_eq!(process.stop_timeout, Duration::from_secs(2));
+        assert_eq!(
+            process.pid_file,
+            PathBuf::from("/tmp/vm/var/run/gangplank/sidecar.pid")
+        );
         assert_eq!(a.sidecar.readiness_url, None);
         assert_eq!(a.sidecar.proxy_user, "1337");
         assert_eq!(a.files.token, PathBuf::from("/tmp/vm/tok/istio-token"));
@@ -1743,6 +1761,10 @@ settings:
             ("identity:\n  aws: {}\n", "identity.aws"),
             ("files:\n  token: relative/token\n", "files.token"),
             ("files:\n  mesh: /etc/../../escape\n", "files.mesh"),
+            (
+                "sidecar:\n  process: {pidFile: sidecar.pid}\n",
+                "sidecar.process.pidFile",
+            ),
             ("apiVersion: v1\nkind: AgentConfiguration\n", "apiVersion"),
             (
                 "kind: OnboardingConfiguration\napiVersion: onboarding.gangplank.dev/v1alpha1\n",

@@ -1,7 +1,9 @@
 //! `gangplank-agent`: onboards this host into the mesh and keeps its sidecar running.
 //!
 //! Exit codes: 0 after a clean shutdown, 1 when the agent failed (e.g. it could not
-//! deregister), 2 when a configuration file is invalid (nothing was contacted).
+//! deregister), 2 when a configuration file is invalid (nothing was contacted), 141
+//! without a message when stdout was closed before `config print` or `config check` wrote
+//! to it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,19 +60,13 @@ fn main() -> ExitCode {
         Command::Config {
             action: ConfigAction::Print,
         } => match config::Agent::load(&agent_path, agent_missing_ok) {
-            Ok(agent) => {
-                print!("{}", agent.to_yaml());
-                ExitCode::SUCCESS
-            }
+            Ok(agent) => output(gangplank_stdout::print(agent.to_yaml())),
             Err(e) => config_error(&e),
         },
         Command::Config {
             action: ConfigAction::Check,
         } => match config::Config::load(&cli.onboarding_config, &agent_path, agent_missing_ok) {
-            Ok(_) => {
-                println!("configuration is valid");
-                ExitCode::SUCCESS
-            }
+            Ok(_) => output(gangplank_stdout::println("configuration is valid")),
             Err(e) => config_error(&e),
         },
         Command::Run => {
@@ -131,6 +127,18 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => tracing::info!("SIGINT received; leaving the mesh"),
         }
     })
+}
+
+/// The exit code of a command whose work was printing.
+fn output(printed: Result<(), gangplank_stdout::Error>) -> ExitCode {
+    match printed {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(gangplank_stdout::Error::Closed) => ExitCode::from(gangplank_stdout::EXIT_CLOSED),
+        Err(e) => {
+            eprintln!("gangplank-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn config_error(e: &config::Error) -> ExitCode {

@@ -25,7 +25,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Crds => {
             let yaml = gangplank_registry::crds::yaml().context("rendering Gangplank's CRDs")?;
-            print!("{yaml}");
+            gangplank_stdout::print(yaml)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -113,14 +113,16 @@ async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
         id.to_owned()
     };
     if entries.is_empty() && released_bindings.is_empty() {
-        println!("{what} holds no registration in {place}");
+        gangplank_stdout::println(format_args!("{what} holds no registration in {place}"))?;
         return Ok(ExitCode::from(1));
     }
     for key in &released_bindings {
-        println!("released {what}: deleted WorkloadBinding {key} (it cannot rejoin with its key)");
+        gangplank_stdout::println(format_args!(
+            "released {what}: deleted WorkloadBinding {key} (it cannot rejoin with its key)"
+        ))?;
     }
     for key in &entries {
-        println!("released {what}: deleted WorkloadEntry {key}");
+        gangplank_stdout::println(format_args!("released {what}: deleted WorkloadEntry {key}"))?;
     }
     Ok(ExitCode::SUCCESS)
 }

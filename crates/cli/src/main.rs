@@ -3,6 +3,10 @@
 //! `quickstart` runs the whole pull flow locally; `workload entry configure` renders the
 //! sidecar's boot files like `istioctl x workload entry configure`; `token create` makes
 //! join tokens; `policy explain` answers "would this identity be allowed?" offline.
+//!
+//! Exit codes: 0 on success, 1 on failure (`policy explain`: denied), 2 for input refused
+//! before anything was done, 141 without a message when stdout was closed before the output
+//! was written (`gangplank install crds | head -1`).
 
 use std::process::ExitCode;
 
@@ -61,6 +65,8 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader went away: nothing to say, and nobody to say it to.
+        Err(err) if gangplank_stdout::closed(err.as_ref()) => ExitCode::from(gangplank_stdout::EXIT_CLOSED),
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE

@@ -64,7 +64,7 @@ async fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    print!("{}", gangplank_policy::explain(&policies, &group, &identity));
+    gangplank_stdout::print(gangplank_policy::explain(&policies, &group, &identity))?;
     let decision = gangplank_policy::evaluate(&policies, &group, &identity);
     Ok(if decision.is_allowed() {
         ExitCode::SUCCESS

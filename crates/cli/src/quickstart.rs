@@ -2,12 +2,20 @@
 //!
 //! Creates a state folder with a dev CA, a sample WorkloadGroup `bookinfo/ratings`, a policy
 //! and a join token; starts an endpoint on loopback and an agent whose sidecar is a stand-in
-//! process; shows the WorkloadEntry and the boot files; on Ctrl-C the agent leaves the mesh
-//! (its entry is removed) and everything stops.
+//! process; shows the WorkloadEntry and the boot files; on Ctrl-C or SIGTERM the agent
+//! leaves the mesh (its entry is removed) and everything stops.
+//!
+//! One quickstart at a time uses a folder: it holds an advisory lock (`flock`) on a file in
+//! it while it runs, which the kernel releases however the quickstart ends, so a crashed one
+//! leaves no stale lock.
 
 use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -21,14 +29,20 @@ use gangplank_api::policy::{
 use gangplank_api::{NamespacedName, Resource};
 use gangplank_bootstrap::layout;
 use gangplank_registry::dir;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// Marks a folder the quickstart created, so a re-run may clear it and nothing else.
 const MARKER: &str = ".gangplank-quickstart";
+/// Locked by the quickstart using the folder, and holding its pid; kept when the folder is
+/// cleared, so that every quickstart locks the same file.
+const LOCK: &str = ".gangplank-quickstart.lock";
 
 /// Arguments.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The state folder (created; cleared first if an earlier quickstart made it).
+    /// The state folder (created; cleared first if an earlier quickstart made it; one
+    /// quickstart at a time uses it).
     #[arg(long, default_value = "gangplank-quickstart")]
     dir: PathBuf,
     /// The endpoint's port on 127.0.0.1 (0 picks a free one).
@@ -39,8 +53,16 @@ pub struct Args {
 /// Runs the command.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     init_logs();
-    let dir = prepare(&args.dir)?;
-    let say = |s: &str| println!("{s}");
+    // From here on Ctrl-C and SIGTERM are ours: they end the quickstart in order.
+    let mut stop = Stop::listen()?;
+    let (dir, _lock) = match prepare(&args.dir) {
+        Ok(prepared) => prepared,
+        Err(Refused::Busy(message)) => {
+            eprintln!("error: {message}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(Refused::Other(err)) => return Err(err),
+    };
     say(&format!("gangplank quickstart: state in {}", dir.display()));
 
     // 1. The mesh's resources, as an admin would create them.
@@ -107,7 +129,27 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     });
 
     // 5. Wait until the agent is registered, has written the boot files and holds its stream.
-    let key = wait_until_connected(status, &agent).await?;
+    let key = tokio::select! {
+        key = wait_until_connected(status, &agent) => key?,
+        signal = stop.recv() => {
+            say(&format!("\n{signal} received before the agent onboarded; stopping..."));
+            let _ = stop_agent.send(());
+            let result = agent.await.context("the agent task failed")?;
+            endpoint.shutdown().await;
+            if let Err(err) = result {
+                bail!("the agent did not stop cleanly: {err:#}");
+            }
+            // Stopped with its Onboard call in flight, the agent cannot know what the
+            // endpoint registered; this registry is the quickstart's alone, so clean it here.
+            for entry in registry.list::<WorkloadEntry>(None).await? {
+                let key = entry.key();
+                registry.delete::<WorkloadEntry>(&key).await?;
+                say(&format!("WorkloadEntry {key}, registered as the agent stopped, removed."));
+            }
+            say("The agent, the stand-in sidecar and the endpoint stopped. Bye.");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let _entry = registry
         .get::<WorkloadEntry>(&key)
         .await?
@@ -136,9 +178,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     ));
     say("Press Ctrl-C to leave the mesh (the WorkloadEntry is removed) and stop.");
 
-    // 6. Ctrl-C: the agent leaves, then everything stops.
-    tokio::signal::ctrl_c().await?;
-    say("\nLeaving the mesh...");
+    // 6. Ctrl-C or SIGTERM: the agent leaves, then everything stops.
+    let signal = stop.recv().await;
+    say(&format!("\n{signal} received; leaving the mesh..."));
     let _ = stop_agent.send(());
     let result = agent.await.context("the agent task failed")?;
     endpoint.shutdown().await;
@@ -176,6 +218,56 @@ pub async fn standin() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints a line of the quickstart's story. When stdout is gone (`| head -1`) it says so once
+/// on stderr and carries on: the quickstart still has a mesh entry to remove on Ctrl-C.
+fn say(line: &str) {
+    static SILENT: AtomicBool = AtomicBool::new(false);
+    if !SILENT.load(Ordering::Relaxed)
+        && let Err(e) = gangplank_stdout::println(line)
+        && !SILENT.swap(true, Ordering::Relaxed)
+    {
+        eprintln!("gangplank quickstart: {e}; still running: press Ctrl-C to leave the mesh and stop");
+    }
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM, which both end the quickstart the same way.
+struct Stop {
+    int: Signal,
+    term: Signal,
+}
+
+impl Stop {
+    fn listen() -> anyhow::Result<Self> {
+        let listen = |kind| signal(kind).context("listening for Ctrl-C and SIGTERM");
+        Ok(Stop {
+            int: listen(SignalKind::interrupt())?,
+            term: listen(SignalKind::terminate())?,
+        })
+    }
+
+    /// Waits for the first of them; names it.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "Ctrl-C",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// Why the folder cannot be used.
+enum Refused {
+    /// Another quickstart holds its lock (exit 2, nothing changed).
+    Busy(String),
+    /// Anything else.
+    Other(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Refused {
+    fn from(err: E) -> Self {
+        Refused::Other(err.into())
+    }
+}
+
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
     let _ = tracing_subscriber::fmt()
@@ -185,21 +277,68 @@ fn init_logs() {
         .try_init();
 }
 
-/// Creates the folder, clearing it only if an earlier quickstart made it.
-fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
-    if dir.exists() {
+/// Creates the folder and locks it, clearing it only if an earlier quickstart made it.
+/// Another quickstart using it is refused before anything in it changes.
+fn prepare(dir: &Path) -> Result<(PathBuf, Flock<File>), Refused> {
+    let lock_path = dir.join(LOCK);
+    // A folder with our lock file is ours; otherwise only an empty one or one with our marker.
+    if dir.exists() && !lock_path.exists() {
         let empty = std::fs::read_dir(dir)?.next().is_none();
         if !empty && !dir.join(MARKER).exists() {
-            bail!(
+            return Err(Refused::Other(anyhow::anyhow!(
                 "{} exists and was not made by gangplank quickstart: choose another --dir",
                 dir.display()
-            );
+            )));
         }
-        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let pid = std::fs::read_to_string(&lock_path)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+                .map_or_else(|| "pid unknown".to_owned(), |p| format!("pid {p}"));
+            return Err(Refused::Busy(format!(
+                "another gangplank quickstart is using {} ({pid}); stop it or pick another --dir",
+                dir.display()
+            )));
+        }
+        Err((_, errno)) => {
+            return Err(Refused::Other(
+                anyhow::Error::from(errno).context(format!("locking {}", lock_path.display())),
+            ));
+        }
+    };
+    clear(dir).with_context(|| format!("clearing {}", dir.display()))?;
     std::fs::write(dir.join(MARKER), "made by gangplank quickstart; safe to delete\n")?;
-    Ok(std::fs::canonicalize(dir)?)
+    lock.set_len(0)?;
+    writeln!(lock, "{}", std::process::id())?;
+    Ok((std::fs::canonicalize(dir)?, lock))
+}
+
+/// Removes everything in `dir` but the lock file.
+fn clear(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name() == LOCK {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -234,7 +235,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     let jobs = jobs(&entries, &overrides, &material, &token_for);
 
     if args.dry_run {
-        return Ok(dry_run(jobs, args.show_secrets, args.output));
+        return dry_run(jobs, args.show_secrets, args.output);
     }
 
     let options = fleet::Options {
@@ -252,6 +253,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     } else {
         Arc::new(Lines {
             to_stderr: args.output == Format::Json,
+            closed: AtomicBool::new(false),
         })
     };
     let outcomes = fleet::run(jobs, &options, Arc::clone(&observer)).await;
@@ -268,22 +270,23 @@ fn sa_key(e: &WorkloadEntry) -> (String, String) {
     (e.metadata.namespace.clone().unwrap_or_default(), sa.to_string())
 }
 
-fn dry_run(jobs: Vec<fleet::Job>, show_secrets: bool, format: Format) -> ExitCode {
+fn dry_run(jobs: Vec<fleet::Job>, show_secrets: bool, format: Format) -> Result<ExitCode> {
     let mut outcomes = Vec::new();
     for job in jobs {
         let (ok, error) = match &job.plan {
             Ok(plan) => {
                 if format == Format::Text {
-                    println!("# workload entry {}", job.entry);
-                    print!("{}", plan.describe(Tense::Future, show_secrets));
-                    println!();
+                    gangplank_stdout::print(format_args!(
+                        "# workload entry {}\n{}\n",
+                        job.entry,
+                        plan.describe(Tense::Future, show_secrets)
+                    ))?;
                 }
                 (true, None)
             }
             Err(e) => {
                 if format == Format::Text {
-                    println!("# workload entry {}", job.entry);
-                    println!("error: {e}\n");
+                    gangplank_stdout::println(format_args!("# workload entry {}\nerror: {e}\n", job.entry))?;
                 }
                 (false, Some(e.clone()))
             }
@@ -303,26 +306,23 @@ fn dry_run(jobs: Vec<fleet::Job>, show_secrets: bool, format: Format) -> ExitCod
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(items));
+        gangplank_stdout::println(serde_json::Value::Array(items))?;
     }
-    if outcomes.iter().all(|(_, ok, _)| *ok) {
+    Ok(if outcomes.iter().all(|(_, ok, _)| *ok) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    }
+    })
 }
 
 fn report(outcomes: &[Outcome], format: Format) -> Result<()> {
     match format {
-        Format::Text => print!("\n{}", fleet::summary_table(outcomes)),
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "hosts": outcomes,
-                "succeeded": outcomes.iter().filter(|o| o.ok).count(),
-                "failed": outcomes.iter().filter(|o| !o.ok).count(),
-            }))?
-        ),
+        Format::Text => gangplank_stdout::print(format_args!("\n{}", fleet::summary_table(outcomes)))?,
+        Format::Json => gangplank_stdout::println(serde_json::to_string_pretty(&serde_json::json!({
+            "hosts": outcomes,
+            "succeeded": outcomes.iter().filter(|o| o.ok).count(),
+            "failed": outcomes.iter().filter(|o| !o.ok).count(),
+        }))?)?,
     }
     Ok(())
 }
@@ -338,14 +338,18 @@ fn exit_code(outcomes: &[Outcome]) -> ExitCode {
 /// Plain lines, one per step, prefixed with the entry (for pipes and CI logs).
 struct Lines {
     to_stderr: bool,
+    /// stdout went away: the push goes on, unreported, and the summary's print fails.
+    closed: AtomicBool,
 }
 
 impl Observer for Lines {
     fn line(&self, entry: &str, line: &str) {
         if self.to_stderr {
             eprintln!("{entry}: {line}");
-        } else {
-            println!("{entry}: {line}");
+        } else if !self.closed.load(Ordering::Relaxed)
+            && gangplank_stdout::println(format_args!("{entry}: {line}")).is_err()
+        {
+            self.closed.store(true, Ordering::Relaxed);
         }
     }
 

@@ -88,7 +88,7 @@ async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         stored.spec.expires_at
     );
     match args.output {
-        None => println!("{}", secret.expose()),
+        None => gangplank_stdout::println(secret.expose())?,
         Some(Output::Json) => {
             let out = serde_json::json!({
                 "token": secret.expose(),
@@ -97,7 +97,7 @@ async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
                 "expiresAt": stored.spec.expires_at,
                 "uses": args.uses,
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            gangplank_stdout::println(serde_json::to_string_pretty(&out)?)?;
         }
     }
     Ok(ExitCode::SUCCESS)

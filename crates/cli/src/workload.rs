@@ -185,7 +185,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Group(GroupArgs {
             command: GroupCommand::Create(args),
         }) => {
-            print!("{}", group_yaml(&args)?);
+            gangplank_stdout::print(group_yaml(&args)?)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -296,10 +296,10 @@ fn configure(args: ConfigureArgs) -> anyhow::Result<ExitCode> {
             args.ingress_service
         );
     }
-    println!(
+    gangplank_stdout::println(format_args!(
         "Configuration generation into directory {} was successful",
         args.output.display()
-    );
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 

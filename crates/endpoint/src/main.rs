@@ -1,4 +1,7 @@
 //! `gangplank-endpoint`: the onboarding endpoint VMs connect to on :15443.
+//!
+//! Exit codes: 0 after a clean shutdown, 1 when serving failed, 2 for a bad configuration
+//! or input, 141 without a message when stdout was closed before `config-print` wrote to it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,8 +57,14 @@ async fn main() -> ExitCode {
     if let Some(Command::ConfigPrint) = cli.command {
         match serde_saphyr::to_string(&config.file) {
             Ok(text) => {
-                print!("{text}");
-                return ExitCode::SUCCESS;
+                return match gangplank_stdout::print(text) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(gangplank_stdout::Error::Closed) => ExitCode::from(gangplank_stdout::EXIT_CLOSED),
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        ExitCode::FAILURE
+                    }
+                };
             }
             Err(err) => {
                 eprintln!("error: {err}");

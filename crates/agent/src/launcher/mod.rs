@@ -120,6 +120,7 @@ pub fn from_config(agent: &config::Agent) -> Box<dyn Launcher> {
             p.command.clone(),
             agent.files.cluster_env.clone(),
             agent.files.root.clone(),
+            p.pid_file.clone(),
             p.stop_timeout,
             agent.settings.retry,
         )),

@@ -1,4 +1,9 @@
 //! The sidecar as a supervised child process, for containers and development.
+//!
+//! No sidecar outlives its agent: on Linux the kernel sends the sidecar SIGTERM when the
+//! agent dies, however it dies (`PR_SET_PDEATHSIG`), and the sidecar's pid is kept in a
+//! pid file (`sidecar.process.pidFile`) so that the next agent stops a sidecar that ignored
+//! that signal before it starts its own.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -13,13 +18,20 @@ use super::{Error, Launcher, Result, read_env};
 use crate::backoff::{Backoff, Retry};
 use crate::health::Health;
 
+mod pid_file;
+
+use pid_file::PidFile;
+
 /// The sidecar as a supervised child process: restarted with capped backoff when it exits;
-/// stopped with SIGTERM, then SIGKILL after a timeout; killed if the launcher is dropped.
+/// stopped with SIGTERM, then SIGKILL after a timeout; killed if the launcher is dropped;
+/// sent SIGTERM by the kernel if the agent dies; its pid recorded in a pid file, and a
+/// sidecar left by an earlier agent stopped before the first start.
 #[derive(Debug)]
 pub struct Process {
     command: Vec<String>,
     cluster_env: PathBuf,
     workdir: PathBuf,
+    pid_file: PidFile,
     stop_timeout: Duration,
     retry: Retry,
     health: Arc<Mutex<Health>>,
@@ -36,6 +48,7 @@ struct Child {
     command: Vec<String>,
     cluster_env: PathBuf,
     workdir: PathBuf,
+    pid_file: PidFile,
 }
 
 impl Child {
@@ -45,7 +58,9 @@ impl Child {
             program: String::new(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty sidecar command"),
         })?;
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        die_with_agent(&mut command);
+        let child = command
             .args(args)
             .envs(env)
             .current_dir(&self.workdir)
@@ -60,17 +75,51 @@ impl Child {
                 source,
             })?;
         tracing::info!(program = %program, pid = child.id(), "sidecar process started");
+        if let Some(pid) = child.id() {
+            self.pid_file.record(pid);
+        }
         Ok(child)
     }
 }
 
+/// Has the kernel send the sidecar SIGTERM when the agent dies, even by SIGKILL: the
+/// sidecar stops as on a normal stop (pilot-agent drains and stops Envoy, its own child),
+/// where SIGKILL would leave Envoy behind. A sidecar that ignores it is stopped by the next
+/// agent, through the pid file.
+///
+/// The kernel sends it when the *thread* that forked the child ends: the sidecar is
+/// spawned from async code, on one of the runtime's worker threads, which live as long as
+/// the runtime (never from `spawn_blocking`, whose threads come and go).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_agent(command: &mut Command) {
+    let agent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe work is allowed: two system calls (prctl, getppid), and errors made
+    // from an errno, which allocate nothing.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+            // The agent died between fork and prctl: the signal will never come.
+            if nix::unistd::getppid() != agent {
+                return Err(nix::errno::Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_agent(_: &mut Command) {}
+
 impl Process {
     /// Runs `command` in `workdir` with the variables of `cluster_env` added to its
-    /// environment.
+    /// environment, recording its pid in `pid_file`.
     pub fn new(
         command: Vec<String>,
         cluster_env: PathBuf,
         workdir: PathBuf,
+        pid_file: PathBuf,
         stop_timeout: Duration,
         retry: Retry,
     ) -> Self {
@@ -78,6 +127,7 @@ impl Process {
             command,
             cluster_env,
             workdir,
+            pid_file: PidFile::new(pid_file),
             stop_timeout,
             retry,
             health: Arc::new(Mutex::new(Health::Stopped)),
@@ -119,6 +169,7 @@ async fn supervise(
                     tokio::select! {
                         () = tokio::time::sleep(backoff.next_cap()) => {}
                         _ = &mut stop => {
+                            spec.pid_file.clear();
                             Process::set(&health, Health::Stopped);
                             return;
                         }
@@ -139,6 +190,7 @@ async fn supervise(
             }
             _ = &mut stop => {
                 terminate(&mut child, stop_timeout).await;
+                spec.pid_file.clear();
                 Process::set(&health, Health::Stopped);
                 return;
             }
@@ -159,7 +211,14 @@ async fn terminate(child: &mut tokio::process::Child, timeout: Duration) {
         Ok(Ok(status)) => tracing::info!(%status, "sidecar stopped"),
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot wait for the sidecar"),
         Err(_) => {
-            tracing::warn!(?timeout, "sidecar ignored SIGTERM; killing it");
+            tracing::warn!(
+                ?timeout,
+                "sidecar ignored SIGTERM; killing it and its process group"
+            );
+            // Not reaped yet, so the group is still the sidecar's: what it started goes too.
+            if let Err(e) = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL) {
+                tracing::debug!(error = %e, "SIGKILL to the sidecar's process group failed");
+            }
             if let Err(e) = child.kill().await {
                 tracing::warn!(error = %e, "cannot kill the sidecar");
             }
@@ -175,10 +234,13 @@ impl Launcher for Process {
         {
             return Ok(());
         }
+        // Nothing of ours runs now: a sidecar the pid file names was left by an earlier agent.
+        self.pid_file.stop_leftover(self.stop_timeout).await;
         let spec = Child {
             command: self.command.clone(),
             cluster_env: self.cluster_env.clone(),
             workdir: self.workdir.clone(),
+            pid_file: self.pid_file.clone(),
         };
         let child = match spec.spawn() {
             Ok(c) => c,
@@ -238,6 +300,7 @@ impl Drop for Process {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::process::CommandExt as _;
     use std::path::Path;
 
     use super::*;
@@ -251,6 +314,7 @@ mod tests {
             vec!["/bin/sh".into(), "-c".into(), script.into()],
             env,
             dir.to_path_buf(),
+            dir.join("run/sidecar.pid"),
             stop_timeout,
             Retry {
                 initial: Duration::from_millis(10),
@@ -361,6 +425,7 @@ mod tests {
             vec!["/bin/true".into()],
             dir.path().join("missing.env"),
             dir.path().to_path_buf(),
+            dir.path().join("run/sidecar.pid"),
             Duration::from_secs(1),
             Retry {
                 initial: Duration::from_millis(10),
@@ -370,6 +435,30 @@ mod tests {
         let e = l.start().await.unwrap_err();
         assert!(e.to_string().contains("missing.env"), "{e}");
         assert!(!l.health().is_healthy());
+    }
+
+    #[tokio::test]
+    async fn start_stops_the_sidecar_an_earlier_agent_left_and_records_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // What a killed agent leaves: a sidecar that ignored SIGTERM, named by the pid file.
+        let mut leftover = std::process::Command::new("/bin/sh")
+            .args(["-c", "trap '' TERM; exec sleep 1000"])
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        let pid_file = dir.path().join("run/sidecar.pid");
+        PidFile::new(pid_file.clone()).record(leftover.id());
+
+        let (mut l, pid) = sleeper(dir.path(), "", Duration::from_millis(200)).await;
+        let status = leftover.try_wait().expect("try_wait");
+        assert!(
+            status.is_some(),
+            "the leftover was stopped before the new sidecar started"
+        );
+        let recorded = std::fs::read_to_string(&pid_file).expect("pid file");
+        assert!(recorded.starts_with(&format!("{pid} ")), "{recorded}");
+        l.stop().await.expect("stop");
+        assert!(!pid_file.exists(), "a stopped sidecar is forgotten");
     }
 
     #[tokio::test]

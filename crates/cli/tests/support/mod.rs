@@ -400,6 +400,11 @@ pub enum Credential {
     Platform(String),
 }
 
+/// The stand-in sidecar: records its environment and pid (in its working directory,
+/// `files.root`), then waits to be stopped.
+pub const STANDIN_SIDECAR: &str =
+    "env > sidecar.env.tmp && mv sidecar.env.tmp sidecar.env; echo $$ > sidecar.pid; exec sleep 3600";
+
 /// A `gangplank-agent` process for one VM.
 pub struct Vm {
     pub root: PathBuf,
@@ -407,6 +412,7 @@ pub struct Vm {
     name: String,
     onboarding: PathBuf,
     agent_config: PathBuf,
+    starts: u32,
 }
 
 impl Vm {
@@ -437,6 +443,40 @@ impl Vm {
         ca_bundle: &Path,
         credential: Credential,
         readiness_url: Option<&str>,
+    ) -> Self {
+        Self::start_full(
+            dir,
+            name,
+            addr,
+            ca_bundle,
+            credential,
+            readiness_url,
+            STANDIN_SIDECAR,
+        )
+    }
+
+    /// Like [`Vm::start`], with `sidecar` (a shell script run in `files.root`) as the
+    /// sidecar. Every VM's sidecar gets SIGKILL 500ms after a SIGTERM it ignores.
+    pub fn start_sidecar(mesh: &Mesh, name: &str, credential: Credential, sidecar: &str) -> Self {
+        Self::start_full(
+            mesh.root(),
+            name,
+            mesh.addr,
+            &mesh.ca_bundle,
+            credential,
+            None,
+            sidecar,
+        )
+    }
+
+    fn start_full(
+        dir: &Path,
+        name: &str,
+        addr: SocketAddr,
+        ca_bundle: &Path,
+        credential: Credential,
+        readiness_url: Option<&str>,
+        sidecar: &str,
     ) -> Self {
         let root = dir.join(format!("vm-{name}"));
         let onboarding = root.join("etc/onboarding.yaml");
@@ -470,9 +510,6 @@ workloadGroup:                                 # join to
             }
             Credential::Platform(lines) => lines,
         };
-        // The stand-in sidecar records its environment and pid, then waits to be stopped.
-        let sidecar =
-            "env > sidecar.env.tmp && mv sidecar.env.tmp sidecar.env; echo $$ > sidecar.pid; exec sleep 3600";
         let agent_config = root.join("etc/agent.yaml");
         write(
             &agent_config,
@@ -485,6 +522,7 @@ identity:
   readinessUrl: {readiness:?}
   process:
     command: [sh, -c, {sidecar:?}]
+    stopTimeout: 500ms
 files:
   root: {root}/fs
 settings:
@@ -496,13 +534,14 @@ settings:
                 readiness = readiness_url.unwrap_or_default(),
             ),
         );
-        let agent = Self::spawn_agent(name, &onboarding, &agent_config);
+        let agent = Self::spawn_agent(&format!("agent-{name}"), &onboarding, &agent_config);
         Self {
             root,
             agent,
-            name: name.to_owned(),
+            name: name.to_string(),
             onboarding,
             agent_config,
+            starts: 1,
         }
     }
 
@@ -513,19 +552,22 @@ settings:
             .arg("--agent-config")
             .arg(agent_config)
             .env("RUST_LOG", "info");
-        Proc::spawn(&format!("agent-{name}"), cmd)
+        Proc::spawn(name, cmd)
+    }
+
+    /// Starts a new agent process with the same configuration (after the last one exited,
+    /// or was killed); returns the old one.
+    pub fn restart_agent(&mut self) -> Proc {
+        self.starts += 1;
+        let name = format!("agent-{}-{}", self.name, self.starts);
+        let agent = Self::spawn_agent(&name, &self.onboarding, &self.agent_config);
+        std::mem::replace(&mut self.agent, agent)
     }
 
     /// Kills the agent with SIGKILL (a crash: no Leave) and waits for it to be gone.
     pub fn kill_agent(&mut self) {
         self.agent.signal("KILL");
         self.agent.wait_exit(Duration::from_secs(10));
-    }
-
-    /// Starts the agent again with the same configuration and state dir (after a crash, an
-    /// upgrade, or a "reboot": the VM's disk kept, its processes gone).
-    pub fn restart_agent(&mut self) {
-        self.agent = Self::spawn_agent(&self.name, &self.onboarding, &self.agent_config);
     }
 
     /// The VM's state dir (`files.stateDir` under `files.root`).
