@@ -363,6 +363,8 @@ impl Onboarding for Service {
         &self,
         request: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<EndpointStream>, Status> {
+        // Follow removals before reading the entry, so one right after the read is seen.
+        let mut removals = self.plane.registry.entry_removals();
         let (key, entry) = self.authenticate(&request).await?;
         let plane = self.plane.clone();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -414,7 +416,6 @@ impl Onboarding for Service {
             .send(Ok(message(endpoint_message::Kind::Welcome(welcome))))
             .await;
         let mut inbound = request.into_inner();
-        let mut removals = plane.registry.entry_removals();
         // Tracked, so a shutdown waits for the stream's last write (its disconnect).
         plane.clone().tasks.spawn(async move {
             loop {

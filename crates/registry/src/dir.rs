@@ -75,6 +75,9 @@ pub struct Registry {
 struct Removals {
     sender: tokio::sync::broadcast::Sender<NamespacedName>,
     scanning: std::sync::Once,
+    /// The entries seen by the last scan, plus those present when a follower subscribed;
+    /// `None` while nobody follows.
+    known: std::sync::Mutex<Option<std::collections::BTreeSet<NamespacedName>>>,
 }
 
 impl Registry {
@@ -96,6 +99,7 @@ impl Registry {
             removals: Arc::new(Removals {
                 sender: tokio::sync::broadcast::channel(1024).0,
                 scanning: std::sync::Once::new(),
+                known: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -106,7 +110,6 @@ impl Registry {
         let store = Arc::downgrade(&self.store);
         let removals = Arc::downgrade(&self.removals);
         tokio::spawn(async move {
-            let mut known: Option<std::collections::BTreeSet<NamespacedName>> = None;
             let mut tick = tokio::time::interval(REMOVAL_POLL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -115,7 +118,7 @@ impl Registry {
                     return;
                 };
                 if removals.sender.receiver_count() == 0 {
-                    known = None;
+                    *removals.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     continue;
                 }
                 let scanned = tokio::task::spawn_blocking(move || store.entry_keys()).await;
@@ -127,12 +130,13 @@ impl Registry {
                     }
                     Err(_) => continue,
                 };
-                if let Some(before) = &known {
+                let mut known = removals.known.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(before) = known.as_ref() {
                     for gone in before.difference(&now) {
                         let _ = removals.sender.send(gone.clone());
                     }
                 }
-                known = Some(now);
+                *known = Some(now);
             }
         });
     }
@@ -331,6 +335,14 @@ impl crate::Registry for Registry {
 
     fn entry_removals(&self) -> tokio::sync::broadcast::Receiver<NamespacedName> {
         let receiver = self.removals.sender.subscribe();
+        {
+            // One listing of folder names, taken now: whatever exists when a follower
+            // subscribes is in the baseline, so its removal before the next scan is seen.
+            if let Ok(now) = self.store.entry_keys() {
+                let mut known = self.removals.known.lock().unwrap_or_else(|p| p.into_inner());
+                known.get_or_insert_default().extend(now);
+            }
+        }
         self.removals.scanning.call_once(|| self.scan_removals());
         receiver
     }
