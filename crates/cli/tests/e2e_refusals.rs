@@ -51,7 +51,6 @@ fn snapshot(mesh: &Mesh) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     out
 }
 
-/// Marks every use of a join token as spent, as earlier onboardings would have.
 /// The endpoint's log line that carries `reference` (waiting, bounded, for it to be written).
 async fn logged_with(mesh: &Mesh, reference: &str) -> String {
     for _ in 0..100 {
@@ -63,6 +62,7 @@ async fn logged_with(mesh: &Mesh, reference: &str) -> String {
     panic!("no endpoint log line with reference {reference}");
 }
 
+/// Marks every use of a join token as spent, as earlier onboardings would have.
 async fn spend(mesh: &Mesh, token: &str) {
     let id = token.split('.').next().unwrap();
     let key = gangplank_api::NamespacedName::new("bookinfo", id);
@@ -473,4 +473,200 @@ async fn a_jwks_outage_reaches_the_agent_as_unavailable_and_blames_the_endpoint(
     assert!(line.contains("nothing to change on this VM"), "{line}");
     assert_eq!(snapshot(&mesh), before, "the registry changed");
     assert!(mesh.entry_files().is_empty());
+}
+
+/// A first join over the protocol with `key`: the join token's credential, signed by the key.
+async fn first_join(
+    client: &mut gangplank_api::proto::onboarding_client::OnboardingClient<tonic::transport::Channel>,
+    token: &str,
+    key: &gangplank_identity::bound::Key,
+) -> proto::OnboardResponse {
+    let discovered = client
+        .discover(proto::DiscoverRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let challenge = gangplank_identity::Challenge {
+        plane_id: discovered.plane_id,
+        nonce: discovered.nonce.clone(),
+        ..Default::default()
+    };
+    let mut credential = join(token).unwrap();
+    key.attach(&mut credential, &challenge);
+    client
+        .onboard(onboard_request("ratings", credential, discovered.nonce))
+        .await
+        .expect("first join")
+        .into_inner()
+}
+
+fn onboard_request(group: &str, credential: Credential, nonce: String) -> OnboardRequest {
+    OnboardRequest {
+        workload_group: Some(WorkloadGroupRef {
+            namespace: "bookinfo".into(),
+            name: group.into(),
+        }),
+        credential: Some(credential),
+        nonce,
+        host: Some(HostFacts {
+            hostname: "vm".into(),
+            addresses: vec!["10.0.0.7".into()],
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_replayed_rejoin_proofs_are_refused_and_write_nothing() {
+    let mesh = Mesh::start(Options::default()).await;
+    mesh.registry
+        .put(&policy("bookinfo", "allow", vec![join_tokens()], &[]))
+        .await
+        .unwrap();
+    let token = mesh.join_token("ratings", 1, Duration::from_secs(3600)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = gangplank_identity::bound::Key::load_or_create(&dir.path().join("vm.pem")).unwrap();
+    let thief = gangplank_identity::bound::Key::load_or_create(&dir.path().join("thief.pem")).unwrap();
+    let mut client = mesh.client().await;
+    let joined = first_join(&mut client, &token, &key).await;
+    let binding = joined.registration.unwrap().name;
+
+    let fresh = |client: &mut gangplank_api::proto::onboarding_client::OnboardingClient<
+        tonic::transport::Channel,
+    >| {
+        let mut client = client.clone();
+        async move {
+            let d = client
+                .discover(proto::DiscoverRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            gangplank_identity::Challenge {
+                plane_id: d.plane_id,
+                nonce: d.nonce,
+                ..Default::default()
+            }
+        }
+    };
+    let group = gangplank_api::NamespacedName::new("bookinfo", "ratings");
+    // A rejoin an eavesdropper recorded, to be replayed.
+    let old = fresh(&mut client).await;
+    let recorded = key.rejoin(&old, &group, &binding).unwrap();
+    client
+        .onboard(onboard_request("ratings", recorded.clone(), old.nonce.clone()))
+        .await
+        .expect("the recorded rejoin itself succeeds");
+    let before = snapshot(&mesh);
+
+    let mut cases: Vec<(&str, Credential, String, Code)> = Vec::new();
+    let c = fresh(&mut client).await;
+    cases.push((
+        "another key naming the binding",
+        thief.rejoin(&c, &group, &binding).unwrap(),
+        c.nonce,
+        Code::Unauthenticated,
+    ));
+    let c = fresh(&mut client).await;
+    let mut forged = thief.rejoin(&c, &group, &binding).unwrap();
+    forged.public_key = key.public_key().to_vec();
+    cases.push((
+        "the bound public key with another key's signature",
+        forged,
+        c.nonce,
+        Code::Unauthenticated,
+    ));
+    let c = fresh(&mut client).await;
+    let mut tampered = key.rejoin(&c, &group, &binding).unwrap();
+    tampered.proof[0] ^= 1;
+    cases.push(("a tampered signature", tampered, c.nonce, Code::Unauthenticated));
+    let c = fresh(&mut client).await;
+    cases.push((
+        "a proof replayed with a new nonce",
+        recorded.clone(),
+        c.nonce,
+        Code::Unauthenticated,
+    ));
+    cases.push((
+        "a proof replayed with its own, spent nonce",
+        recorded.clone(),
+        old.nonce.clone(),
+        Code::Unauthenticated,
+    ));
+    let c = fresh(&mut client).await;
+    let other_group = gangplank_api::NamespacedName::new("bookinfo", "reviews");
+    cases.push((
+        "a proof for another group",
+        key.rejoin(&c, &other_group, &binding).unwrap(),
+        c.nonce,
+        Code::Unauthenticated,
+    ));
+    let c = fresh(&mut client).await;
+    cases.push((
+        "a binding that does not exist",
+        key.rejoin(&c, &group, "ratings-nope").unwrap(),
+        c.nonce,
+        Code::Unauthenticated,
+    ));
+    let c = fresh(&mut client).await;
+    let mut garbage = key.rejoin(&c, &group, &binding).unwrap();
+    garbage.payload = b"{".to_vec();
+    cases.push(("a malformed payload", garbage, c.nonce, Code::Unauthenticated));
+
+    for (what, credential, nonce, code) in cases {
+        let status = client
+            .onboard(onboard_request("ratings", credential, nonce))
+            .await
+            .expect_err(what);
+        if what.contains("own, spent nonce") {
+            assert_eq!(
+                status.code(),
+                Code::FailedPrecondition,
+                "{what}: {}",
+                status.message()
+            );
+            assert!(status.message().contains("nonce"), "{what}: {}", status.message());
+        } else {
+            assert_eq!(status.code(), code, "{what}: {}", status.message());
+            assert!(
+                status.message().starts_with("bound key not accepted"),
+                "{what}: {}",
+                status.message()
+            );
+        }
+        assert_eq!(snapshot(&mesh), before, "{what}: the registry changed");
+    }
+
+    // The real key still rejoins: the same entry, no token use.
+    let c = fresh(&mut client).await;
+    let back = client
+        .onboard(onboard_request(
+            "ratings",
+            key.rejoin(&c, &group, &binding).unwrap(),
+            c.nonce,
+        ))
+        .await
+        .expect("the bound key rejoins")
+        .into_inner();
+    let registration = back.registration.unwrap();
+    assert_eq!(registration.name, binding);
+
+    // Leave succeeds when the entry is already gone (released, swept, group deleted).
+    let entry = gangplank_api::NamespacedName::new("bookinfo", &binding);
+    assert!(
+        mesh.registry
+            .delete::<gangplank_api::istio::WorkloadEntry>(&entry)
+            .await
+            .unwrap()
+    );
+    let mut leave = tonic::Request::new(proto::LeaveRequest {});
+    leave.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", registration.session).parse().unwrap(),
+    );
+    let left = client
+        .leave(leave)
+        .await
+        .expect("leave with the entry gone")
+        .into_inner();
+    assert_eq!(left.propagation_delay_seconds, 0);
 }
