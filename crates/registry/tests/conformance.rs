@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
+use gangplank_api::binding::{WorkloadBinding, WorkloadBindingSpec, WorkloadBindingStatus};
 use gangplank_api::istio::{WorkloadEntry, WorkloadEntrySpec};
 use gangplank_api::meta::{ObjectMeta, OwnerReference};
 use gangplank_api::names::{annotation, label};
@@ -609,6 +610,153 @@ async fn stand_in_without_istio_refuses_to_start() {
     assert!(e.contains("install Istio's CRDs"), "{e}");
 }
 
+/// Bindings: a full binding passes its CRD's schema, applying is idempotent, it is read fresh,
+/// listed, deleted (twice is not an error), and it goes with its WorkloadGroup.
+async fn bindings(env: &Env) {
+    let uid = env.group("ratings").await;
+    let binding = WorkloadBinding {
+        api_version: WorkloadBinding::API_VERSION.into(),
+        kind: WorkloadBinding::KIND.into(),
+        metadata: ObjectMeta {
+            name: Some("ratings-token-abc-0123456789".into()),
+            namespace: Some(env.ns.clone()),
+            labels: Some(BTreeMap::from([(
+                label::MANAGED_BY.to_owned(),
+                label::MANAGED_BY_VALUE.to_owned(),
+            )])),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "networking.istio.io/v1".into(),
+                kind: "WorkloadGroup".into(),
+                name: "ratings".into(),
+                uid: uid.clone(),
+                controller: Some(true),
+                block_owner_deletion: None,
+            }]),
+            ..Default::default()
+        },
+        spec: WorkloadBindingSpec {
+            workload_group: "ratings".into(),
+            public_key: "MCowBQYDK2VwAyEA7Ue5bEcqkc4LRO8yQL0nDPwmJTAqRp4ftRuxXKSCs5Y=".into(),
+            credential_kind: "join-token".into(),
+            identity: "join-token:bookinfo/abc".into(),
+            facts: json!({"joinToken": {"id": "abc", "namespace": env.ns, "workloadGroup": "ratings", "key": "0123456789"}}),
+            address: "10.0.0.7".into(),
+            bound_at: "2026-01-01T00:00:00Z".into(),
+        },
+        status: WorkloadBindingStatus {
+            last_joined_at: "2026-01-01T00:00:00Z".into(),
+            entry_gone_since: String::new(),
+        },
+    };
+    let key = binding.key();
+    let stored = env.registry.apply_binding(&binding).await.expect("apply");
+    assert_eq!(stored.spec, binding.spec);
+    assert_eq!(
+        stored.status, binding.status,
+        "status is part of the object (no subresource)"
+    );
+    let again = env.registry.apply_binding(&binding).await.expect("apply again");
+    assert_eq!(
+        again.metadata.uid, stored.metadata.uid,
+        "applying twice leaves one object"
+    );
+    let read = env.registry.binding(&key).await.expect("get").expect("found");
+    assert_eq!(read.spec, binding.spec);
+    let listed: Vec<_> = env
+        .registry
+        .bindings()
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|b| b.metadata.namespace.as_deref() == Some(env.ns.as_str()))
+        .collect();
+    assert_eq!(listed.len(), 1);
+    let mut gone = binding.clone();
+    gone.status.entry_gone_since = "2026-01-02T00:00:00Z".into();
+    let stamped = env.registry.apply_binding(&gone).await.expect("stamp");
+    assert_eq!(stamped.status.entry_gone_since, "2026-01-02T00:00:00Z");
+    assert!(env.registry.delete_binding(&key).await.expect("delete"));
+    assert!(!env.registry.delete_binding(&key).await.expect("delete again"));
+    assert!(env.registry.binding(&key).await.expect("get").is_none());
+
+    // A malformed binding is refused by the API server (the CRD's schema).
+    let mut bad = serde_json::to_value(&binding).expect("json");
+    bad["spec"]["boundAt"] = json!(42);
+    let refused = env
+        .ours("WorkloadBinding", "workloadbindings")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(bad).expect("object"),
+        )
+        .await;
+    assert!(refused.is_err(), "a binding with a numeric boundAt was accepted");
+
+    // The group's deletion takes its bindings (owner reference, garbage collector).
+    env.registry.apply_binding(&binding).await.expect("apply");
+    env.istio("WorkloadGroup", "workloadgroups")
+        .delete("ratings", &DeleteParams::background())
+        .await
+        .expect("deleting the group");
+    eventually("the binding goes with its group", || async {
+        env.registry.binding(&key).await.expect("get").is_none()
+    })
+    .await;
+}
+
+/// Entry removals: an entry deleted by anyone (here an admin, through the API) is told to a
+/// follower of the registry's removals; an unmanaged entry's removal is not.
+async fn entry_removals(env: &Env) {
+    let uid = env.group("ratings").await;
+    let entry = env.entry("ratings", &uid, "vm-7");
+    let key = entry.key();
+    env.registry.apply_entry(&entry).await.expect("apply");
+    eventually("the entry reaches the cache", || async {
+        env.registry
+            .managed_entries()
+            .await
+            .expect("cache")
+            .iter()
+            .any(|e| e.key() == key)
+    })
+    .await;
+    let mut removals = env.registry.entry_removals();
+    env.istio("WorkloadEntry", "workloadentries")
+        .delete(&key.name, &DeleteParams::background())
+        .await
+        .expect("an admin deletes the entry");
+    let told = tokio::time::timeout(CATCH_UP, async {
+        loop {
+            match removals.recv().await {
+                Ok(k) if k == key => return k,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(e) => panic!("removals stopped: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the removal is told");
+    assert_eq!(told, key);
+    assert!(
+        !env.registry
+            .managed_entries()
+            .await
+            .expect("cache")
+            .iter()
+            .any(|e| e.key() == key),
+        "the cache no longer has it"
+    );
+}
+
+#[tokio::test]
+async fn stand_in_bindings() {
+    bindings(&Env::stand_in(&["v1", "v1beta1"]).await).await;
+}
+
+#[tokio::test]
+async fn stand_in_entry_removals() {
+    entry_removals(&Env::stand_in(&["v1", "v1beta1"]).await).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Against a real cluster
 
@@ -629,6 +777,8 @@ const SCENARIOS: &[&str] = &[
     "group-deletion-cascades",
     "policy-changes-apply-without-restart",
     "join-tokens",
+    "bindings",
+    "entry-removals",
 ];
 
 /// A real apiserver refuses namespace names over 63 characters; with a 5-digit pid the longest
@@ -680,4 +830,6 @@ async fn real_cluster() {
     run!(group_deletion_cascades);
     run!(policy_changes_apply_without_restart);
     run!(join_tokens);
+    run!(bindings);
+    run!(entry_removals);
 }
