@@ -746,7 +746,9 @@ fn onboard_refused(status: &tonic::Status, group: &NamespacedName, endpoint: &st
 
 fn session_end(status: &tonic::Status) -> SessionEnd {
     match status.code() {
-        tonic::Code::Unauthenticated | tonic::Code::NotFound => SessionEnd::Reonboard(describe(status)),
+        // The entry is gone (deleted before the stream could tell it): as EntryRemoved.
+        tonic::Code::NotFound => SessionEnd::EntryRemoved(describe(status)),
+        tonic::Code::Unauthenticated => SessionEnd::Reonboard(describe(status)),
         _ => SessionEnd::Broken(describe(status)),
     }
 }
@@ -817,7 +819,7 @@ mod tests {
         ));
         assert!(matches!(
             session_end(&tonic::Status::not_found("gone")),
-            SessionEnd::Reonboard(_)
+            SessionEnd::EntryRemoved(_)
         ));
         assert!(matches!(
             session_end(&tonic::Status::unavailable("down")),

@@ -452,6 +452,28 @@ impl Vm {
             credential,
             readiness_url,
             STANDIN_SIDECAR,
+            "bookinfo",
+        )
+    }
+
+    /// Like [`Vm::start_probed`], joining WorkloadGroup `ratings` of `namespace`.
+    pub fn start_in(
+        dir: &Path,
+        name: &str,
+        addr: SocketAddr,
+        ca_bundle: &Path,
+        credential: Credential,
+        namespace: &str,
+    ) -> Self {
+        Self::start_full(
+            dir,
+            name,
+            addr,
+            ca_bundle,
+            credential,
+            None,
+            STANDIN_SIDECAR,
+            namespace,
         )
     }
 
@@ -466,6 +488,7 @@ impl Vm {
             credential,
             None,
             sidecar,
+            "bookinfo",
         )
     }
 
@@ -477,6 +500,7 @@ impl Vm {
         credential: Credential,
         readiness_url: Option<&str>,
         sidecar: &str,
+        namespace: &str,
     ) -> Self {
         let root = dir.join(format!("vm-{name}"));
         let onboarding = root.join("etc/onboarding.yaml");
@@ -492,7 +516,7 @@ onboardingEndpoint:                            # connect to
     tls:
       caBundle: {ca}
 workloadGroup:                                 # join to
-  namespace: bookinfo
+  namespace: {namespace}
   name: ratings
 ",
                 port = addr.port(),
