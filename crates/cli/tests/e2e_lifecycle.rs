@@ -319,3 +319,109 @@ async fn a_failure_on_the_endpoints_side_leaves_the_token_use_unspent() {
     wait_onboarded(&mesh, &mut vm).await;
     assert_eq!(token_used(&mesh, &token).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_gone_longer_than_the_grace_period_and_the_binding_retention_needs_a_new_credential() {
+    let mesh = Mesh::start(Options {
+        grace: "2s",
+        heartbeat: "500ms",
+        binding_retention: "2s",
+        ..Options::default()
+    })
+    .await;
+    mesh.registry
+        .put(&policy(
+            "bookinfo",
+            "allow-ratings",
+            vec![join_tokens()],
+            &[("app", "ratings")],
+        ))
+        .await
+        .unwrap();
+    let token = mesh.join_token("ratings", 1, Duration::from_secs(3600)).await;
+    let mut vm = Vm::start(&mesh, "a", Credential::JoinToken(token.clone()));
+    wait_onboarded(&mesh, &mut vm).await;
+    vm.kill_agent();
+
+    // The entry goes after the grace period; the binding is stamped, then goes too.
+    let stamped = until(WAIT, || {
+        let files = mesh.entry_files();
+        files.is_empty().then_some(())
+    });
+    assert!(stamped.is_some(), "the entry outlived the grace period");
+    let mut expired = false;
+    for _ in 0..200 {
+        let now = bindings(&mesh).await;
+        if now.is_empty() {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        expired,
+        "the binding outlived the retention:\n{}",
+        mesh.endpoint.output()
+    );
+    assert!(
+        mesh.endpoint
+            .output()
+            .contains("removed the binding of a VM gone longer")
+    );
+
+    // Back after that: the key is no longer bound and the spent token is refused.
+    vm.restart_agent();
+    vm.agent.wait_for("bound key not accepted", WAIT);
+    vm.agent.wait_for("join token not accepted", WAIT);
+    assert!(mesh.entries().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_is_stamped_when_its_entry_goes_and_unstamped_when_the_vm_rejoins() {
+    let mesh = Mesh::start(Options {
+        grace: "2s",
+        heartbeat: "500ms",
+        ..Options::default()
+    })
+    .await;
+    mesh.registry
+        .put(&policy(
+            "bookinfo",
+            "allow-ratings",
+            vec![join_tokens()],
+            &[("app", "ratings")],
+        ))
+        .await
+        .unwrap();
+    let token = mesh.join_token("ratings", 1, Duration::from_secs(3600)).await;
+    let mut vm = Vm::start(&mesh, "a", Credential::JoinToken(token.clone()));
+    let entry = wait_onboarded(&mesh, &mut vm).await;
+    vm.kill_agent();
+    let mut stamp = String::new();
+    for _ in 0..200 {
+        let b = bindings(&mesh).await;
+        if let Some(b) = b.first().filter(|b| !b.status.entry_gone_since.is_empty()) {
+            stamp = b.status.entry_gone_since.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !stamp.is_empty(),
+        "the binding was never stamped:\n{}",
+        mesh.endpoint.output()
+    );
+    assert!(mesh.entries().await.is_empty());
+
+    // A day's retention: the VM rejoins with its key, the same entry, the stamp cleared.
+    vm.restart_agent();
+    vm.agent.wait_for("rejoining with this VM's bound key", WAIT);
+    sidecar_pid(&vm, None).expect("the sidecar is back");
+    let entries = mesh.entries().await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].metadata.name, entry.metadata.name);
+    let b = bindings(&mesh).await;
+    assert_eq!(b.len(), 1);
+    assert!(b[0].status.entry_gone_since.is_empty(), "{:?}", b[0].status);
+    assert_eq!(token_used(&mesh, &token).await, 1);
+}

@@ -112,6 +112,8 @@ pub struct Options {
     pub jwt: Option<(String, String, PathBuf)>,
     /// More `identities:` lines, indented two spaces (e.g. `  awsEc2: {...}\n`).
     pub identities: String,
+    /// `workloads.bindingRetention`.
+    pub binding_retention: &'static str,
 }
 
 impl Default for Options {
@@ -123,6 +125,7 @@ impl Default for Options {
             propagation_delay: "1s",
             jwt: None,
             identities: String::new(),
+            binding_retention: "24h",
         }
     }
 }
@@ -285,8 +288,10 @@ identities:
   gracePeriod: {grace}
   heartbeat: {heartbeat}
   propagationDelay: {delay}
+  bindingRetention: {retention}
 ",
                 root = root.display(),
+                retention = options.binding_retention,
                 lifetime = options.token_lifetime,
                 grace = options.grace,
                 heartbeat = options.heartbeat,
