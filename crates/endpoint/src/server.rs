@@ -20,6 +20,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How often the endpoint pings an idle HTTP/2 connection.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// How long a ping may go unanswered before the connection is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 use crate::config::{Config, Serving};
 use crate::error::{Error, Result};
 use crate::plane::Plane;
@@ -229,7 +234,15 @@ async fn serve_tls(
                     return;
                 }
             };
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // A peer that stops answering HTTP/2 PINGs (a VM powered off, frozen, or cut off)
+            // loses its connection, so its stream ends and its entry is marked disconnected
+            // (and its bound key may rejoin) instead of looking connected forever.
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT);
             let conn =
                 builder.serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(router));
             tokio::select! {
