@@ -307,6 +307,13 @@ async fn a_failure_on_the_endpoints_side_leaves_the_token_use_unspent() {
     std::fs::write(&blocked, b"").unwrap();
     let mut vm = Vm::start(&mesh, "a", Credential::JoinToken(token.clone()));
     wait_lines(&vm.agent, "Unavailable", 2);
+    let registry_path = mesh.registry.root().display().to_string();
+    assert!(
+        !vm.agent.output().contains(&registry_path),
+        "the endpoint's paths reached the agent:\n{}",
+        vm.agent.output()
+    );
+    assert!(mesh.endpoint.output().contains(&registry_path), "the endpoint logs which path failed");
     assert_eq!(
         token_used(&mesh, &token).await,
         0,

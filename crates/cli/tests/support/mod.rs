@@ -288,10 +288,13 @@ identities:
   gracePeriod: {grace}
   heartbeat: {heartbeat}
   propagationDelay: {delay}
-  bindingRetention: {retention}
-",
+{retention}",
                 root = root.display(),
-                retention = options.binding_retention,
+                // Only when set, so the file also suits endpoints older than the setting.
+                retention = match options.binding_retention {
+                    "24h" => String::new(),
+                    r => format!("  bindingRetention: {r}\n"),
+                },
                 lifetime = options.token_lifetime,
                 grace = options.grace,
                 heartbeat = options.heartbeat,
