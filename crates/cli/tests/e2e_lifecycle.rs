@@ -313,7 +313,10 @@ async fn a_failure_on_the_endpoints_side_leaves_the_token_use_unspent() {
         "the endpoint's paths reached the agent:\n{}",
         vm.agent.output()
     );
-    assert!(mesh.endpoint.output().contains(&registry_path), "the endpoint logs which path failed");
+    assert!(
+        mesh.endpoint.output().contains(&registry_path),
+        "the endpoint logs which path failed"
+    );
     assert_eq!(
         token_used(&mesh, &token).await,
         0,

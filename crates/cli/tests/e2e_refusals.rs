@@ -349,7 +349,7 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
                         .unwrap_or_default()
                         .to_owned(),
                 )
-                .or_insert_with(Vec::new)
+                .or_default()
                 .push(case.what);
             logged_with(&mesh, &reference).await
         } else {

@@ -414,6 +414,13 @@ pub const STANDIN_SIDECAR: &str =
     "env > sidecar.env.tmp && mv sidecar.env.tmp sidecar.env; echo $$ > sidecar.pid; exec sleep 3600";
 
 /// A `gangplank-agent` process for one VM.
+/// How a test VM runs: its sidecar's readiness URL, the sidecar script, the group's namespace.
+struct How<'a> {
+    readiness_url: Option<&'a str>,
+    sidecar: &'a str,
+    namespace: &'a str,
+}
+
 pub struct Vm {
     pub root: PathBuf,
     pub agent: Proc,
@@ -458,9 +465,11 @@ impl Vm {
             addr,
             ca_bundle,
             credential,
-            readiness_url,
-            STANDIN_SIDECAR,
-            "bookinfo",
+            How {
+                readiness_url,
+                sidecar: STANDIN_SIDECAR,
+                namespace: "bookinfo",
+            },
         )
     }
 
@@ -479,9 +488,11 @@ impl Vm {
             addr,
             ca_bundle,
             credential,
-            None,
-            STANDIN_SIDECAR,
-            namespace,
+            How {
+                readiness_url: None,
+                sidecar: STANDIN_SIDECAR,
+                namespace,
+            },
         )
     }
 
@@ -494,9 +505,11 @@ impl Vm {
             mesh.addr,
             &mesh.ca_bundle,
             credential,
-            None,
-            sidecar,
-            "bookinfo",
+            How {
+                readiness_url: None,
+                sidecar,
+                namespace: "bookinfo",
+            },
         )
     }
 
@@ -506,10 +519,13 @@ impl Vm {
         addr: SocketAddr,
         ca_bundle: &Path,
         credential: Credential,
-        readiness_url: Option<&str>,
-        sidecar: &str,
-        namespace: &str,
+        how: How<'_>,
     ) -> Self {
+        let How {
+            readiness_url,
+            sidecar,
+            namespace,
+        } = how;
         let root = dir.join(format!("vm-{name}"));
         let onboarding = root.join("etc/onboarding.yaml");
         write(

@@ -198,15 +198,13 @@ fn pem(label: &str, der: &[u8]) -> String {
 
 /// Writes `bytes` to `path` with mode 0600, creating its folder (0700); the error says what failed.
 fn write_private(path: &Path, bytes: &[u8]) -> std::result::Result<(), String> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
     gangplank_fs::write(path, bytes, 0o600).map_err(|e| format!("cannot be written: {e}"))
 }
