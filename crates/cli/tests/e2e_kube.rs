@@ -85,17 +85,7 @@ async fn onboards_against_the_kubernetes_api_one_write_per_event_none_per_heartb
     // The endpoint, with the Kubernetes registry.
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let ca = gangplank_tls::dev::Ca::generate("e2e-kube").unwrap();
-    let leaf = ca
-        .issue(
-            &["localhost"],
-            &[std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)],
-        )
-        .unwrap();
-    write(&root.join("tls/tls.crt"), &leaf.cert_pem);
-    write(&root.join("tls/tls.key"), &leaf.key_pem);
-    let ca_bundle = root.join("tls/ca.pem");
-    write(&ca_bundle, ca.cert_pem());
+    let ca_bundle = write_dev_tls(root, &["localhost"]);
     // Heartbeats every 200ms, so the steady-state window below sees about ten of them.
     let (endpoint, addr) = spawn_endpoint(root, &server, "endpoint-0", "127.0.0.1:0", ("5m", "200ms"));
 
@@ -354,16 +344,7 @@ async fn two_replicas_behind_a_service_failover_keeps_returning_agents_and_remov
     server.seed(injector_values()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let ca = gangplank_tls::dev::Ca::generate("e2e-kube").unwrap();
-    let leaf = ca
-        .issue(
-            &["localhost"],
-            &[std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)],
-        )
-        .unwrap();
-    write(&root.join("tls/tls.crt"), &leaf.cert_pem);
-    write(&root.join("tls/tls.key"), &leaf.key_pem);
-    write(&root.join("tls/ca.pem"), ca.cert_pem());
+    write_dev_tls(root, &["localhost"]);
     let mut secrets = Vec::new();
     for _ in 0..3 {
         let (token, secret) = gangplank_identity::token::create(

@@ -195,16 +195,7 @@ impl Cluster {
 }
 
 fn spawn_endpoint(root: &Path, cluster: &Cluster) -> (Proc, std::net::SocketAddr) {
-    let ca = gangplank_tls::dev::Ca::generate("e2e-kube-lifecycle").unwrap();
-    let leaf = ca
-        .issue(
-            &["localhost"],
-            &[std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)],
-        )
-        .unwrap();
-    write(&root.join("tls/tls.crt"), &leaf.cert_pem);
-    write(&root.join("tls/tls.key"), &leaf.key_pem);
-    write(&root.join("tls/ca.pem"), ca.cert_pem());
+    write_dev_tls(root, &["localhost"]);
     let config = root.join("endpoint.yaml");
     write(
         &config,

@@ -247,12 +247,7 @@ impl Registry {
         if !fresh && let Some(obj) = self.tokens.get(&obj_ref(&self.token_ar, key)) {
             return decode(&obj, JoinToken::KIND, key).map(Some);
         }
-        let got = self
-            .tokens_in(&key.namespace)
-            .get_opt(&key.name)
-            .await
-            .map_err(|e| api_error(e, JoinToken::KIND, key, "reading"))?;
-        got.map(|o| decode(&o, JoinToken::KIND, key)).transpose()
+        get_fresh(self.tokens_in(&key.namespace), key).await
     }
 }
 
@@ -375,6 +370,24 @@ fn obj_ref(ar: &ApiResource, key: &NamespacedName) -> ObjectRef<DynamicObject> {
     ObjectRef::new_with(&key.name, ar.clone()).within(&key.namespace)
 }
 
+/// Reads object `key` of kind `T` from `api` (fresh, not cached), or `None`.
+async fn get_fresh<T: Resource>(api: Api<DynamicObject>, key: &NamespacedName) -> Result<Option<T>> {
+    let got = api
+        .get_opt(&key.name)
+        .await
+        .map_err(|e| api_error(e, T::KIND, key, "reading"))?;
+    got.map(|o| decode(&o, T::KIND, key)).transpose()
+}
+
+/// Deletes object `key` of kind `T` from `api`; `Ok(false)` if it was already gone.
+async fn delete_from<T: Resource>(api: Api<DynamicObject>, key: &NamespacedName) -> Result<bool> {
+    match api.delete(&key.name, &DeleteParams::background()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(api_error(e, T::KIND, key, "deleting")),
+    }
+}
+
 /// Converts a stored object into Gangplank's type.
 fn decode<T: Resource>(obj: &DynamicObject, kind: &'static str, key: &NamespacedName) -> Result<T> {
     let v = serde_json::to_value(obj).map_err(|e| Error::Backend(format!("encoding {kind} {key}: {e}")))?;
@@ -415,16 +428,14 @@ fn api_error(e: kube::Error, kind: &'static str, key: &NamespacedName, doing: &s
     }
 }
 
-/// The entry as it is applied: served version, no server-set fields, no status.
-fn applied_entry(entry: &WorkloadEntry, api_version: &str) -> Result<Value> {
-    let key = entry.key();
-    let mut v = serde_json::to_value(entry)
-        .map_err(|e| Error::Backend(format!("encoding WorkloadEntry {key}: {e}")))?;
+/// `obj` as Gangplank applies it: its kind and version, no server-set fields, owner
+/// references to Istio objects in `istio_version` (the one the cluster serves).
+fn applied<T: Resource>(obj: &T, api_version: &str, istio_version: &str) -> Result<Value> {
+    let key = obj.key();
+    let mut v =
+        serde_json::to_value(obj).map_err(|e| Error::Backend(format!("encoding {} {key}: {e}", T::KIND)))?;
     v["apiVersion"] = json!(api_version);
-    v["kind"] = json!(WorkloadEntry::KIND);
-    if let Some(o) = v.as_object_mut() {
-        o.remove("status");
-    }
+    v["kind"] = json!(T::KIND);
     if let Some(m) = v["metadata"].as_object_mut() {
         for f in [
             "resourceVersion",
@@ -435,15 +446,24 @@ fn applied_entry(entry: &WorkloadEntry, api_version: &str) -> Result<Value> {
         ] {
             m.remove(f);
         }
-        // Owner references to Istio objects name the version the cluster serves.
         if let Some(owners) = m.get_mut("ownerReferences").and_then(Value::as_array_mut) {
             let prefix = format!("{}/", gangplank_api::istio::GROUP);
             for o in owners {
                 if o["apiVersion"].as_str().is_some_and(|a| a.starts_with(&prefix)) {
-                    o["apiVersion"] = json!(api_version);
+                    o["apiVersion"] = json!(istio_version);
                 }
             }
         }
+    }
+    Ok(v)
+}
+
+/// The entry as it is applied: served version, no server-set fields, no status (a
+/// subresource).
+fn applied_entry(entry: &WorkloadEntry, api_version: &str) -> Result<Value> {
+    let mut v = applied(entry, api_version, api_version)?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("status");
     }
     Ok(v)
 }
@@ -470,12 +490,7 @@ impl crate::Registry for Registry {
     }
 
     async fn entry(&self, key: &NamespacedName) -> Result<Option<WorkloadEntry>> {
-        let got = self
-            .entries_in(&key.namespace)
-            .get_opt(&key.name)
-            .await
-            .map_err(|e| api_error(e, WorkloadEntry::KIND, key, "reading"))?;
-        got.map(|o| decode(&o, WorkloadEntry::KIND, key)).transpose()
+        get_fresh(self.entries_in(&key.namespace), key).await
     }
 
     /// From the watch-backed cache: no API call.
@@ -538,15 +553,7 @@ impl crate::Registry for Registry {
     }
 
     async fn delete_entry(&self, key: &NamespacedName) -> Result<bool> {
-        match self
-            .entries_in(&key.namespace)
-            .delete(&key.name, &DeleteParams::background())
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-            Err(e) => Err(api_error(e, WorkloadEntry::KIND, key, "deleting")),
-        }
+        delete_from::<WorkloadEntry>(self.entries_in(&key.namespace), key).await
     }
 
     async fn create_join_token(&self, token: &JoinToken) -> Result<()> {
@@ -631,12 +638,7 @@ impl crate::Registry for Registry {
     }
 
     async fn binding(&self, key: &NamespacedName) -> Result<Option<WorkloadBinding>> {
-        let got = self
-            .bindings_in(&key.namespace)
-            .get_opt(&key.name)
-            .await
-            .map_err(|e| api_error(e, WorkloadBinding::KIND, key, "reading"))?;
-        got.map(|o| decode(&o, WorkloadBinding::KIND, key)).transpose()
+        get_fresh(self.bindings_in(&key.namespace), key).await
     }
 
     async fn bindings(&self) -> Result<Vec<WorkloadBinding>> {
@@ -657,21 +659,7 @@ impl crate::Registry for Registry {
 
     async fn apply_binding(&self, binding: &WorkloadBinding) -> Result<WorkloadBinding> {
         let key = binding.key();
-        let mut body = serde_json::to_value(binding)
-            .map_err(|e| Error::Backend(format!("encoding WorkloadBinding {key}: {e}")))?;
-        body["apiVersion"] = json!(WorkloadBinding::API_VERSION);
-        body["kind"] = json!(WorkloadBinding::KIND);
-        if let Some(m) = body["metadata"].as_object_mut() {
-            for f in [
-                "resourceVersion",
-                "uid",
-                "creationTimestamp",
-                "generation",
-                "managedFields",
-            ] {
-                m.remove(f);
-            }
-        }
+        let body = applied(binding, WorkloadBinding::API_VERSION, &self.entries.api_version)?;
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let stored = self
             .bindings_in(&key.namespace)
@@ -682,15 +670,7 @@ impl crate::Registry for Registry {
     }
 
     async fn delete_binding(&self, key: &NamespacedName) -> Result<bool> {
-        match self
-            .bindings_in(&key.namespace)
-            .delete(&key.name, &DeleteParams::background())
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-            Err(e) => Err(api_error(e, WorkloadBinding::KIND, key, "deleting")),
-        }
+        delete_from::<WorkloadBinding>(self.bindings_in(&key.namespace), key).await
     }
 
     fn entry_removals(&self) -> tokio::sync::broadcast::Receiver<NamespacedName> {

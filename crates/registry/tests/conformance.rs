@@ -277,15 +277,16 @@ async fn onboard(env: &Env) {
     let again = env.registry.apply_entry(&entry).await.expect("apply again");
     assert_eq!(again.metadata.uid, stored.metadata.uid);
     assert_eq!(again.spec, stored.spec);
-    let managed: Vec<_> = env
-        .registry
-        .managed_entries()
-        .await
-        .expect("managed")
-        .into_iter()
-        .filter(|e| e.metadata.namespace.as_deref() == Some(env.ns.as_str()))
-        .collect();
-    assert_eq!(managed.len(), 1);
+    // Managed entries come from a watch-backed cache, which follows the write.
+    eventually("the managed-entry cache holds exactly the one entry", || async {
+        let managed = env.registry.managed_entries().await.expect("managed");
+        managed
+            .iter()
+            .filter(|e| e.metadata.namespace.as_deref() == Some(env.ns.as_str()))
+            .count()
+            == 1
+    })
+    .await;
 
     // Reads of groups and policies come from the caches: no API writes, and on the stand-in
     // not even a request shows up as a write.

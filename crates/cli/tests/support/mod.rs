@@ -233,17 +233,7 @@ impl Mesh {
             .await
             .unwrap();
 
-        let ca = gangplank_tls::dev::Ca::generate("e2e").unwrap();
-        let leaf = ca
-            .issue(
-                &["localhost", "onboarding-endpoint.your-company.corp"],
-                &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-            )
-            .unwrap();
-        write(&root.join("tls/tls.crt"), &leaf.cert_pem);
-        write(&root.join("tls/tls.key"), &leaf.key_pem);
-        let ca_bundle = root.join("tls/ca.pem");
-        write(&ca_bundle, ca.cert_pem());
+        let ca_bundle = write_dev_tls(root, &["localhost", "onboarding-endpoint.your-company.corp"]);
         write(
             &root.join("mesh/root-cert.pem"),
             "-----BEGIN CERTIFICATE-----\nZmFrZS1tZXNoLXJvb3Q=\n-----END CERTIFICATE-----\n",
@@ -379,6 +369,18 @@ identities:
         let channel = gangplank_tls::channel("127.0.0.1", self.addr.port(), &options).unwrap();
         gangplank_api::proto::onboarding_client::OnboardingClient::new(channel)
     }
+}
+
+/// A dev CA and an endpoint certificate for `names` and 127.0.0.1 in `<root>/tls/`
+/// (`tls.crt`, `tls.key`, `ca.pem`); returns the CA bundle's path.
+pub fn write_dev_tls(root: &Path, names: &[&str]) -> PathBuf {
+    let ca = gangplank_tls::dev::Ca::generate("e2e").unwrap();
+    let leaf = ca.issue(names, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]).unwrap();
+    write(&root.join("tls/tls.crt"), &leaf.cert_pem);
+    write(&root.join("tls/tls.key"), &leaf.key_pem);
+    let ca_bundle = root.join("tls/ca.pem");
+    write(&ca_bundle, ca.cert_pem());
+    ca_bundle
 }
 
 /// Every file below `dir`, depth first.
