@@ -36,6 +36,8 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 pub const HEALTH_POLL: Duration = Duration::from_secs(1);
 /// How long Leave may take before the agent gives up on it.
 pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a shutdown waits for an onboarding in flight to finish.
+pub const ONBOARD_FINISH: Duration = Duration::from_secs(15);
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -272,25 +274,49 @@ impl Agent {
             version = gangplank_api::VERSION,
             "gangplank-agent starting"
         );
-        tokio::select! {
-            biased;
-            () = shutdown => {}
-            never = self.serve(&mut state) => match never {},
+        // A shutdown waits for an onboarding in flight (bounded): its entry is then known and
+        // left, and its registration saved, instead of an entry nobody can remove and a
+        // first-join credential spent for nothing.
+        let (stop, stopping) = watch::channel(false);
+        {
+            let serve = self.serve(&mut state, stopping);
+            tokio::pin!(serve);
+            tokio::select! {
+                biased;
+                () = shutdown => {
+                    let _ = stop.send(true);
+                    if tokio::time::timeout(ONBOARD_FINISH, &mut serve).await.is_err() {
+                        tracing::warn!(timeout = ?ONBOARD_FINISH, "the onboarding in flight did not finish; leaving without it");
+                    }
+                }
+                () = &mut serve => {}
+            }
         }
         self.leave(state).await
     }
 
-    async fn serve(&mut self, state: &mut State) -> std::convert::Infallible {
-        loop {
-            self.onboard(state).await;
-            self.sessions(state).await;
+    /// Onboards and keeps the session until `stopping` turns true; returns at a safe point
+    /// (never inside an Onboard call).
+    async fn serve(&mut self, state: &mut State, mut stopping: watch::Receiver<bool>) {
+        while !*stopping.borrow() {
+            self.onboard(state, &mut stopping).await;
+            if *stopping.borrow() {
+                return;
+            }
+            tokio::select! {
+                () = self.sessions(state) => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
         }
     }
 
-    /// Onboards, retrying until it succeeds.
-    async fn onboard(&mut self, state: &mut State) {
+    /// Onboards, retrying until it succeeds or the agent is stopping.
+    async fn onboard(&mut self, state: &mut State, stopping: &mut watch::Receiver<bool>) {
         let mut backoff = Backoff::new(self.settings.retry);
         loop {
+            if *stopping.borrow() {
+                return;
+            }
             match self.onboard_once(state).await {
                 Ok(()) => return,
                 Err(message) => {
@@ -309,7 +335,10 @@ impl Agent {
                     self.status.send_replace(Status::Onboarding {
                         last_error: Some(message),
                     });
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        _ = stopping.wait_for(|s| *s) => return,
+                    }
                 }
             }
         }

@@ -25,6 +25,7 @@ const SESSION: &str = "sess-1";
 #[derive(Debug, Clone, PartialEq)]
 enum Event {
     OnboardDenied,
+    OnboardInFlight,
     Onboarded(Instant),
     SessionRejected,
     SessionOpened,
@@ -39,6 +40,8 @@ struct Plan {
     deny_onboards: usize,
     reject_sessions: usize,
     leave_fails: bool,
+    /// How long each Onboard takes before it answers (the entry is made at its start).
+    onboard_delay: Duration,
 }
 
 struct Shared {
@@ -185,6 +188,11 @@ impl onboarding_server::Onboarding for Fake {
                     "no OnboardingPolicy in namespace bookinfo allows join token \"t1\"",
                 ));
             }
+        }
+        let delay = self.0.plan.lock().expect("lock").onboard_delay;
+        if !delay.is_zero() {
+            self.record(Event::OnboardInFlight);
+            tokio::time::sleep(delay).await;
         }
         let now = unix_now();
         self.record(Event::Onboarded(Instant::now()));
@@ -620,4 +628,30 @@ async fn shutdown_before_registration_leaves_nothing_behind() {
     assert!(s.fake.events().iter().all(|e| *e == Event::OnboardDenied));
     assert!(s.launcher.calls().is_empty());
     assert!(!s.files.token.exists());
+}
+
+/// A shutdown while the Onboard call is in flight waits for it, then leaves: the entry the
+/// endpoint made is removed, not left to the sweep with the credential spent.
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_an_onboarding_in_flight_finishes_it_then_leaves() {
+    let s = start(Plan {
+        onboard_delay: Duration::from_secs(2),
+        ..Plan::default()
+    })
+    .await;
+    s.fake
+        .wait_for("an onboarding in flight", |e| e.contains(&Event::OnboardInFlight))
+        .await;
+    s.stop.send(()).expect("agent running");
+    tokio::time::timeout(Duration::from_secs(60), s.run)
+        .await
+        .expect("agent exits")
+        .expect("agent task")
+        .expect("left cleanly");
+    let events = s.fake.events();
+    assert!(matches!(events.last(), Some(Event::Leave(_))), "{events:?}");
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Onboarded(_))),
+        "{events:?}"
+    );
 }
