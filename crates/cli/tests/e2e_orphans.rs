@@ -69,6 +69,13 @@ async fn a_restarted_agent_stops_the_sidecar_its_killed_predecessor_left() {
     let mut vm = Vm::start_sidecar(&mesh, "r", Credential::JoinToken(token), deaf);
     let first = sidecar_pid(&vm, None);
     let mut reap = Reap(vec![first]);
+    // The agent records the pid just after the spawn returns; the sidecar may write its own
+    // first. Kill the agent only once the record is there (what this test is about).
+    let recorded = until(WAIT, || {
+        vm.read("/var/run/gangplank/sidecar.pid")
+            .filter(|t| t.split_whitespace().next() == Some(first.to_string().as_str()))
+    });
+    assert!(recorded.is_some(), "the agent never recorded its sidecar's pid");
 
     vm.agent.signal("KILL");
     vm.agent.wait_exit(WAIT);
