@@ -352,7 +352,7 @@ async fn lifecycle(cluster: &Cluster, root: &Path) {
         .delete(&name, &DeleteParams::background())
         .await
         .unwrap();
-    vm.agent.wait_for("was deleted", WAIT);
+    vm.agent.wait_for("was deleted|no longer exists", WAIT);
     let back = gangplank_testkit::process::eventually(
         "the entry is back",
         WAIT,

@@ -188,7 +188,7 @@ async fn a_copied_key_cannot_join_while_the_original_is_connected_and_a_released
         "{}",
         text(&out.stdout)
     );
-    original.agent.wait_for("was deleted", WAIT);
+    original.agent.wait_for("was deleted|no longer exists", WAIT);
     original
         .agent
         .wait_for("stopping the sidecar: its WorkloadEntry was deleted", WAIT);
@@ -222,7 +222,7 @@ async fn an_entry_deleted_under_a_connected_agent_comes_back_while_policy_allows
             .await
             .unwrap()
     );
-    vm.agent.wait_for("was deleted", WAIT);
+    vm.agent.wait_for("was deleted|no longer exists", WAIT);
     vm.agent.wait_for("rejoining with this VM's bound key", WAIT);
     let back = until(WAIT, || {
         let files = mesh.entry_files();

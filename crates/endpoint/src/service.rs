@@ -26,6 +26,8 @@ use crate::plane::{Live, Plane, now_rfc3339, registry_status};
 
 /// Largest credential payload accepted (a JWT or a signed document is far smaller).
 const MAX_CREDENTIAL: usize = 64 * 1024;
+/// How long a stream told EntryRemoved stays open for the agent to read it and close.
+const REMOVED_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 /// Lifetime of an agent session token; the entry's session annotation is what really ends it.
 const SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
@@ -432,6 +434,13 @@ impl Onboarding for Service {
                             let _ = tx
                                 .send(Ok(message(endpoint_message::Kind::EntryRemoved(proto::EntryRemoved { reason }))))
                                 .await;
+                            // Keep reading until the agent, having read it, closes its side:
+                            // ending the stream at once could make the agent see a broken
+                            // stream before the message.
+                            let _ = tokio::time::timeout(REMOVED_LINGER, async {
+                                while let Some(Ok(_)) = inbound.next().await {}
+                            })
+                            .await;
                             return;
                         }
                         continue;

@@ -75,9 +75,18 @@ pub struct Registry {
 struct Removals {
     sender: tokio::sync::broadcast::Sender<NamespacedName>,
     scanning: std::sync::Once,
+    known: std::sync::Mutex<Known>,
+}
+
+/// What the removal scan compares against.
+#[derive(Debug, Default)]
+struct Known {
     /// The entries seen by the last scan, plus those present when a follower subscribed;
     /// `None` while nobody follows.
-    known: std::sync::Mutex<Option<std::collections::BTreeSet<NamespacedName>>>,
+    keys: Option<std::collections::BTreeSet<NamespacedName>>,
+    /// Entries a follower saw since the scan under way began: a scan that started before
+    /// they were (re)created must not forget them.
+    fresh: std::collections::BTreeSet<NamespacedName>,
 }
 
 impl Registry {
@@ -99,7 +108,7 @@ impl Registry {
             removals: Arc::new(Removals {
                 sender: tokio::sync::broadcast::channel(1024).0,
                 scanning: std::sync::Once::new(),
-                known: std::sync::Mutex::new(None),
+                known: std::sync::Mutex::new(Known::default()),
             }),
         })
     }
@@ -117,9 +126,13 @@ impl Registry {
                 let (Some(store), Some(removals)) = (store.upgrade(), removals.upgrade()) else {
                     return;
                 };
-                if removals.sender.receiver_count() == 0 {
-                    *removals.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    continue;
+                {
+                    let mut known = removals.known.lock().unwrap_or_else(|p| p.into_inner());
+                    known.fresh.clear();
+                    if removals.sender.receiver_count() == 0 {
+                        known.keys = None;
+                        continue;
+                    }
                 }
                 let scanned = tokio::task::spawn_blocking(move || store.entry_keys()).await;
                 let now = match scanned {
@@ -131,12 +144,15 @@ impl Registry {
                     Err(_) => continue,
                 };
                 let mut known = removals.known.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(before) = known.as_ref() {
-                    for gone in before.difference(&now) {
+                let fresh = std::mem::take(&mut known.fresh);
+                if let Some(before) = known.keys.as_ref() {
+                    for gone in before.difference(&now).filter(|k| !fresh.contains(k)) {
                         let _ = removals.sender.send(gone.clone());
                     }
                 }
-                *known = Some(now);
+                let mut keys = now;
+                keys.extend(fresh);
+                known.keys = Some(keys);
             }
         });
     }
@@ -340,7 +356,8 @@ impl crate::Registry for Registry {
             // subscribes is in the baseline, so its removal before the next scan is seen.
             if let Ok(now) = self.store.entry_keys() {
                 let mut known = self.removals.known.lock().unwrap_or_else(|p| p.into_inner());
-                known.get_or_insert_default().extend(now);
+                known.keys.get_or_insert_default().extend(now.iter().cloned());
+                known.fresh.extend(now);
             }
         }
         self.removals.scanning.call_once(|| self.scan_removals());

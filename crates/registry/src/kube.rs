@@ -24,7 +24,7 @@ use gangplank_api::names::label;
 use gangplank_api::policy::OnboardingPolicy;
 use gangplank_api::token::JoinToken;
 use gangplank_api::{NamespacedName, Resource};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -84,6 +84,7 @@ pub const API_CALLS: &[ApiCall] = &[
     call("networking.istio.io", "workloadentries/status", "patch"),
     call("onboarding.gangplank.dev", "workloadbindings", "get"),
     call("onboarding.gangplank.dev", "workloadbindings", "list"),
+    call("onboarding.gangplank.dev", "workloadbindings", "watch"),
     call("onboarding.gangplank.dev", "workloadbindings", "create"),
     call("onboarding.gangplank.dev", "workloadbindings", "patch"),
     call("onboarding.gangplank.dev", "workloadbindings", "delete"),
@@ -119,6 +120,8 @@ pub struct Registry {
     tokens: Store<DynamicObject>,
     /// The managed WorkloadEntries (label `app.kubernetes.io/managed-by=gangplank`).
     managed: Store<DynamicObject>,
+    /// Every WorkloadBinding, for the sweep (a rejoin reads its binding fresh).
+    bound: Store<DynamicObject>,
     removals: tokio::sync::broadcast::Sender<NamespacedName>,
     group_ar: ApiResource,
     token_ar: ApiResource,
@@ -180,6 +183,8 @@ impl Registry {
         let removals = tokio::sync::broadcast::channel(1024).0;
         let (managed, task) = managed_entries(&client, &entries, removals.clone());
         tasks.push(task);
+        let binding_ar = ours::<WorkloadBinding>();
+        let bound = cache(&client, &binding_ar, &mut tasks);
         let tasks = Arc::new(Tasks(tasks));
         let ready = async {
             for (store, what) in [
@@ -187,6 +192,7 @@ impl Registry {
                 (&policies, "OnboardingPolicies"),
                 (&tokens, "JoinTokens"),
                 (&managed, "WorkloadEntries"),
+                (&bound, "WorkloadBindings"),
             ] {
                 store
                     .wait_until_ready()
@@ -199,7 +205,7 @@ impl Registry {
             .await
             .map_err(|_| {
                 Error::Backend(format!(
-                    "listing WorkloadGroups, OnboardingPolicies, JoinTokens and WorkloadEntries did not finish within \
+                    "listing WorkloadGroups, OnboardingPolicies, JoinTokens, WorkloadEntries and WorkloadBindings did not finish within \
                      {:?}: check that Gangplank's CRDs are installed (gangplank install crds | kubectl \
                      apply -f -) and that the endpoint's RBAC allows list and watch on them",
                     options.cache_timeout
@@ -212,10 +218,11 @@ impl Registry {
             policies,
             tokens,
             managed,
+            bound,
             removals,
             group_ar,
             token_ar,
-            binding_ar: ours::<WorkloadBinding>(),
+            binding_ar,
             _tasks: tasks,
         })
     }
@@ -641,15 +648,11 @@ impl crate::Registry for Registry {
         get_fresh(self.bindings_in(&key.namespace), key).await
     }
 
+    /// From the watch-backed cache: no API call.
     async fn bindings(&self) -> Result<Vec<WorkloadBinding>> {
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &self.binding_ar);
-        let list = api.list(&ListParams::default()).await.map_err(|e| {
-            Error::Backend(format!(
-                "listing WorkloadBindings: {e}: check that Gangplank's CRDs are installed and the endpoint's RBAC allows list on workloadbindings"
-            ))
-        })?;
-        let mut out: Vec<WorkloadBinding> = list
-            .items
+        let mut out: Vec<WorkloadBinding> = self
+            .bound
+            .state()
             .iter()
             .map(|o| decode(o, WorkloadBinding::KIND, &key_of(o)))
             .collect::<Result<_>>()?;

@@ -129,7 +129,8 @@ pub trait Registry: Send + Sync + 'static {
 
     /// A VM's binding, or `None`. Always read fresh, so a release takes effect at once.
     async fn binding(&self, key: &NamespacedName) -> Result<Option<WorkloadBinding>>;
-    /// Every WorkloadBinding, in all namespaces.
+    /// Every WorkloadBinding, in all namespaces (on Kubernetes from a watch-backed cache,
+    /// which follows writes within moments).
     async fn bindings(&self) -> Result<Vec<WorkloadBinding>>;
     /// Creates or replaces the binding (spec and status) with this exact content; returns
     /// what was stored.

@@ -663,15 +663,17 @@ async fn bindings(env: &Env) {
     );
     let read = env.registry.binding(&key).await.expect("get").expect("found");
     assert_eq!(read.spec, binding.spec);
-    let listed: Vec<_> = env
-        .registry
-        .bindings()
-        .await
-        .expect("list")
-        .into_iter()
-        .filter(|b| b.metadata.namespace.as_deref() == Some(env.ns.as_str()))
-        .collect();
-    assert_eq!(listed.len(), 1);
+    eventually("the binding cache holds the binding", || async {
+        env.registry
+            .bindings()
+            .await
+            .expect("list")
+            .iter()
+            .filter(|b| b.metadata.namespace.as_deref() == Some(env.ns.as_str()))
+            .count()
+            == 1
+    })
+    .await;
     let mut gone = binding.clone();
     gone.status.entry_gone_since = "2026-01-02T00:00:00Z".into();
     let stamped = env.registry.apply_binding(&gone).await.expect("stamp");

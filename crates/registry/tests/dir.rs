@@ -668,3 +668,29 @@ impl<R: tokio::io::AsyncBufRead + Unpin> ReadyExt for R {
         }
     }
 }
+
+/// A follower hears of every removed entry, also one removed right after it subscribed and
+/// one re-created and removed again; nothing is told of entries that stay.
+#[tokio::test]
+async fn entry_removals_are_told_to_followers() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir::Registry::open(dir.path()).unwrap();
+    reg.apply_entry(&entry("bookinfo", "vm-1", true)).await.unwrap();
+    reg.apply_entry(&entry("bookinfo", "vm-2", true)).await.unwrap();
+    let key = NamespacedName::new("bookinfo", "vm-1");
+    for round in 0..3 {
+        let mut removals = reg.entry_removals();
+        // Removed at once after subscribing: no scan has run since.
+        assert!(reg.delete_entry(&key).await.unwrap(), "round {round}");
+        let told = tokio::time::timeout(std::time::Duration::from_secs(10), removals.recv())
+            .await
+            .expect("a removal within 10 s")
+            .expect("removals open");
+        assert_eq!(told, key, "round {round}");
+        reg.apply_entry(&entry("bookinfo", "vm-1", true)).await.unwrap();
+    }
+    // vm-2 never went: nothing more is told.
+    let mut removals = reg.entry_removals();
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(2500), removals.recv()).await;
+    assert!(quiet.is_err(), "told of an entry that stayed: {quiet:?}");
+}
