@@ -192,7 +192,13 @@ impl Service {
             {
                 tracing::warn!(entry = %key, %err, "could not undo the entry of a failed onboarding; the sweep removes it");
             }
-            if binding_created && let Err(err) = plane.registry.delete_binding(&key).await {
+            let undone = match (&existing_binding, binding_created) {
+                (_, true) => plane.registry.delete_binding(&key).await.map(drop),
+                // A rebinding to a new key is put back as it was.
+                (Some(old), false) if !rejoin => plane.registry.apply_binding(old).await.map(drop),
+                _ => Ok(()),
+            };
+            if let Err(err) = undone {
                 tracing::warn!(entry = %key, %err, "could not undo the binding of a failed onboarding");
             }
         };
