@@ -13,7 +13,6 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use gangplank_api::names::{annotation, entry_name, label};
 use gangplank_api::{NamespacedName, kind, proto};
-use openssl::pkey::{Id, PKey, Public};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -252,33 +251,29 @@ impl Verifier {
     }
 }
 
-/// Verifies `proof` over the challenge with `public_key` (SPKI DER, Ed25519).
-fn check_proof(public_key: &[u8], proof: &[u8], challenge: &Challenge) -> Result<PKey<Public>> {
+/// Verifies `proof` over the challenge with `public_key` (SPKI DER, Ed25519), as every
+/// agent key proof is checked ([`crate::bound`]).
+fn check_proof(public_key: &[u8], proof: &[u8], challenge: &Challenge) -> Result<()> {
+    use crate::bound::verify::{ed25519, signed};
     if public_key.is_empty() || proof.is_empty() {
         return Err(Error::rejected(
             crate::Refused::AwsKeyProof,
             "has no agent key proof: upgrade gangplank-agent (it signs the endpoint's nonce with its instance key)",
         ));
     }
-    let key = PKey::public_key_from_der(public_key)
-        .ok()
-        .filter(|k| k.id() == Id::ED25519)
-        .ok_or_else(|| {
-            Error::rejected(
-                crate::Refused::AwsKeyProof,
-                "carries an agent public key that is not an Ed25519 key",
-            )
-        })?;
-    let ok = openssl::sign::Verifier::new_without_digest(&key)
-        .and_then(|mut v| v.verify_oneshot(proof, &proof_message(challenge)))
-        .unwrap_or(false);
-    if !ok {
+    if ed25519(public_key).is_none() {
+        return Err(Error::rejected(
+            crate::Refused::AwsKeyProof,
+            "carries an agent public key that is not an Ed25519 key",
+        ));
+    }
+    if !signed(public_key, &proof_message(challenge), proof) {
         return Err(Error::rejected(
             crate::Refused::AwsKeyProof,
             "proof is not a signature of this challenge by the agent's key",
         ));
     }
-    Ok(key)
+    Ok(())
 }
 
 #[async_trait]
@@ -410,6 +405,7 @@ pub async fn release(store: &dyn Entries, instance_id: &str) -> Result<Vec<Names
 #[cfg(test)]
 mod tests {
     use super::*;
+    use openssl::pkey::{Id, PKey};
 
     /// A real document and RSA-2048 signature from an EC2 instance in ap-southeast-2 (see
     /// data/README.md), verified with the built-in certificate AWS publishes for that region.

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::{Challenge, Error, Result};
 
 #[cfg(feature = "verify")]
-mod verify;
+pub(crate) mod verify;
 #[cfg(feature = "verify")]
 pub use verify::{Verifier, check_first_join_proof};
 

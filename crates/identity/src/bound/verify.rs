@@ -21,13 +21,13 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
 ];
 
 /// The raw Ed25519 key inside `spki`, if it is one.
-fn ed25519(spki: &[u8]) -> Option<&[u8]> {
+pub(crate) fn ed25519(spki: &[u8]) -> Option<&[u8]> {
     spki.strip_prefix(&ED25519_SPKI_PREFIX[..])
         .filter(|k| k.len() == 32)
 }
 
-/// Whether `proof` is `spki`'s signature of `message`.
-fn signed(spki: &[u8], message: &[u8], proof: &[u8]) -> bool {
+/// Whether `proof` is `spki`'s (Ed25519) signature of `message`.
+pub(crate) fn signed(spki: &[u8], message: &[u8], proof: &[u8]) -> bool {
     ed25519(spki).is_some_and(|raw| {
         UnparsedPublicKey::new(&ED25519, raw)
             .verify(message, proof)
