@@ -169,8 +169,10 @@ pub struct Agent {
     status: watch::Sender<Status>,
     /// `files.stateDir`: the registration the VM's key is bound to.
     state_dir: std::path::PathBuf,
-    /// The VM's bound key.
+    /// Where the VM's bound key is.
     key_path: std::path::PathBuf,
+    /// The key, once loaded (or created) by the first onboarding attempt.
+    key: Option<Arc<gangplank_identity::bound::Key>>,
 }
 
 impl fmt::Debug for Agent {
@@ -238,6 +240,7 @@ impl Agent {
             status: watch::channel(Status::Onboarding { last_error: None }).0,
             state_dir: agent.files.state_dir.clone(),
             key_path: crate::state::key_path(agent),
+            key: None,
         }
     }
 
@@ -366,8 +369,14 @@ impl Agent {
             aws_sts_url: discovered.aws_sts_url,
         };
 
-        let key = gangplank_identity::bound::Key::load_or_create(&self.key_path)
-            .map_err(|e| format!("cannot load this VM's key: {e}"))?;
+        let key = match &self.key {
+            Some(key) => key.clone(),
+            None => {
+                let loaded = gangplank_identity::bound::Key::load_or_create(&self.key_path)
+                    .map_err(|e| format!("cannot load this VM's key: {e}"))?;
+                self.key.insert(Arc::new(loaded)).clone()
+            }
+        };
         let bound = crate::state::Registration::load(&self.state_dir).filter(|r| {
             let mine = r.is_for(group);
             if !mine {
