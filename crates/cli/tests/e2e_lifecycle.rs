@@ -352,20 +352,13 @@ async fn a_vm_gone_longer_than_the_grace_period_and_the_binding_retention_needs_
         files.is_empty().then_some(())
     });
     assert!(stamped.is_some(), "the entry outlived the grace period");
-    let mut expired = false;
-    for _ in 0..200 {
-        let now = bindings(&mesh).await;
-        if now.is_empty() {
-            expired = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        expired,
-        "the binding outlived the retention:\n{}",
-        mesh.endpoint.output()
-    );
+    gangplank_testkit::process::eventually(
+        "the binding goes after the retention",
+        WAIT,
+        Duration::from_millis(50),
+        || async { bindings(&mesh).await.is_empty() },
+    )
+    .await;
     wait_lines(&mesh.endpoint, "removed the binding of a VM gone longer", 1);
 
     // Back after that: the key is no longer bound and the spent token is refused.
@@ -387,20 +380,18 @@ async fn a_binding_is_stamped_when_its_entry_goes_and_unstamped_when_the_vm_rejo
     let mut vm = Vm::start(&mesh, "a", Credential::JoinToken(token.clone()));
     let entry = wait_onboarded(&mesh, &mut vm).await;
     vm.kill_agent();
-    let mut stamp = String::new();
-    for _ in 0..200 {
-        let b = bindings(&mesh).await;
-        if let Some(b) = b.first().filter(|b| !b.status.entry_gone_since.is_empty()) {
-            stamp = b.status.entry_gone_since.clone();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        !stamp.is_empty(),
-        "the binding was never stamped:\n{}",
-        mesh.endpoint.output()
-    );
+    gangplank_testkit::process::eventually(
+        "the binding is stamped when its entry goes",
+        WAIT,
+        Duration::from_millis(50),
+        || async {
+            bindings(&mesh)
+                .await
+                .first()
+                .is_some_and(|b| !b.status.entry_gone_since.is_empty())
+        },
+    )
+    .await;
     assert!(mesh.entries().await.is_empty());
 
     // A day's retention: the VM rejoins with its key, the same entry, the stamp cleared.

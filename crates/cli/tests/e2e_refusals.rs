@@ -52,14 +52,15 @@ fn snapshot(mesh: &Mesh) -> Vec<(std::path::PathBuf, Vec<u8>)> {
 }
 
 /// The endpoint's log line that carries `reference` (waiting, bounded, for it to be written).
-async fn logged_with(mesh: &Mesh, reference: &str) -> String {
-    for _ in 0..100 {
-        if let Some(line) = mesh.endpoint.output().lines().find(|l| l.contains(reference)) {
-            return line.to_owned();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no endpoint log line with reference {reference}");
+fn logged_with(mesh: &Mesh, reference: &str) -> String {
+    gangplank_testkit::process::until(WAIT, || {
+        mesh.endpoint
+            .output()
+            .lines()
+            .find(|l| l.contains(reference))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("no endpoint log line with reference {reference}"))
 }
 
 /// Marks every use of a join token as spent, as earlier onboardings would have.
@@ -351,7 +352,7 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
                 )
                 .or_default()
                 .push(case.what);
-            logged_with(&mesh, &reference).await
+            logged_with(&mesh, &reference)
         } else {
             status.message().to_owned()
         };

@@ -191,14 +191,7 @@ pub fn registry_status(err: gangplank_registry::Error) -> Status {
     match err {
         E::NotFound { .. } => Status::not_found(err.to_string()),
         E::Conflict { .. } => Status::aborted(format!("{err}; retry")),
-        E::TokenUnusable { .. } => {
-            let reference = crate::service::reference_id();
-            tracing::warn!(%reference, "credential refused: {err}");
-            Status::unauthenticated(format!(
-                "{} (reference {reference}; the endpoint's log says why)",
-                gangplank_identity::Refused::JoinToken.public_message()
-            ))
-        }
+        E::TokenUnusable { .. } => crate::service::refused(gangplank_identity::Refused::JoinToken, &err),
         // Which object or file is broken, and where, is for the endpoint's log only.
         E::Invalid { .. } => {
             let reference = crate::service::reference_id();

@@ -569,17 +569,20 @@ fn identity_status(err: gangplank_identity::Error) -> Status {
                  endpoint's operator must restore its access; the agent retries"
             ))
         }
-        E::Rejected { credential, reason } => {
-            // The precise reason (which check, which token id, which path) is for the
-            // endpoint's operator only: the caller is not authenticated yet.
-            let reference = reference_id();
-            tracing::warn!(%reference, credential = %credential, "credential refused: {credential} {reason}");
-            Status::unauthenticated(format!(
-                "{} (reference {reference}; the endpoint's log says why)",
-                credential.public_message()
-            ))
-        }
+        E::Rejected { credential, reason } => refused(credential, format!("{credential} {reason}")),
     }
+}
+
+/// An UNAUTHENTICATED refusal of `credential`: the caller is told its class and a reference;
+/// the precise reason (which check, which token id, which path) goes to the endpoint's log
+/// under that reference only, as the caller is not authenticated yet.
+pub fn refused(credential: gangplank_identity::Refused, reason: impl std::fmt::Display) -> Status {
+    let reference = reference_id();
+    tracing::warn!(%reference, credential = %credential, "credential refused: {reason}");
+    Status::unauthenticated(format!(
+        "{} (reference {reference}; the endpoint's log says why)",
+        credential.public_message()
+    ))
 }
 
 /// A short id that ties a refusal an agent saw to the endpoint's log line with the reason.

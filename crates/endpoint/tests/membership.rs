@@ -79,27 +79,29 @@ fn entry(name: &str, replica: &str, disconnected: bool) -> WorkloadEntry {
 /// API holds for each of `names`: the sweep reads the cache, which follows writes within
 /// moments.
 async fn settle(registry: &dyn Registry, names: &[&str]) {
-    for _ in 0..200 {
-        let cached = registry.managed_entries().await.unwrap();
-        let mut caught_up = cached.len() == names.len();
-        for name in names {
-            let fresh = registry
-                .entry(&NamespacedName::new("bookinfo", *name))
-                .await
-                .unwrap()
-                .map(|e| e.metadata.resource_version);
-            let seen = cached
-                .iter()
-                .find(|e| e.metadata.name.as_deref() == Some(*name))
-                .map(|e| e.metadata.resource_version.clone());
-            caught_up &= fresh == seen;
-        }
-        if caught_up {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    panic!("the entry cache did not catch up with {names:?} within 5 s");
+    gangplank_testkit::process::eventually(
+        "the entry cache catches up with the API",
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_millis(25),
+        || async {
+            let cached = registry.managed_entries().await.unwrap();
+            let mut caught_up = cached.len() == names.len();
+            for name in names {
+                let fresh = registry
+                    .entry(&NamespacedName::new("bookinfo", *name))
+                    .await
+                    .unwrap()
+                    .map(|e| e.metadata.resource_version);
+                let seen = cached
+                    .iter()
+                    .find(|e| e.metadata.name.as_deref() == Some(*name))
+                    .map(|e| e.metadata.resource_version.clone());
+                caught_up &= fresh == seen;
+            }
+            caught_up
+        },
+    )
+    .await;
 }
 
 async fn disconnected(registry: &dyn Registry, name: &str) -> bool {

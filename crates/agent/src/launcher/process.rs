@@ -405,6 +405,8 @@ mod tests {
         l.stop().await.expect("stop");
         let after_stop = count();
         assert_eq!(l.health(), Health::Stopped);
+        // An absence has no event to wait for: a deliberate window longer than the
+        // supervisor's restart delay, in which no run may be added.
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(count(), after_stop, "no restarts after stop");
     }
