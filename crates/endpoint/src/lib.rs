@@ -1,6 +1,7 @@
 //! gangplank-endpoint: verifies VM credentials, authorises them against OnboardingPolicy,
 //! registers WorkloadEntries and serves the sidecar's boot files.
 //!
+//! - [`alloc`]: the allocation-counting allocator of the `gangplank-endpoint` binary;
 //! - [`cluster`]: boot inputs from a Kubernetes cluster (TokenRequest, Istio's ConfigMaps);
 //! - [`config`]: the configuration file (parse, then validate into typed choices);
 //! - [`error`]: why the endpoint cannot start;
@@ -13,6 +14,7 @@
 //! - [`server`]: listeners, TLS and a drained shutdown;
 //! - [`metrics`]: Prometheus metrics.
 
+pub mod alloc;
 pub mod cluster;
 pub mod config;
 pub mod error;

@@ -8,6 +8,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static ALLOCATOR: gangplank_endpoint::alloc::Counting = gangplank_endpoint::alloc::Counting;
+
 /// The Gangplank onboarding endpoint.
 #[derive(Debug, Parser)]
 #[command(name = "gangplank-endpoint", version, about)]

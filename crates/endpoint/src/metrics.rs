@@ -25,6 +25,8 @@ pub struct Metrics {
     pub sessions: Gauge,
     /// Sidecar tokens renewed.
     pub renewals: Counter,
+    /// Heap allocations of the process (read from [`crate::alloc`] at each scrape).
+    heap_allocations: Counter,
 }
 
 impl Metrics {
@@ -46,6 +48,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Brings the metrics read from elsewhere up to date (before a scrape).
+    pub fn refresh(&self) {
+        self.heap_allocations
+            .inner()
+            .store(crate::alloc::allocations(), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Registers every metric under `gangplank_endpoint_`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("gangplank_endpoint");
@@ -65,5 +74,10 @@ impl Metrics {
             self.sessions.clone(),
         );
         r.register("token_renewals", "Sidecar tokens renewed", self.renewals.clone());
+        r.register(
+            "heap_allocations",
+            "Heap allocations since start (0 unless the binary counts them)",
+            self.heap_allocations.clone(),
+        );
     }
 }

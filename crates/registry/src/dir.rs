@@ -89,6 +89,33 @@ struct Known {
     fresh: std::collections::BTreeSet<NamespacedName>,
 }
 
+impl Removals {
+    /// A follower read `key`: it is in the baseline the scan compares against.
+    fn saw(&self, key: &NamespacedName) {
+        if self.sender.receiver_count() == 0 {
+            return;
+        }
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known.keys.get_or_insert_default().insert(key.clone());
+        known.fresh.insert(key.clone());
+    }
+
+    /// This process removed `key`: followers are told now, not at the next scan.
+    fn removed(&self, key: &NamespacedName) {
+        if self.sender.receiver_count() == 0 {
+            return;
+        }
+        {
+            let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(keys) = known.keys.as_mut() {
+                keys.remove(key);
+            }
+            known.fresh.remove(key);
+        }
+        let _ = self.sender.send(key.clone());
+    }
+}
+
 impl Registry {
     /// Opens the registry in `root`, creating the folder if needed.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
@@ -100,7 +127,10 @@ impl Registry {
             ),
             source,
         })?;
-        let store = Store { root };
+        let store = Store {
+            root,
+            writers: std::sync::Mutex::new(()),
+        };
         // Fail now, not on the first write, if the lock cannot be taken.
         drop(store.lock()?);
         Ok(Self {
@@ -121,6 +151,10 @@ impl Registry {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(REMOVAL_POLL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The entry folders' modification times at the last full scan: while they stay
+            // the same, nothing was created, renamed or removed there, and the scan (a
+            // listing of every entry file, each second) is skipped.
+            let mut unchanged_since: Option<Vec<(String, std::time::SystemTime)>> = None;
             loop {
                 tick.tick().await;
                 let (Some(store), Some(removals)) = (store.upgrade(), removals.upgrade()) else {
@@ -131,12 +165,31 @@ impl Registry {
                     known.fresh.clear();
                     if removals.sender.receiver_count() == 0 {
                         known.keys = None;
+                        unchanged_since = None;
                         continue;
                     }
+                    if known.keys.is_none() {
+                        unchanged_since = None;
+                    }
                 }
-                let scanned = tokio::task::spawn_blocking(move || store.entry_keys()).await;
+                let previous = unchanged_since.take();
+                let scanned = tokio::task::spawn_blocking(move || {
+                    let stamp = store.entry_folder_stamps();
+                    if stamp.is_some() && stamp == previous {
+                        return Ok((stamp, None));
+                    }
+                    store.entry_keys().map(|keys| (stamp, Some(keys)))
+                })
+                .await;
                 let now = match scanned {
-                    Ok(Ok(now)) => now,
+                    Ok(Ok((stamp, None))) => {
+                        unchanged_since = stamp;
+                        continue;
+                    }
+                    Ok(Ok((stamp, Some(now)))) => {
+                        unchanged_since = stamp;
+                        now
+                    }
                     Ok(Err(err)) => {
                         tracing::warn!(%err, "scanning the registry folder for removed entries failed; retrying");
                         continue;
@@ -229,7 +282,11 @@ impl crate::Registry for Registry {
     }
 
     async fn entry(&self, key: &NamespacedName) -> Result<Option<WorkloadEntry>> {
-        self.get(key).await
+        let entry = self.get(key).await?;
+        if entry.is_some() {
+            self.removals.saw(key);
+        }
+        Ok(entry)
     }
 
     async fn managed_entries(&self) -> Result<Vec<WorkloadEntry>> {
@@ -294,7 +351,11 @@ impl crate::Registry for Registry {
     }
 
     async fn delete_entry(&self, key: &NamespacedName) -> Result<bool> {
-        self.delete::<WorkloadEntry>(key).await
+        let deleted = self.delete::<WorkloadEntry>(key).await?;
+        if deleted {
+            self.removals.removed(key);
+        }
+        Ok(deleted)
     }
 
     async fn create_join_token(&self, token: &JoinToken) -> Result<()> {
@@ -349,17 +410,13 @@ impl crate::Registry for Registry {
         self.delete::<WorkloadBinding>(key).await
     }
 
+    /// Removals by this process are told at once; those by others (an admin's `rm`,
+    /// `gangplank instance release`) by the folder scan, for every entry a follower read after
+    /// subscribing (a session reads its own entry right after it subscribes) or that a scan
+    /// saw. Subscribing costs no listing: with thousands of sessions, a listing per
+    /// subscription made onboarding quadratic.
     fn entry_removals(&self) -> tokio::sync::broadcast::Receiver<NamespacedName> {
         let receiver = self.removals.sender.subscribe();
-        {
-            // One listing of folder names, taken now: whatever exists when a follower
-            // subscribes is in the baseline, so its removal before the next scan is seen.
-            if let Ok(now) = self.store.entry_keys() {
-                let mut known = self.removals.known.lock().unwrap_or_else(|p| p.into_inner());
-                known.keys.get_or_insert_default().extend(now.iter().cloned());
-                known.fresh.extend(now);
-            }
-        }
         self.removals.scanning.call_once(|| self.scan_removals());
         receiver
     }
@@ -369,11 +426,30 @@ impl crate::Registry for Registry {
 #[derive(Debug)]
 struct Store {
     root: PathBuf,
+    /// Writers of this process queue here before taking the folder's `flock`: only one of
+    /// them waits on the file lock at a time. (Hundreds of blocking threads waiting on one
+    /// `flock` are all woken at every unlock; at a thousand onboardings at once that
+    /// thundering herd was a third of the endpoint's CPU.)
+    writers: std::sync::Mutex<()>,
+}
+
+/// The folder-wide write lock: this process's queue, then the `flock` other processes see.
+struct Locked<'a> {
+    _file: Flock<File>,
+    _queue: std::sync::MutexGuard<'a, ()>,
 }
 
 impl Store {
     /// Takes the folder-wide exclusive lock; released when the guard is dropped.
-    fn lock(&self) -> Result<Flock<File>> {
+    fn lock(&self) -> Result<Locked<'_>> {
+        let queue = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Locked {
+            _file: self.flock()?,
+            _queue: queue,
+        })
+    }
+
+    fn flock(&self) -> Result<Flock<File>> {
         let path = self.root.join(LOCK_FILE);
         let file = OpenOptions::new()
             .write(true)
@@ -427,6 +503,40 @@ impl Store {
     /// The keys of every managed WorkloadEntry in the folder (reading only the files whose
     /// name is not the object's name, and skipping unreadable ones: this is a change
     /// detector, not a listing).
+    /// The modification time of every namespace's entry folder (and of the root, where
+    /// namespaces appear), taken before a scan; `None` when a time is too recent to trust
+    /// (file times are coarse: a change within the same clock tick could leave a time
+    /// unchanged) or cannot be read. Equal stamps mean no entry file came or went.
+    fn entry_folder_stamps(&self) -> Option<Vec<(String, std::time::SystemTime)>> {
+        let now = std::time::SystemTime::now();
+        let settled = |t: std::time::SystemTime| {
+            now.duration_since(t)
+                .is_ok_and(|age| age > std::time::Duration::from_millis(100))
+        };
+        let mut stamps = Vec::new();
+        let root = fs::metadata(&self.root).and_then(|m| m.modified()).ok()?;
+        if !settled(root) {
+            return None;
+        }
+        stamps.push((String::new(), root));
+        for ns in read_dir(&self.root).ok()? {
+            if !is_dns1123_label(&ns) {
+                continue;
+            }
+            let Ok(dir) = self.dir::<WorkloadEntry>(&ns) else {
+                continue;
+            };
+            match fs::metadata(&dir).and_then(|m| m.modified()) {
+                Ok(t) if settled(t) => stamps.push((ns, t)),
+                Ok(_) => return None,
+                // No entry folder (yet): its creation changes the namespace folder, not the
+                // root; stamp it as absent.
+                Err(_) => stamps.push((ns, std::time::UNIX_EPOCH)),
+            }
+        }
+        Some(stamps)
+    }
+
     fn entry_keys(&self) -> Result<std::collections::BTreeSet<NamespacedName>> {
         let mut keys = std::collections::BTreeSet::new();
         for ns in read_dir(&self.root)? {
