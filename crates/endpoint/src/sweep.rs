@@ -53,7 +53,7 @@ pub async fn once(
     let grace = plane.config.file.workloads.grace_period;
     let now = time::OffsetDateTime::now_utc();
     let entries = plane.registry.managed_entries().await?;
-    let live: Vec<NamespacedName> = plane
+    let live: std::collections::HashSet<NamespacedName> = plane
         .live
         .lock()
         .map(|l| l.keys().cloned().collect())
