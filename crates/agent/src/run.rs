@@ -196,6 +196,10 @@ struct State {
     /// The entry was deleted under the running sidecar: if onboarding again fails, the
     /// sidecar is stopped (it would serve the mesh with no WorkloadEntry).
     entry_removed: bool,
+    /// The session was just issued, on the connection the channel still has: its first
+    /// stream needs no proof. Any later use may be on a new connection, and proves the
+    /// bound key (the endpoint binds a session to the connection it was issued on).
+    session_fresh: bool,
 }
 
 /// How a Session stream ended.
@@ -465,6 +469,7 @@ impl Agent {
 
         // Registered: from here on, shutdown deregisters even if the files fail below.
         state.session = Some(Session(registration.session));
+        state.session_fresh = true;
         state.renew_at = self.renewal(response.token_issued_at, response.token_expires_at);
         self.status.send_replace(Status::Registered {
             entry,
@@ -575,8 +580,16 @@ impl Agent {
             return SessionEnd::Reonboard("no session".to_owned());
         };
         let mut client = OnboardingClient::new(self.channel.clone());
+        let proof = if std::mem::take(&mut state.session_fresh) {
+            None
+        } else {
+            match self.session_proof(&session).await {
+                Ok(p) => p,
+                Err(why) => return SessionEnd::Broken(why),
+            }
+        };
         let (tx, rx) = mpsc::channel::<proto::AgentMessage>(16);
-        let request = match authorized(ReceiverStream::new(rx), &session) {
+        let request = match authorized(ReceiverStream::new(rx), &session, proof.as_ref()) {
             Ok(r) => r,
             Err(why) => return SessionEnd::Reonboard(why),
         };
@@ -667,6 +680,27 @@ impl Agent {
         }
     }
 
+    /// The bound key's proof that lets `session` be used on whatever connection the channel
+    /// has now: a nonce from Discover on it, signed with the session. `None` without a key.
+    async fn session_proof(&self, session: &Session) -> std::result::Result<Option<SessionProof>, String> {
+        let Some(key) = &self.key else { return Ok(None) };
+        let discovered = OnboardingClient::new(self.channel.clone())
+            .discover(proto::DiscoverRequest {})
+            .await
+            .map_err(|s| format!("cannot reach the onboarding endpoint: {}", describe(&s)))?
+            .into_inner();
+        let challenge = Challenge {
+            plane_id: discovered.plane_id,
+            nonce: discovered.nonce,
+            aws_sts_url: String::new(),
+        };
+        let proof = key.prove_session(&challenge, &session.0);
+        Ok(Some(SessionProof {
+            nonce: challenge.nonce,
+            proof,
+        }))
+    }
+
     async fn token_renewed(&mut self, state: &mut State, renewed: proto::TokenRenewed) {
         let Some(token) = renewed.token else {
             tracing::warn!("the endpoint sent TokenRenewed without a token; asking again later");
@@ -691,8 +725,10 @@ impl Agent {
         let mut failure = None;
         if let Some(session) = &state.session {
             tracing::info!("deregistering from the mesh");
+            // The channel may have reconnected since the session was issued.
+            let proof = self.session_proof(session).await.unwrap_or(None);
             let mut client = OnboardingClient::new(self.channel.clone());
-            match authorized(proto::LeaveRequest {}, session) {
+            match authorized(proto::LeaveRequest {}, session, proof.as_ref()) {
                 Err(why) => failure = Some(why),
                 Ok(request) => match tokio::time::timeout(LEAVE_TIMEOUT, client.leave(request)).await {
                     Ok(Ok(response)) => {
@@ -747,11 +783,34 @@ async fn send(
         .map_err(|_| ())
 }
 
-fn authorized<T>(message: T, session: &Session) -> std::result::Result<tonic::Request<T>, String> {
+/// A nonce and the bound key's signature of it with the session.
+struct SessionProof {
+    nonce: String,
+    proof: String,
+}
+
+fn authorized<T>(
+    message: T,
+    session: &Session,
+    proof: Option<&SessionProof>,
+) -> std::result::Result<tonic::Request<T>, String> {
+    use gangplank_identity::bound::{SESSION_NONCE_HEADER, SESSION_PROOF_HEADER};
+    let header = |text: String| {
+        tonic::metadata::MetadataValue::try_from(text)
+            .map_err(|_| "the endpoint's session or nonce is not a valid header value".to_owned())
+    };
     let mut request = tonic::Request::new(message);
-    let value = tonic::metadata::MetadataValue::try_from(format!("Bearer {}", session.0))
-        .map_err(|_| "the endpoint's session is not a valid header value".to_owned())?;
-    request.metadata_mut().insert("authorization", value);
+    request
+        .metadata_mut()
+        .insert("authorization", header(format!("Bearer {}", session.0))?);
+    if let Some(p) = proof {
+        request
+            .metadata_mut()
+            .insert(SESSION_NONCE_HEADER, header(p.nonce.clone())?);
+        request
+            .metadata_mut()
+            .insert(SESSION_PROOF_HEADER, header(p.proof.clone())?);
+    }
     Ok(request)
 }
 
@@ -838,7 +897,7 @@ mod tests {
     fn session_is_never_printed() {
         let s = Session("secret-session-token".into());
         assert!(!format!("{s:?}").contains("secret"));
-        let request = authorized((), &s).expect("header");
+        let request = authorized((), &s, None).expect("header");
         assert_eq!(
             request
                 .metadata()
@@ -846,7 +905,7 @@ mod tests {
                 .and_then(|v| v.to_str().ok()),
             Some("Bearer secret-session-token")
         );
-        assert!(authorized((), &Session("bad\nvalue".into())).is_err());
+        assert!(authorized((), &Session("bad\nvalue".into()), None).is_err());
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The endpoint's signing keys and what it signs with them.
 //!
-//! One ES256 key, kept in the state dir (so restarts and replicas sharing the dir agree),
-//! signs two kinds of JWT with different audiences:
-//! - **sidecar tokens** (`istio-token`): a Kubernetes-style service-account token with
-//!   audience `istio-ca`, which istiod is told to trust through its JWKS (served at
-//!   `/.well-known/openid-configuration` and `/openid/v1/jwks`);
-//! - **sessions**: the bearer an agent presents on `Session` and `Leave`.
+//! Two keys, kept in the state dir (so restarts and replicas sharing the dir agree):
+//! - one ES256 key signs **sidecar tokens** (`istio-token`): a Kubernetes-style
+//!   service-account token with audience `istio-ca`, which istiod is told to trust through
+//!   its JWKS (served at `/.well-known/openid-configuration` and `/openid/v1/jwks`);
+//! - the nonce key (and a MAC key derived from it) MACs **nonces** and **sessions** (HS256
+//!   JWTs: the bearer an agent presents on `Session` and `Leave`, checked by the replicas
+//!   alone).
 //!
 //! Nonces are random bytes, an expiry and the issuing process's id, MAC'd with a key from
 //! the state dir; the issuing process remembers the ones presented, so each is accepted once
@@ -53,7 +54,6 @@ pub enum Error {
 /// The endpoint's keys.
 pub struct Keys {
     encoding: EncodingKey,
-    decoding: DecodingKey,
     kid: String,
     x: String,
     y: String,
@@ -63,8 +63,22 @@ pub struct Keys {
     /// remembers the ones presented, so each is accepted once across every replica and
     /// restart.
     instance: [u8; 8],
-    /// Nonces already presented, with their expiry.
-    used_nonces: std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>>,
+    /// Nonces already presented.
+    used_nonces: std::sync::Mutex<UsedNonces>,
+    /// Signs and checks session tokens (HS256): only the endpoint's replicas, which share
+    /// the nonce key, ever check a session, so a MAC does what a signature would at a
+    /// fiftieth of the cost (an ES256 signature and two verifications were a third of an
+    /// onboarding's cryptography).
+    session_encoding: EncodingKey,
+    session_decoding: DecodingKey,
+}
+
+/// Nonces already presented, with their expiry; the expired ones are dropped at most once a
+/// second, not at every check (with thousands in flight that scan was per onboarding).
+#[derive(Default)]
+struct UsedNonces {
+    seen: std::collections::HashMap<Vec<u8>, i64>,
+    pruned_at: i64,
 }
 
 impl fmt::Debug for Keys {
@@ -109,6 +123,10 @@ pub struct Session {
     pub iat: i64,
     /// Expiry.
     pub exp: i64,
+    /// The TLS connection the session was issued on ([`crate::server::Connection`]): the
+    /// session works on it alone, or elsewhere with a proof by the VM's bound key.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cnx: String,
 }
 
 #[derive(Serialize)]
@@ -176,12 +194,14 @@ impl Keys {
         let (x, y) = (B64.encode(&raw[1..33]), B64.encode(&raw[33..65]));
         let kid = B64.encode(&Sha256::digest(raw)[..12]);
         let encoding = EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| Error::Key(e.to_string()))?;
-        let decoding = DecodingKey::from_ec_components(&x, &y).map_err(|e| Error::Key(e.to_string()))?;
         let nonce_secret = load_or_create(&state_dir.join("nonce-key"), || Ok(random(32)))?;
         let nonce_key = hmac::Key::new(hmac::HMAC_SHA256, &nonce_secret);
+        let session_secret = Sha256::new()
+            .chain_update(b"gangplank session key v1\0")
+            .chain_update(&nonce_secret)
+            .finalize();
         Ok(Self {
             encoding,
-            decoding,
             kid,
             x,
             y,
@@ -191,6 +211,8 @@ impl Keys {
                 .try_into()
                 .map_err(|_| Error::Key("random instance id".into()))?,
             used_nonces: Default::default(),
+            session_encoding: EncodingKey::from_secret(&session_secret),
+            session_decoding: DecodingKey::from_secret(&session_secret),
         })
     }
 
@@ -263,8 +285,15 @@ impl Keys {
         })
     }
 
-    /// A session token for the entry `sub` (`namespace/name`), identified by `jti`.
-    pub fn session(&self, sub: &str, jti: &str, lifetime: Duration) -> Result<String, Error> {
+    /// A session token for the entry `sub` (`namespace/name`), identified by `jti`, issued on
+    /// `connection`.
+    pub fn session(
+        &self,
+        sub: &str,
+        jti: &str,
+        connection: &str,
+        lifetime: Duration,
+    ) -> Result<String, Error> {
         let iat = now();
         let claims = Session {
             sub: sub.into(),
@@ -272,17 +301,19 @@ impl Keys {
             aud: SESSION_AUDIENCE.into(),
             iat,
             exp: iat + lifetime.as_secs() as i64,
+            cnx: connection.into(),
         };
-        jsonwebtoken::encode(&self.header(), &claims, &self.encoding).map_err(|e| Error::Key(e.to_string()))
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.session_encoding)
+            .map_err(|e| Error::Key(e.to_string()))
     }
 
     /// Verifies a session token.
     pub fn verify_session(&self, token: &str) -> Result<Session, Error> {
-        let mut v = Validation::new(Algorithm::ES256);
+        let mut v = Validation::new(Algorithm::HS256);
         v.set_audience(&[SESSION_AUDIENCE]);
         v.set_required_spec_claims(&["exp", "aud", "sub"]);
         v.leeway = 30;
-        jsonwebtoken::decode::<Session>(token, &self.decoding, &v)
+        jsonwebtoken::decode::<Session>(token, &self.session_decoding, &v)
             .map(|d| d.claims)
             .map_err(|e| Error::Invalid(format!("session token is not valid ({e}): onboard again")))
     }
@@ -332,8 +363,11 @@ impl Keys {
             ));
         }
         let mut used = self.used_nonces.lock().unwrap_or_else(|p| p.into_inner());
-        used.retain(|_, exp| *exp >= now);
-        if used.insert(body[..16].to_vec(), expires).is_some() {
+        if used.pruned_at != now {
+            used.seen.retain(|_, exp| *exp >= now);
+            used.pruned_at = now;
+        }
+        if used.seen.insert(body[..16].to_vec(), expires).is_some() {
             return Err(Error::Invalid(
                 "nonce was already used: call Discover for a new one for every onboarding".into(),
             ));
@@ -380,7 +414,9 @@ mod tests {
     #[test]
     fn keys_survive_a_restart() {
         let (dir, keys) = keys();
-        let session = keys.session("bookinfo/x", "j1", Duration::from_secs(60)).unwrap();
+        let session = keys
+            .session("bookinfo/x", "j1", "c1", Duration::from_secs(60))
+            .unwrap();
         let nonce = keys.nonce();
         let again = Keys::load(dir.path(), "https://endpoint.test:15443").unwrap();
         assert_eq!(again.verify_session(&session).unwrap().sub, "bookinfo/x");
@@ -412,10 +448,10 @@ mod tests {
         );
         assert!(keys.check_nonce("garbage").is_err());
         let forged = other
-            .session("bookinfo/x", "j1", Duration::from_secs(60))
+            .session("bookinfo/x", "j1", "c1", Duration::from_secs(60))
             .unwrap();
         assert!(keys.verify_session(&forged).is_err());
-        let expired = keys.session("bookinfo/x", "j1", Duration::ZERO).unwrap();
+        let expired = keys.session("bookinfo/x", "j1", "c1", Duration::ZERO).unwrap();
         // Expired beyond the leeway: re-sign with a past expiry.
         let past = Session {
             sub: "bookinfo/x".into(),

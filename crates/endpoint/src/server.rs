@@ -30,6 +30,49 @@ use crate::error::{Error, Result};
 use crate::plane::Plane;
 use crate::service::Service;
 
+/// The TLS connection a request came on, put in every request's extensions: a session is
+/// bound to the connection it was issued on (a copied session token is useless elsewhere
+/// without the VM's bound key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connection(u64);
+
+impl Connection {
+    /// A new connection's id: random, so ids never repeat across replicas or restarts.
+    fn new() -> Self {
+        Self(rand::random())
+    }
+
+    /// The id as the session token records it.
+    pub fn id(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+/// The router for one connection: every request carries the [`Connection`].
+#[derive(Clone)]
+struct OnConnection {
+    router: axum::Router,
+    connection: Connection,
+}
+
+impl<B> tower::Service<http::Request<B>> for OnConnection
+where
+    axum::Router: tower::Service<http::Request<B>>,
+{
+    type Response = <axum::Router as tower::Service<http::Request<B>>>::Response;
+    type Error = <axum::Router as tower::Service<http::Request<B>>>::Error;
+    type Future = <axum::Router as tower::Service<http::Request<B>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<http::Request<B>>::poll_ready(&mut self.router, cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.connection);
+        self.router.call(request)
+    }
+}
+
 /// Largest request the gRPC service decodes.
 const MAX_MESSAGE: usize = 256 * 1024;
 /// How long a shutdown waits for agent streams, in-flight calls and the sweep to finish
@@ -243,8 +286,12 @@ async fn serve_tls(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+            let service = OnConnection {
+                router,
+                connection: Connection::new(),
+            };
             let conn =
-                builder.serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(router));
+                builder.serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(service));
             tokio::select! {
                 result = watcher.watch(conn.into_owned()) => {
                     if let Err(err) = result {
@@ -265,6 +312,7 @@ async fn serve_monitoring(listener: TcpListener, plane: Arc<Plane>) {
     let mut registry = prometheus_client::registry::Registry::default();
     plane.metrics.register(&mut registry);
     let registry = Arc::new(registry);
+    let metrics = plane.clone();
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ok\n" }))
@@ -272,6 +320,7 @@ async fn serve_monitoring(listener: TcpListener, plane: Arc<Plane>) {
             "/metrics",
             get(move || {
                 let registry = registry.clone();
+                metrics.metrics.refresh();
                 async move {
                     let mut out = String::new();
                     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::keys::{Keys, NONCE_TTL};
 use crate::plane::{Live, Plane, now_rfc3339, registry_status};
+use crate::server::Connection;
 
 /// Largest credential payload accepted (a JWT or a signed document is far smaller).
 const MAX_CREDENTIAL: usize = 64 * 1024;
@@ -67,6 +68,11 @@ impl Service {
             .sub
             .parse()
             .map_err(|_| Status::unauthenticated("session names no WorkloadEntry: onboard again"))?;
+        // (A service embedded without the TLS server sees no connections, and binds to none.)
+        let here = request.extensions().get::<Connection>().map(Connection::id);
+        if here.unwrap_or_default() != session.cnx {
+            self.check_moved_session(request, &key, header).await?;
+        }
         let entry = self.plane.registry.entry(&key).await.map_err(registry_status)?.ok_or_else(|| {
             Status::not_found(format!("WorkloadEntry {key} no longer exists (removed after a disconnect or by an admin): onboard again"))
         })?;
@@ -83,7 +89,62 @@ impl Service {
         Ok((key, entry))
     }
 
-    async fn onboard_inner(&self, req: proto::OnboardRequest) -> Result<proto::OnboardResponse, Status> {
+    /// Lets a session be used on a connection other than the one it was issued on (the
+    /// agent reconnected, or reached another replica) only with a proof by the VM's bound
+    /// key over a fresh nonce of this replica: a copied session token alone opens no stream
+    /// and deregisters nothing.
+    async fn check_moved_session<T>(
+        &self,
+        request: &Request<T>,
+        key: &NamespacedName,
+        session: &str,
+    ) -> Result<(), Status> {
+        use gangplank_identity::bound::{SESSION_NONCE_HEADER, SESSION_PROOF_HEADER};
+        let refuse = |why: &str| {
+            let reference = reference_id();
+            tracing::warn!(%reference, entry = %key, "session refused on a new connection: {why}");
+            Status::unauthenticated(format!(
+                "this session was issued on another connection; on a new one it needs a proof by the VM's bound key (reference {reference}): onboard again"
+            ))
+        };
+        let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok());
+        let (Some(nonce), Some(proof)) = (header(SESSION_NONCE_HEADER), header(SESSION_PROOF_HEADER)) else {
+            return Err(refuse("no bound-key proof"));
+        };
+        self.plane
+            .keys
+            .check_nonce(nonce)
+            .map_err(|e| refuse(&e.to_string()))?;
+        let binding = self
+            .plane
+            .registry
+            .binding(key)
+            .await
+            .map_err(registry_status)?
+            .ok_or_else(|| refuse("the entry has no bound key"))?;
+        let challenge = Challenge {
+            plane_id: self.plane.config.file.plane_id.clone(),
+            nonce: nonce.to_owned(),
+            ..Default::default()
+        };
+        if !gangplank_identity::bound::check_session_proof(
+            &binding.spec.public_key,
+            &challenge,
+            session,
+            proof,
+        ) {
+            return Err(refuse(
+                "the proof is not the bound key's signature of this session and nonce",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn onboard_inner(
+        &self,
+        req: proto::OnboardRequest,
+        connection: Option<Connection>,
+    ) -> Result<proto::OnboardResponse, Status> {
         let plane = &self.plane;
         let group_ref = req.workload_group.ok_or_else(|| {
             Status::invalid_argument(
@@ -224,7 +285,12 @@ impl Service {
         }
         let session = plane
             .keys
-            .session(&key.to_string(), &session_id, SESSION_LIFETIME)
+            .session(
+                &key.to_string(),
+                &session_id,
+                &connection.map(|c| c.id()).unwrap_or_default(),
+                SESSION_LIFETIME,
+            )
             .map_err(|e| Status::internal(e.to_string()))?;
         plane.metrics.onboard("allowed");
         tracing::info!(entry = %key, identity = %identity, address = %stored.spec.address, rejoin, bound = agent_key.is_some(), "onboarded");
@@ -353,7 +419,8 @@ impl Onboarding for Service {
         &self,
         request: Request<proto::OnboardRequest>,
     ) -> Result<Response<proto::OnboardResponse>, Status> {
-        match self.onboard_inner(request.into_inner()).await {
+        let connection = request.extensions().get::<Connection>().copied();
+        match self.onboard_inner(request.into_inner(), connection).await {
             Ok(r) => Ok(Response::new(r)),
             Err(status) => {
                 if status.code() != tonic::Code::PermissionDenied {

@@ -28,12 +28,17 @@ use crate::{Challenge, Error, Result};
 #[cfg(feature = "verify")]
 pub(crate) mod verify;
 #[cfg(feature = "verify")]
-pub use verify::{Verifier, check_first_join_proof};
+pub use verify::{Verifier, check_first_join_proof, check_session_proof};
 
 /// The key's file name in the agent's state dir.
 pub const KEY_FILE: &str = "instance-key.pem";
 const FIRST_JOIN_CONTEXT: &[u8] = b"gangplank agent key proof v1";
 const REJOIN_CONTEXT: &[u8] = b"gangplank bound-key rejoin v1";
+const SESSION_CONTEXT: &[u8] = b"gangplank session on a new connection v1";
+/// The gRPC metadata carrying the nonce a session proof signs.
+pub const SESSION_NONCE_HEADER: &str = "x-gangplank-nonce";
+/// The gRPC metadata carrying a session proof (base64).
+pub const SESSION_PROOF_HEADER: &str = "x-gangplank-session-proof";
 /// The PEM label of a PKCS#8 private key.
 const PKCS8_LABEL: &str = "PRIVATE KEY";
 
@@ -73,6 +78,17 @@ pub fn rejoin_message(challenge: &Challenge, group: &NamespacedName, binding: &s
     )
 }
 
+/// What a session used on a connection other than the one it was issued on signs: the plane
+/// id, a fresh nonce and the session token's SHA-256, so a proof is good for one session at
+/// one plane, once.
+pub fn session_message(challenge: &Challenge, session: &str) -> Vec<u8> {
+    let digest: String = Sha256::digest(session.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    message(SESSION_CONTEXT, &[&challenge.plane_id, &challenge.nonce, &digest])
+}
+
 /// A short, stable, name-safe fingerprint of a public key (SubjectPublicKeyInfo DER): the
 /// first 10 hex digits of its SHA-256.
 pub fn fingerprint(spki: &[u8]) -> String {
@@ -107,11 +123,21 @@ impl Key {
     /// folder created) if absent. The format is the one OpenSSL writes, so a key survives an
     /// agent upgrade or downgrade.
     pub fn load_or_create(path: &Path) -> Result<Self> {
-        let pair = load_or_create_pair(path)?;
+        Self::from_pair(load_or_create_pair(path)?, &path.display().to_string())
+    }
+
+    /// A new key held in memory only, for simulated VMs (the benchmark's agents).
+    pub fn generate() -> Result<Self> {
+        let pair = Ed25519KeyPair::generate()
+            .map_err(|e| Error::Unavailable(format!("generating an Ed25519 key: {e}")))?;
+        Self::from_pair(pair, "a generated key")
+    }
+
+    fn from_pair(pair: Ed25519KeyPair, what: &str) -> Result<Self> {
         let spki = pair
             .public_key()
             .as_der()
-            .map_err(|e| Error::Unavailable(format!("encoding the public key of {}: {e}", path.display())))?
+            .map_err(|e| Error::Unavailable(format!("encoding the public key of {what}: {e}")))?
             .as_ref()
             .to_vec();
         Ok(Self { pair, spki })
@@ -134,6 +160,12 @@ impl Key {
             credential.public_key = self.spki.clone();
             credential.proof = self.sign(&first_join_message(challenge));
         }
+    }
+
+    /// The proof that lets `session` be used on a new connection (after a reconnect), over
+    /// `challenge` (a nonce from Discover on that connection), base64.
+    pub fn prove_session(&self, challenge: &Challenge, session: &str) -> String {
+        STANDARD.encode(self.sign(&session_message(challenge, session)))
     }
 
     /// A rejoin credential for `binding` in `group`.

@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD;
 use gangplank_api::meta::is_dns1123_subdomain;
 use gangplank_api::{NamespacedName, kind, proto};
 
-use super::{Payload, first_join_message, rejoin_message};
+use super::{Payload, first_join_message, rejoin_message, session_message};
 use crate::store::Bindings;
 use crate::{Challenge, Error, Facts, Identity, Refused, Result};
 
@@ -62,6 +62,15 @@ pub fn check_first_join_proof(
         ));
     }
     Ok(Some(STANDARD.encode(&credential.public_key)))
+}
+
+/// Whether `proof` (base64) is the bound key `public_key` (base64 SubjectPublicKeyInfo, as a
+/// binding stores it) signing `session` over `challenge`.
+pub fn check_session_proof(public_key: &str, challenge: &Challenge, session: &str, proof: &str) -> bool {
+    match (STANDARD.decode(public_key), STANDARD.decode(proof)) {
+        (Ok(spki), Ok(proof)) => signed(&spki, &session_message(challenge, session), &proof),
+        _ => false,
+    }
 }
 
 /// Verifies rejoins against the bindings in a store.
