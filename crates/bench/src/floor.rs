@@ -83,10 +83,15 @@ pub struct Signatures {
     pub ed25519_verify_us: f64,
     /// One ES256 signature (a session token or a sidecar token), µs.
     pub es256_sign_us: f64,
-    /// One ES256 verification (a session token on Session or Leave), µs.
+    /// One ES256 verification, µs (what a session check cost while sessions were ES256).
     pub es256_verify_us: f64,
-    /// What one onboarding needs: one Ed25519 verification, two ES256 signatures (session,
-    /// sidecar token) and two ES256 verifications (Session, Leave), in milliseconds.
+    /// One HS256 MAC of a session token, µs.
+    pub hs256_sign_us: f64,
+    /// One HS256 check of a session token (on Session and on Leave), µs.
+    pub hs256_verify_us: f64,
+    /// What one onboarding needs: one Ed25519 verification (the bound key's proof), one
+    /// ES256 signature (the sidecar token, directory mode), one HS256 session MAC and two
+    /// checks of it (Session, Leave), in milliseconds.
     pub per_onboarding_ms: f64,
 }
 
@@ -128,10 +133,27 @@ pub fn signatures(rounds: u32) -> Result<Signatures> {
     let es256_verify_us = time(&mut || {
         jsonwebtoken::decode::<serde_json::Value>(&token, &decoding, &validation).expect("verifies");
     });
+    let secret = [9u8; 32];
+    let (mac, unmac) = (
+        jsonwebtoken::EncodingKey::from_secret(&secret),
+        jsonwebtoken::DecodingKey::from_secret(&secret),
+    );
+    let hs256 = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    let hs256_sign_us = time(&mut || {
+        token = jsonwebtoken::encode(&hs256, &claims, &mac).expect("MACs");
+    });
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_audience(&["gangplank-session"]);
+    let hs256_verify_us = time(&mut || {
+        jsonwebtoken::decode::<serde_json::Value>(&token, &unmac, &validation).expect("checks");
+    });
     Ok(Signatures {
         ed25519_verify_us,
         es256_sign_us,
         es256_verify_us,
-        per_onboarding_ms: (ed25519_verify_us + 2.0 * es256_sign_us + 2.0 * es256_verify_us) / 1000.0,
+        hs256_sign_us,
+        hs256_verify_us,
+        per_onboarding_ms: (ed25519_verify_us + es256_sign_us + hs256_sign_us + 2.0 * hs256_verify_us)
+            / 1000.0,
     })
 }
