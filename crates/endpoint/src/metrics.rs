@@ -25,6 +25,11 @@ pub struct Metrics {
     pub sessions: Gauge,
     /// Sidecar tokens renewed.
     pub renewals: Counter,
+    /// Sidecar health written to entries (coalesced: see `workloads.healthWriteInterval`).
+    pub health_writes: Counter,
+    /// TLS connections held (handshaking or open).
+    pub connections: Gauge,
+    refused: Family<Reason, Counter>,
 }
 
 impl Metrics {
@@ -40,6 +45,16 @@ impl Metrics {
     /// Counts a removed entry by reason (`leave`, `grace-period`).
     pub fn deleted(&self, reason: &str) {
         self.deletions
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection the endpoint closed itself, by reason (`max_connections`,
+    /// `max_handshakes`: closed as accepted; `handshake_timeout`; `idle`).
+    pub fn refused(&self, reason: &str) {
+        self.refused
             .get_or_create(&Reason {
                 reason: reason.into(),
             })
@@ -65,5 +80,21 @@ impl Metrics {
             self.sessions.clone(),
         );
         r.register("token_renewals", "Sidecar tokens renewed", self.renewals.clone());
+        r.register(
+            "health_writes",
+            "Sidecar health written to WorkloadEntries (at most one per healthWriteInterval and entry)",
+            self.health_writes.clone(),
+        );
+        r.register(
+            "connections",
+            "TLS connections held by this replica (handshaking or open)",
+            self.connections.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections the endpoint closed itself, by reason: max_connections and max_handshakes \
+             (closed as accepted), handshake_timeout, idle",
+            self.refused.clone(),
+        );
     }
 }
