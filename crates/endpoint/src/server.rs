@@ -388,7 +388,8 @@ async fn serve_connection(
 /// Logs how a connection ended, unless it ended as asked.
 fn closed(peer: SocketAddr, result: std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>) {
     if let Err(err) = result {
-        // A connection closed before it said which HTTP version it speaks ends "interrupted".
+        // A connection told to close before it said which HTTP version it speaks (a silent
+        // client closed as idle) ends "interrupted": as asked.
         let interrupted = err
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::Interrupted);
@@ -664,5 +665,61 @@ async fn serve_monitoring(listener: TcpListener, plane: Arc<Plane>) {
     let shutdown = async move { stopping.cancelled().await };
     if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(%err, "monitoring server failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_doubles_to_a_second_and_starts_over_once_accepting_works() {
+        let t0 = Instant::now();
+        let emfile = std::io::Error::from_raw_os_error(nix::errno::Errno::EMFILE as i32);
+        let mut backoff = AcceptBackoff::default();
+        let waits: Vec<_> = (0..9)
+            .map(|i| backoff.failed(&emfile, t0 + Duration::from_millis(i)))
+            .collect();
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(
+            waits,
+            [
+                ms(10),
+                ms(20),
+                ms(40),
+                ms(80),
+                ms(160),
+                ms(320),
+                ms(640),
+                ms(1000),
+                ms(1000)
+            ]
+        );
+        backoff.succeeded(t0 + Duration::from_secs(1));
+        assert_eq!(backoff.failed(&emfile, t0 + Duration::from_secs(2)), ms(10));
+    }
+
+    #[test]
+    fn a_peer_resetting_its_connection_is_not_a_reason_to_back_off() {
+        use nix::errno::Errno as E;
+        let err = |e: E| std::io::Error::from_raw_os_error(e as i32);
+        for peer in [E::ECONNABORTED, E::ECONNRESET, E::EPROTO, E::EINTR] {
+            assert!(is_peer_error(&err(peer)), "{peer}");
+        }
+        for resources in [E::EMFILE, E::ENFILE, E::ENOBUFS, E::ENOMEM] {
+            assert!(!is_peer_error(&err(resources)), "{resources}");
+        }
+    }
+
+    #[test]
+    fn a_flood_logs_once_per_interval_with_the_count_left_out() {
+        let t0 = Instant::now();
+        let mut log = LogEvery::default();
+        assert_eq!(log.ready(t0), Some(0));
+        for i in 1..=3 {
+            assert_eq!(log.ready(t0 + Duration::from_secs(i)), None);
+        }
+        assert_eq!(log.ready(t0 + LOG_EVERY), Some(3));
+        assert_eq!(log.ready(t0 + LOG_EVERY + Duration::from_secs(1)), None);
     }
 }
