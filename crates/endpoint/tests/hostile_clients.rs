@@ -436,11 +436,22 @@ async fn out_of_descriptors_the_accept_loop_backs_off_logs_a_few_lines_and_recov
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     setup(root, "", "").await;
-    // 64 descriptors: the endpoint's own (runtime, files, logs) take a few dozen.
-    let mut cmd = Command::new("prlimit");
-    cmd.arg("--nofile=64:64")
-        .arg("--")
-        .arg(env!("CARGO_BIN_EXE_gangplank-endpoint"))
+    // 64 descriptors: the endpoint's own (runtime, files, logs) take a few dozen. With
+    // util-linux's prlimit, else the shell's ulimit.
+    let has_prlimit = Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut cmd = if has_prlimit {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg("--nofile=64:64").arg("--");
+        cmd
+    } else {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg("ulimit -n 64 && exec \"$0\" \"$@\"");
+        cmd
+    };
+    cmd.arg(env!("CARGO_BIN_EXE_gangplank-endpoint"))
         .arg("--config")
         .arg(root.join("endpoint.yaml"))
         .env("RUST_LOG", "info");
