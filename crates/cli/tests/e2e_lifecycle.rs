@@ -407,20 +407,27 @@ async fn a_binding_is_stamped_when_its_entry_goes_and_unstamped_when_the_vm_rejo
     assert_eq!(token_used(&mesh, &token).await, 1);
 }
 
-/// A VM that stops answering (frozen: SIGSTOP) loses its stream through HTTP/2 keepalive,
-/// so its entry is marked disconnected (and a rejoin with its key would be taken) instead of
-/// looking connected forever; thawed, it reconnects with its session.
+/// A VM that stops answering (frozen: SIGSTOP) loses its stream at the heartbeat deadline
+/// (three heartbeats by default: 3 s here), well before HTTP/2 keepalive would end its
+/// connection (a ping after 20 s, 10 s to answer), so its entry is marked disconnected (and a
+/// rejoin with its key would be taken) instead of looking connected; thawed, it reconnects
+/// with its session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_vm_is_marked_disconnected_and_reconnects_when_it_thaws() {
+async fn a_frozen_vm_is_marked_disconnected_at_the_heartbeat_deadline_and_reconnects_when_it_thaws() {
     let mut mesh = mesh_with_token_policy().await;
     let token = mesh.join_token("ratings", 1, Duration::from_secs(3600)).await;
     let mut vm = Vm::start(&mesh, "a", Credential::JoinToken(token));
     wait_onboarded(&mesh, &mut vm).await;
     mesh.endpoint.wait_for("agent connected", WAIT);
     vm.agent.signal("STOP");
-    // Keepalive: a ping every 20 s, 10 s to answer.
+    let frozen = std::time::Instant::now();
     mesh.endpoint
         .wait_for("agent disconnected", Duration::from_secs(60));
+    let after = frozen.elapsed();
+    assert!(
+        after < Duration::from_secs(9),
+        "a frozen agent was noticed after {after:?}: the heartbeat deadline is 3 s (keepalive alone takes at least 10 s: a ping up to 20 s after the last, 10 s to answer)"
+    );
     let entry = &mesh.entries().await[0];
     let annotations = entry.metadata.annotations.clone().unwrap_or_default();
     assert!(annotations.contains_key(gangplank_api::names::annotation::DISCONNECTED_AT));

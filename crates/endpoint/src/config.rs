@@ -45,6 +45,42 @@ pub struct File {
     /// Registration lifecycle.
     #[serde(default)]
     pub workloads: Workloads,
+    /// Limits on the TLS connections agents and other clients hold.
+    #[serde(default)]
+    pub connections: Connections,
+}
+
+/// `connections`: what one replica holds at most, and for how long a connection may do
+/// nothing. Sized for 10,000+ VMs per replica (each agent holds one connection); the
+/// process's descriptor limit must be above `max` (the endpoint warns at start when not).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Connections {
+    /// Connections held at once (handshaking or open); one accepted past it is closed at once.
+    #[serde(default = "defaults::max_connections")]
+    pub max: usize,
+    /// TLS handshakes under way at once; one accepted past it is closed at once, so a burst
+    /// of reconnecting VMs or a slow-handshake flood cannot starve the connections already open.
+    #[serde(default = "defaults::max_handshakes")]
+    pub max_handshakes: usize,
+    /// How long a client may take to finish its TLS handshake.
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How long a connection may stay open with no call in flight. Agents keep their
+    /// Session stream open, so they are never idle.
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            max: defaults::max_connections(),
+            max_handshakes: defaults::max_handshakes(),
+            handshake_timeout: defaults::handshake_timeout(),
+            idle_timeout: defaults::idle_timeout(),
+        }
+    }
 }
 
 /// `tls`: certificate files (reloaded on change), or a dev certificate generated at start.
@@ -206,6 +242,17 @@ pub struct Workloads {
     /// How often agents send a heartbeat.
     #[serde(default = "defaults::heartbeat", with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// How long an agent's stream may stay silent (no heartbeat, no message) before it is
+    /// ended and the entry marked disconnected, as a closed stream is (then `gracePeriod`
+    /// runs). Default: three heartbeats. An agent whose `settings.heartbeat` overrides the
+    /// endpoint's must send more often than this.
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat_deadline: Option<Duration>,
+    /// How often at most a sidecar's health is written to its entry: the first change after a
+    /// quiet interval is written at once; changes within the interval are counted and the
+    /// latest is written at its end, so a flapping sidecar costs one write per interval.
+    #[serde(default = "defaults::health_write_interval", with = "humantime_serde")]
+    pub health_write_interval: Duration,
     /// Whether entries carry `proxy.istio.io/health-checks-enabled: "true"`, so istiod sends
     /// them traffic only while the sidecar's health (reported by the agent, recorded as the
     /// `Healthy` condition) is good. Default: on with `registry.kubernetes`, off with a
@@ -226,6 +273,8 @@ impl Default for Workloads {
             grace_period: defaults::grace_period(),
             propagation_delay: defaults::propagation_delay(),
             heartbeat: defaults::heartbeat(),
+            heartbeat_deadline: None,
+            health_write_interval: defaults::health_write_interval(),
             health_checks: None,
             binding_retention: defaults::binding_retention(),
         }
@@ -271,6 +320,32 @@ pub mod defaults {
     /// Ten seconds.
     pub fn heartbeat() -> Duration {
         Duration::from_secs(10)
+    }
+    /// Ten seconds.
+    pub fn health_write_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    /// Three heartbeats: one lost or late heartbeat never ends a stream.
+    pub fn heartbeat_deadline(heartbeat: Duration) -> Duration {
+        heartbeat * 3
+    }
+    /// 20,000: two connections per VM for 10,000 VMs (a reconnecting agent's old connection
+    /// may linger until its keepalive fails).
+    pub fn max_connections() -> usize {
+        20_000
+    }
+    /// 512: a TLS handshake costs about a millisecond of CPU, so this many in flight is a
+    /// burst of reconnects, not a queue; more would only delay the connections already open.
+    pub fn max_handshakes() -> usize {
+        512
+    }
+    /// Ten seconds.
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    /// A minute.
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(60)
     }
     /// Thirty seconds.
     pub fn cache_timeout() -> Duration {
@@ -342,6 +417,25 @@ pub enum Problem {
         /// The grace period.
         grace_period: Duration,
     },
+    /// A heartbeat deadline agents cannot meet.
+    #[error(
+        "workloads.heartbeatDeadline ({}) must be longer than workloads.heartbeat ({}; agents are told at least 1s): \
+         set at least three heartbeats, or leave it unset for the default",
+        humantime::format_duration(*deadline),
+        humantime::format_duration(*heartbeat)
+    )]
+    HeartbeatDeadline {
+        /// The deadline.
+        deadline: Duration,
+        /// The heartbeat (at least a second, as agents are told it).
+        heartbeat: Duration,
+    },
+    /// A zero health write interval.
+    #[error("workloads.healthWriteInterval must be longer than 0s (10s is the default)")]
+    HealthWriteInterval,
+    /// A zero connection limit or timeout, or more handshakes than connections.
+    #[error("connections.{0}")]
+    Connections(&'static str),
     /// A sidecar token lifetime too short to renew.
     #[error("sidecarToken.lifetime: must be at least 10s (istioctl's default is 1h)")]
     TokenLifetime,
@@ -468,12 +562,46 @@ impl Config {
                 grace_period: w.grace_period,
             });
         }
+        // Agents are told the heartbeat in whole seconds, at least one
+        // (`Welcome.heartbeat_seconds`).
+        let told = w.heartbeat.max(Duration::from_secs(1));
+        let deadline = w
+            .heartbeat_deadline
+            .unwrap_or_else(|| defaults::heartbeat_deadline(told));
+        if deadline <= told {
+            return Err(Problem::HeartbeatDeadline {
+                deadline,
+                heartbeat: told,
+            });
+        }
+        if w.health_write_interval.is_zero() {
+            return Err(Problem::HealthWriteInterval);
+        }
+        let c = &file.connections;
+        if c.max == 0 {
+            return Err(Problem::Connections(
+                "max must be at least 1 (20000 is the default)",
+            ));
+        }
+        if c.max_handshakes == 0 || c.max_handshakes > c.max {
+            return Err(Problem::Connections(
+                "maxHandshakes must be between 1 and max (a handshake holds a connection; 512 is the default)",
+            ));
+        }
+        if c.handshake_timeout.is_zero() || c.idle_timeout.is_zero() {
+            return Err(Problem::Connections(
+                "handshakeTimeout and idleTimeout must be longer than 0s (defaults: 10s and 1m)",
+            ));
+        }
         if file.sidecar_token.lifetime < Duration::from_secs(10) {
             return Err(Problem::TokenLifetime);
         }
         if matches!(registry, Source::Kubernetes(_)) && file.sidecar_token.lifetime < TOKEN_REQUEST_MINIMUM {
             return Err(Problem::TokenLifetimeKubernetes(file.sidecar_token.lifetime));
         }
+        let mut file = file;
+        // Filled in, so `config-print` shows the deadline in force.
+        file.workloads.heartbeat_deadline = Some(deadline);
         let replica = match &file.replica {
             Some(r) if !r.is_empty() => r.clone(),
             _ => hostname(),
@@ -492,6 +620,13 @@ impl Config {
             token_issuer,
             token_issuer_defaulted,
         })
+    }
+
+    /// How long an agent's stream may stay silent (see [`Workloads::heartbeat_deadline`]).
+    pub fn heartbeat_deadline(&self) -> Duration {
+        let w = &self.file.workloads;
+        w.heartbeat_deadline
+            .unwrap_or_else(|| defaults::heartbeat_deadline(w.heartbeat.max(Duration::from_secs(1))))
     }
 
     /// Whether registered entries are health-checked (see [`Workloads::health_checks`]).
@@ -520,4 +655,73 @@ fn hostname() -> String {
         })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "gangplank-endpoint".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<Config, Problem> {
+        let text = format!(
+            "apiVersion: {API_VERSION}
+kind: {KIND}
+planeId: p
+tls: {{dev: true}}
+registry: {{directory: /var/lib/gangplank/registry}}
+stateDir: /var/lib/gangplank
+identities: {{joinTokens: true}}
+{extra}"
+        );
+        Config::validate(gangplank_api::yaml::parse(&text).map_err(Problem::Syntax)?)
+    }
+
+    #[test]
+    fn connection_limits_and_heartbeat_deadline_have_defaults_that_config_print_shows() {
+        let config = parse("").unwrap();
+        let c = &config.file.connections;
+        assert_eq!((c.max, c.max_handshakes), (20_000, 512));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.heartbeat_deadline(), Duration::from_secs(30));
+        assert_eq!(
+            config.file.workloads.health_write_interval,
+            Duration::from_secs(10)
+        );
+        let printed = serde_saphyr::to_string(&config.file).unwrap();
+        for line in [
+            "heartbeatDeadline: 30s",
+            "healthWriteInterval: 10s",
+            "maxHandshakes: 512",
+            "idleTimeout: 1m",
+        ] {
+            assert!(printed.contains(line), "{line} missing from:\n{printed}");
+        }
+        let config = parse("workloads: {heartbeat: 2s, heartbeatDeadline: 5s}\n").unwrap();
+        assert_eq!(config.heartbeat_deadline(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn limits_agents_cannot_meet_are_refused_with_what_to_change() {
+        let err = parse("workloads: {heartbeat: 10s, heartbeatDeadline: 10s}\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "workloads.heartbeatDeadline (10s) must be longer than workloads.heartbeat (10s"
+            ),
+            "{err}"
+        );
+        // Agents are told at least a second.
+        assert!(parse("workloads: {heartbeat: 200ms, heartbeatDeadline: 1s}\n").is_err());
+        let err = parse("connections: {max: 10, maxHandshakes: 11}\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("maxHandshakes must be between 1 and max"),
+            "{err}"
+        );
+        assert!(parse("connections: {idleTimeout: 0s}\n").is_err());
+        assert!(parse("workloads: {healthWriteInterval: 0s}\n").is_err());
+        assert!(
+            parse("connections: {maxConections: 10}\n").is_err(),
+            "unknown fields are errors"
+        );
+    }
 }

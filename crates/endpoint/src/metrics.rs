@@ -27,6 +27,11 @@ pub struct Metrics {
     pub renewals: Counter,
     /// Heap allocations of the process (read from [`crate::alloc`] at each scrape).
     heap_allocations: Counter,
+    /// Sidecar health written to entries (coalesced: see `workloads.healthWriteInterval`).
+    pub health_writes: Counter,
+    /// TLS connections held (handshaking or open).
+    pub connections: Gauge,
+    refused: Family<Reason, Counter>,
 }
 
 impl Metrics {
@@ -55,6 +60,16 @@ impl Metrics {
             .store(crate::alloc::allocations(), std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Counts a connection the endpoint closed itself, by reason (`max_connections`,
+    /// `max_handshakes`: closed as accepted; `handshake_timeout`; `idle`).
+    pub fn refused(&self, reason: &str) {
+        self.refused
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
     /// Registers every metric under `gangplank_endpoint_`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("gangplank_endpoint");
@@ -78,6 +93,22 @@ impl Metrics {
             "heap_allocations",
             "Heap allocations since start (0 unless the binary counts them)",
             self.heap_allocations.clone(),
+        );
+        r.register(
+            "health_writes",
+            "Sidecar health written to WorkloadEntries (at most one per healthWriteInterval and entry)",
+            self.health_writes.clone(),
+        );
+        r.register(
+            "connections",
+            "TLS connections held by this replica (handshaking or open)",
+            self.connections.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections the endpoint closed itself, by reason: max_connections and max_handshakes \
+             (closed as accepted), handshake_timeout, idle",
+            self.refused.clone(),
         );
     }
 }

@@ -33,8 +33,6 @@ use crate::metrics::Metrics;
 pub struct Live {
     /// Which stream (a reconnect replaces it).
     pub generation: u64,
-    /// Last reported health (`None` until the agent reports).
-    pub healthy: Option<bool>,
 }
 
 /// The plane.

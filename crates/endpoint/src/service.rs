@@ -6,6 +6,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::Stream;
 use gangplank_api::binding::{WorkloadBinding, WorkloadBindingSpec, WorkloadBindingStatus};
@@ -17,6 +18,7 @@ use gangplank_api::proto::{self, agent_message, endpoint_message};
 use gangplank_api::{NamespacedName, Resource};
 use gangplank_identity::Challenge;
 use gangplank_registry::AnnotationPatch;
+use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -470,12 +472,15 @@ impl Onboarding for Service {
         }
         // The health already recorded (by this or another replica): a reconnect that reports
         // the same health writes nothing.
-        let healthy = recorded_health(entry.status.as_ref());
+        let mut health = HealthWrites::new(
+            plane.config.file.workloads.health_write_interval,
+            recorded_health(entry.status.as_ref()),
+        );
         plane
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), Live { generation, healthy });
+            .insert(key.clone(), Live { generation });
         plane
             .metrics
             .sessions
@@ -491,11 +496,30 @@ impl Onboarding for Service {
             .send(Ok(message(endpoint_message::Kind::Welcome(welcome))))
             .await;
         let mut inbound = request.into_inner();
+        let deadline = plane.config.heartbeat_deadline();
         // Tracked, so a shutdown waits for the stream's last write (its disconnect).
         plane.clone().tasks.spawn(async move {
+            // A silent agent (frozen, cut off, or its host gone) is noticed here, whatever
+            // HTTP/2 keepalive makes of its connection: every message moves the deadline.
+            let mut silent_until = Instant::now() + deadline;
             loop {
+                let due = health.due();
                 let msg = tokio::select! {
                     msg = inbound.next() => msg,
+                    () = tokio::time::sleep_until(silent_until) => {
+                        tracing::info!(entry = %key, ?deadline, "agent sent nothing within workloads.heartbeatDeadline; ending its stream");
+                        break;
+                    }
+                    () = sleep_until_some(due) => {
+                        if let Some((h, changes)) = health.flush(Instant::now()) {
+                            if changes > 1 {
+                                tracing::info!(entry = %key, changes, interval = ?health.interval, healthy = h.healthy,
+                                    "sidecar health is flapping; recording the latest");
+                            }
+                            Self::record_health(&plane, &key, &h).await;
+                        }
+                        continue;
+                    }
                     removed = removals.recv() => {
                         if Self::entry_gone(&plane, &key, removed).await {
                             let reason = format!(
@@ -521,9 +545,14 @@ impl Onboarding for Service {
                     _ = plane.stopping.cancelled() => break,
                 };
                 let Some(Ok(msg)) = msg else { break };
+                silent_until = Instant::now() + deadline;
                 match msg.kind {
                     Some(agent_message::Kind::Heartbeat(_)) | None => {}
-                    Some(agent_message::Kind::Health(h)) => Self::health(&plane, &key, h).await,
+                    Some(agent_message::Kind::Health(h)) => {
+                        if let Some(h) = health.report(h, Instant::now()) {
+                            Self::record_health(&plane, &key, &h).await;
+                        }
+                    }
                     Some(agent_message::Kind::RenewToken(_)) => {
                         let reply = Self::renew(&plane, &key).await;
                         if tx.send(reply).await.is_err() {
@@ -531,6 +560,11 @@ impl Onboarding for Service {
                         }
                     }
                 }
+            }
+            // The last report is what the entry keeps, even when the stream ends inside an
+            // interval.
+            if let Some(h) = health.finish() {
+                Self::record_health(&plane, &key, &h).await;
             }
             Self::disconnected(&plane, &key, generation).await;
         });
@@ -696,26 +730,99 @@ impl Service {
         )))
     }
 
-    /// Records the sidecar's health as the entry's `Healthy` condition, only when it changes
-    /// (as istiod does for a health-checked entry: the agent reports transitions only).
-    async fn health(plane: &Plane, key: &NamespacedName, health: proto::Health) {
-        let changed = {
-            let mut live = plane.live.lock().unwrap_or_else(|p| p.into_inner());
-            match live.get_mut(key) {
-                Some(l) if l.healthy != Some(health.healthy) => {
-                    l.healthy = Some(health.healthy);
-                    true
-                }
-                _ => false,
+    /// Records the sidecar's health as the entry's `Healthy` condition (only transitions
+    /// reach here, as istiod records them for a health-checked entry).
+    async fn record_health(plane: &Plane, key: &NamespacedName, health: &proto::Health) {
+        let status = healthy_condition(health, &now_rfc3339());
+        match plane.registry.set_entry_status(key, &status).await {
+            Ok(()) => {
+                plane.metrics.health_writes.inc();
             }
+            Err(err) => tracing::warn!(entry = %key, %err, "could not record the sidecar's health"),
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One stream's health reports, coalesced into at most one registry write per `interval`: a
+/// flapping sidecar must not turn into a write per flap (for every VM, on the Kubernetes API).
+/// The first change after a quiet interval is written at once; the changes inside an interval
+/// are counted and the latest is written when the interval ends, so the entry always ends up
+/// with the last report. Writes are at least `interval` apart.
+#[derive(Debug)]
+struct HealthWrites {
+    interval: Duration,
+    /// What the entry records, as far as this stream knows (`None`: nothing yet).
+    recorded: Option<bool>,
+    /// The latest report not written yet, and how many changes it stands for.
+    pending: Option<(proto::Health, u64)>,
+    /// When this stream last wrote.
+    last_write: Option<Instant>,
+}
+
+impl HealthWrites {
+    fn new(interval: Duration, recorded: Option<bool>) -> Self {
+        Self {
+            interval,
+            recorded,
+            pending: None,
+            last_write: None,
+        }
+    }
+
+    /// Takes a report made at `now`; returns it when it is to be written at once.
+    fn report(&mut self, health: proto::Health, now: Instant) -> Option<proto::Health> {
+        let latest = match &self.pending {
+            Some((pending, _)) => Some(pending.healthy),
+            None => self.recorded,
         };
-        if !changed {
-            return;
+        if latest == Some(health.healthy) {
+            return None;
         }
-        let status = healthy_condition(&health, &now_rfc3339());
-        if let Err(err) = plane.registry.set_entry_status(key, &status).await {
-            tracing::warn!(entry = %key, %err, "could not record the sidecar's health");
+        let quiet = self.last_write.is_none_or(|at| now >= at + self.interval);
+        match self.pending.take() {
+            None if quiet => {
+                self.recorded = Some(health.healthy);
+                self.last_write = Some(now);
+                Some(health)
+            }
+            pending => {
+                let changes = pending.map_or(0, |(_, n)| n) + 1;
+                self.pending = Some((health, changes));
+                None
+            }
         }
+    }
+
+    /// When the pending report is to be written.
+    fn due(&self) -> Option<Instant> {
+        self.pending.as_ref()?;
+        Some(self.last_write? + self.interval)
+    }
+
+    /// At [`HealthWrites::due`]: the latest report and how many changes it stands for, unless
+    /// the sidecar came back to what the entry records.
+    fn flush(&mut self, now: Instant) -> Option<(proto::Health, u64)> {
+        let (health, changes) = self.pending.take()?;
+        if self.recorded == Some(health.healthy) {
+            return None;
+        }
+        self.recorded = Some(health.healthy);
+        self.last_write = Some(now);
+        Some((health, changes))
+    }
+
+    /// At the stream's end: the latest report, if the entry does not record it yet.
+    fn finish(&mut self) -> Option<proto::Health> {
+        let (health, _) = self.pending.take()?;
+        (self.recorded != Some(health.healthy)).then_some(health)
     }
 }
 
@@ -779,6 +886,58 @@ mod tests {
         assert_eq!(down["conditions"][0]["message"], "sidecar exited with status 7");
         assert_eq!(recorded_health(Some(&up)), Some(true));
         assert_eq!(recorded_health(Some(&down)), Some(false));
+    }
+
+    fn report(healthy: bool) -> proto::Health {
+        proto::Health {
+            healthy,
+            message: format!("healthy: {healthy}"),
+        }
+    }
+
+    #[test]
+    fn health_changes_are_written_at_once_after_quiet_and_coalesced_within_the_interval() {
+        let interval = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut writes = HealthWrites::new(interval, Some(true));
+        // What the entry records already: nothing to write.
+        assert!(writes.report(report(true), at(0)).is_none());
+        assert_eq!(writes.due(), None);
+        // The first change after quiet: at once.
+        assert!(!writes.report(report(false), at(1)).unwrap().healthy);
+        // Flapping inside the interval: nothing now, the latest at its end.
+        assert!(writes.report(report(true), at(2)).is_none());
+        assert!(writes.report(report(false), at(3)).is_none());
+        assert!(writes.report(report(true), at(4)).is_none());
+        assert_eq!(writes.due(), Some(at(11)));
+        let (latest, changes) = writes.flush(at(11)).unwrap();
+        assert!(latest.healthy);
+        assert_eq!(changes, 3);
+        assert_eq!(writes.due(), None);
+        // A change right after the trailing write waits for the next interval.
+        assert!(writes.report(report(false), at(12)).is_none());
+        assert_eq!(writes.due(), Some(at(21)));
+        // Back to what is recorded before the interval ends: nothing to write at all.
+        assert!(writes.report(report(true), at(13)).is_none());
+        assert!(writes.flush(at(21)).is_none());
+        // Quiet since the last write: the next change is written at once again.
+        assert!(!writes.report(report(false), at(40)).unwrap().healthy);
+        assert!(writes.finish().is_none());
+    }
+
+    #[test]
+    fn a_stream_that_ends_inside_an_interval_still_records_the_last_report() {
+        let t0 = Instant::now();
+        let mut writes = HealthWrites::new(Duration::from_secs(10), None);
+        assert!(writes.report(report(true), t0).is_some());
+        assert!(
+            writes
+                .report(report(false), t0 + Duration::from_secs(1))
+                .is_none()
+        );
+        let last = writes.finish().expect("the last report is written at the end");
+        assert!(!last.healthy);
     }
 
     #[test]
