@@ -5,8 +5,18 @@
 
 use sha2::{Digest, Sha256};
 
-/// Annotations Gangplank writes on every WorkloadEntry it registers.
+/// The domain of Gangplank's own labels and annotations (`onboarding.gangplank.dev/…`). An
+/// agent may not set labels under it (nor under any other `gangplank.dev` name): they record
+/// what the endpoint verified.
+pub const DOMAIN: &str = "onboarding.gangplank.dev";
+
+/// Annotations Gangplank writes on every WorkloadEntry it registers, and the ones it reads
+/// from a WorkloadGroup.
 pub mod annotation {
+    /// On a WorkloadGroup, set by its admin: a comma list of the address classes its VMs may
+    /// register at that are refused by default, `loopback` and `link-local` (e.g.
+    /// `loopback` for VMs on one machine, as the quickstart and the tests run them).
+    pub const ALLOWED_ADDRESSES: &str = "onboarding.gangplank.dev/allowed-addresses";
     /// The verified identity, e.g. `jwt:https://idp.example/vm-7`.
     pub const IDENTITY: &str = "onboarding.gangplank.dev/identity";
     /// The credential kind that proved the identity.
