@@ -658,6 +658,14 @@ impl Onboarding {
                     format!("{key:?} is not a label key: {problem}"),
                 ));
             }
+            if let Some((prefix, owner)) = gangplank_api::names::reserved_label(key) {
+                return Err(v.invalid(
+                    &format!("workload.labels.{key}"),
+                    format!(
+                        "the prefix {prefix}/ is reserved for {owner}: the endpoint refuses it from a VM; remove it (the WorkloadGroup's template may set such labels)"
+                    ),
+                ));
+            }
             if let Some(problem) = gangplank_api::meta::label_value_problem(value) {
                 return Err(v.invalid(
                     &format!("workload.labels.{key}"),
@@ -1502,6 +1510,17 @@ settings:
         assert_eq!(
             e,
             format!("{FILE}: settings.connectedOver: \"vpc\" is not VPC or INTERNET")
+        );
+    }
+
+    #[test]
+    fn reserved_labels_are_refused_before_the_endpoint_would() {
+        let e = err(&format!(
+            "{SEED}workload:\n  labels:\n    security.istio.io/tlsMode: disabled\n"
+        ));
+        assert!(
+            e.contains("workload.labels.security.istio.io/tlsMode") && e.contains("reserved for Istio"),
+            "{e}"
         );
     }
 

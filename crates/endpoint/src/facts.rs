@@ -16,7 +16,7 @@ use gangplank_api::connected_over;
 use gangplank_api::istio::{WorkloadEntry, WorkloadGroup};
 use gangplank_api::meta::Resource;
 use gangplank_api::meta::{label_key_problem, label_value_problem};
-use gangplank_api::names::annotation;
+use gangplank_api::names::{annotation, reserved_label};
 use gangplank_api::{NamespacedName, proto};
 use tonic::Status;
 
@@ -37,16 +37,6 @@ pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
 
 /// Where an agent's labels come from, for messages that say what to change.
 const LABELS_SETTING: &str = "workload.labels in the agent's onboarding config";
-
-/// Label prefixes no host may set: Istio's and Kubernetes' (they steer the mesh: `tlsMode`,
-/// `topology.istio.io/network`, `service.istio.io/canonical-name`, …) and Gangplank's own,
-/// which record what the endpoint verified. `*.x` also covers `x` itself.
-const RESERVED: [(&str, &str); 4] = [
-    ("istio.io", "Istio"),
-    ("kubernetes.io", "Kubernetes"),
-    ("k8s.io", "Kubernetes"),
-    ("gangplank.dev", "Gangplank"),
-];
 
 /// Why host facts (or the entry built from them) are refused. Messages name the field and
 /// say what to change; untrusted values are shown truncated and escaped.
@@ -149,7 +139,7 @@ pub fn check(host: &proto::HostFacts) -> Result<(), Error> {
                 format!("is not a Kubernetes label key: {problem}; fix or remove it in {LABELS_SETTING}"),
             ));
         }
-        if let Some((prefix, owner)) = reserved_prefix(key) {
+        if let Some((prefix, owner)) = reserved_label(key) {
             return Err(invalid(
                 field,
                 format!(
@@ -234,16 +224,6 @@ pub fn check(host: &proto::HostFacts) -> Result<(), Error> {
         });
     }
     Ok(())
-}
-
-/// The reserved prefix `key` is under, with who reserves it.
-fn reserved_prefix(key: &str) -> Option<(&str, &'static str)> {
-    let (prefix, _) = key.split_once('/')?;
-    let lower = prefix.to_ascii_lowercase();
-    RESERVED.iter().find_map(|(domain, owner)| {
-        let under = lower == *domain || lower.ends_with(&format!(".{domain}"));
-        under.then_some((prefix, *owner))
-    })
 }
 
 /// Why `name` is not an RFC 1123 host name, if it is not (empty is allowed: no name).
