@@ -191,8 +191,8 @@ impl ConnectedOver {
     /// The protocol spelling (`VPC`, `INTERNET`).
     pub fn as_str(self) -> &'static str {
         match self {
-            ConnectedOver::Vpc => "VPC",
-            ConnectedOver::Internet => "INTERNET",
+            ConnectedOver::Vpc => gangplank_api::connected_over::VPC,
+            ConnectedOver::Internet => gangplank_api::connected_over::INTERNET,
         }
     }
 }
@@ -652,13 +652,21 @@ impl Onboarding {
 
         let labels = raw.workload.and_then(|w| w.labels).unwrap_or_default();
         for (key, value) in &labels {
-            if let Some(problem) = label_key_problem(key) {
+            if let Some(problem) = gangplank_api::meta::label_key_problem(key) {
                 return Err(v.invalid(
                     &format!("workload.labels.{key}"),
                     format!("{key:?} is not a label key: {problem}"),
                 ));
             }
-            if let Some(problem) = label_value_problem(value) {
+            if let Some((prefix, owner)) = gangplank_api::names::reserved_label(key) {
+                return Err(v.invalid(
+                    &format!("workload.labels.{key}"),
+                    format!(
+                        "the prefix {prefix}/ is reserved for {owner}: the endpoint refuses it from a VM; remove it (the WorkloadGroup's template may set such labels)"
+                    ),
+                ));
+            }
+            if let Some(problem) = gangplank_api::meta::label_value_problem(value) {
                 return Err(v.invalid(
                     &format!("workload.labels.{key}"),
                     format!("{value:?} is not a label value: {problem}"),
@@ -1302,46 +1310,6 @@ impl Validator<'_> {
     }
 }
 
-/// Why `key` is not a Kubernetes label key, if it is not.
-fn label_key_problem(key: &str) -> Option<String> {
-    let (prefix, name) = match key.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, key),
-    };
-    if let Some(p) = prefix
-        && (p.is_empty() || !gangplank_api::meta::is_dns1123_subdomain(p))
-    {
-        return Some(format!(
-            "the prefix {p:?} must be a DNS subdomain (lowercase letters, digits, '-' and '.')"
-        ));
-    }
-    if name.is_empty() {
-        return Some("the name part is empty".to_owned());
-    }
-    label_value_problem(name)
-}
-
-/// Why `value` is not a Kubernetes label value, if it is not.
-fn label_value_problem(value: &str) -> Option<String> {
-    if value.is_empty() {
-        return None;
-    }
-    if value.len() > 63 {
-        return Some("at most 63 characters".to_owned());
-    }
-    let alnum = |c: char| c.is_ascii_alphanumeric();
-    if !value.starts_with(alnum) || !value.ends_with(alnum) {
-        return Some("must start and end with a letter or digit".to_owned());
-    }
-    if !value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Some("only letters, digits, '-', '_' and '.' are allowed".to_owned());
-    }
-    None
-}
-
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.contains(':') {
@@ -1542,6 +1510,17 @@ settings:
         assert_eq!(
             e,
             format!("{FILE}: settings.connectedOver: \"vpc\" is not VPC or INTERNET")
+        );
+    }
+
+    #[test]
+    fn reserved_labels_are_refused_before_the_endpoint_would() {
+        let e = err(&format!(
+            "{SEED}workload:\n  labels:\n    security.istio.io/tlsMode: disabled\n"
+        ));
+        assert!(
+            e.contains("workload.labels.security.istio.io/tlsMode") && e.contains("reserved for Istio"),
+            "{e}"
         );
     }
 

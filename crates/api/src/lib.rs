@@ -7,13 +7,15 @@
 //! - [`meta`]: what every resource has (names; metadata, label selectors);
 //! - [`names`]: deterministic WorkloadEntry names and the annotations Gangplank records;
 //! - [`yaml`]: the one YAML parser of config files (line, column and field in every error);
-//! - [`proto`]: the gRPC contract between agent and endpoint (`proto/` in the repository).
+//! - [`proto`]: the gRPC contract between agent and endpoint (`proto/` in the repository);
+//! - [`codec`]: its codec (prost's, with undecodable bytes the sender's fault).
 //!
 //! The resource types (and with them k8s-openapi) come with the `resources` feature: the
 //! agent needs only the protocol, names and [`NamespacedName`].
 
 #[cfg(feature = "resources")]
 pub mod binding;
+pub mod codec;
 #[cfg(feature = "resources")]
 pub mod istio;
 pub mod meta;
@@ -52,4 +54,13 @@ pub mod kind {
     /// A rejoin: a signature over the endpoint's nonce by the VM's bound key
     /// ([`crate::binding`]).
     pub const BOUND_KEY: &str = "bound-key";
+}
+
+/// How a VM reaches the mesh, as it travels in [`proto::HostFacts::connected_over`] (empty
+/// means [`connected_over::VPC`]).
+pub mod connected_over {
+    /// Over the private network: register the address the platform vouches for.
+    pub const VPC: &str = "VPC";
+    /// Over the internet: register the public address the agent reports.
+    pub const INTERNET: &str = "INTERNET";
 }

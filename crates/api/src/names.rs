@@ -5,8 +5,18 @@
 
 use sha2::{Digest, Sha256};
 
-/// Annotations Gangplank writes on every WorkloadEntry it registers.
+/// The domain of Gangplank's own labels and annotations (`onboarding.gangplank.dev/…`). An
+/// agent may not set labels under it (nor under any other `gangplank.dev` name): they record
+/// what the endpoint verified.
+pub const DOMAIN: &str = "onboarding.gangplank.dev";
+
+/// Annotations Gangplank writes on every WorkloadEntry it registers, and the ones it reads
+/// from a WorkloadGroup.
 pub mod annotation {
+    /// On a WorkloadGroup, set by its admin: a comma list of the address classes its VMs may
+    /// register at that are refused by default, `loopback` and `link-local` (e.g.
+    /// `loopback` for VMs on one machine, as the quickstart and the tests run them).
+    pub const ALLOWED_ADDRESSES: &str = "onboarding.gangplank.dev/allowed-addresses";
     /// The verified identity, e.g. `jwt:https://idp.example/vm-7`.
     pub const IDENTITY: &str = "onboarding.gangplank.dev/identity";
     /// The credential kind that proved the identity.
@@ -38,6 +48,28 @@ pub mod label {
     pub const WORKLOAD_GROUP: &str = "onboarding.gangplank.dev/workload-group";
     /// The credential kind.
     pub const CREDENTIAL_KIND: &str = "onboarding.gangplank.dev/credential-kind";
+}
+
+/// Label prefixes a VM may not set on its entry: Istio's and Kubernetes' (they steer the mesh:
+/// `security.istio.io/tlsMode`, `topology.istio.io/network`, `service.istio.io/canonical-name`,
+/// …) and Gangplank's own ([`DOMAIN`]), which record what the endpoint verified. A domain
+/// covers its subdomains.
+const RESERVED_LABEL_DOMAINS: [(&str, &str); 4] = [
+    ("istio.io", "Istio"),
+    ("kubernetes.io", "Kubernetes"),
+    ("k8s.io", "Kubernetes"),
+    ("gangplank.dev", "Gangplank"),
+];
+
+/// The prefix of `key` and who reserves it, when `key` is a label a VM may not set
+/// (`security.istio.io/tlsMode` → `("security.istio.io", "Istio")`).
+pub fn reserved_label(key: &str) -> Option<(&str, &'static str)> {
+    let (prefix, _) = key.split_once('/')?;
+    let lower = prefix.to_ascii_lowercase();
+    RESERVED_LABEL_DOMAINS.iter().find_map(|(domain, owner)| {
+        let under = lower == *domain || lower.strip_suffix(domain).is_some_and(|head| head.ends_with('.'));
+        under.then_some((prefix, *owner))
+    })
 }
 
 /// The WorkloadEntry name for `group` and an identity made of `kind` and `parts`, e.g.
@@ -89,6 +121,33 @@ fn slug_is_lossless(s: &str) -> bool {
 mod tests {
     use super::*;
     use crate::meta::is_dns1123_subdomain;
+
+    #[test]
+    fn istio_kubernetes_and_gangplank_labels_are_reserved() {
+        assert_eq!(
+            reserved_label("security.istio.io/tlsMode"),
+            Some(("security.istio.io", "Istio"))
+        );
+        assert_eq!(reserved_label("istio.io/rev").map(|r| r.1), Some("Istio"));
+        assert_eq!(
+            reserved_label("app.kubernetes.io/name").map(|r| r.1),
+            Some("Kubernetes")
+        );
+        assert_eq!(reserved_label("node.k8s.io/x").map(|r| r.1), Some("Kubernetes"));
+        assert_eq!(
+            reserved_label(label::WORKLOAD_GROUP).map(|r| r.1),
+            Some("Gangplank")
+        );
+        for free in [
+            "app",
+            "example.com/tier",
+            "notistio.io/x",
+            "istio.io.example/x",
+            "istio",
+        ] {
+            assert_eq!(reserved_label(free), None, "{free}");
+        }
+    }
 
     #[test]
     fn readable_identities_keep_their_name() {

@@ -360,6 +360,15 @@ fn sample_group() -> WorkloadGroup {
             name: Some("ratings".into()),
             namespace: Some("bookinfo".into()),
             labels: Some(labels.clone()),
+            // The quickstart's VM is this machine, reached on loopback: an address the
+            // endpoint refuses unless the group allows it.
+            annotations: Some(
+                [(
+                    gangplank_api::names::annotation::ALLOWED_ADDRESSES.to_string(),
+                    "loopback".to_string(),
+                )]
+                .into(),
+            ),
             ..Default::default()
         },
         spec: WorkloadGroupSpec {

@@ -5,6 +5,7 @@
 //! - [`cluster`]: boot inputs from a Kubernetes cluster (TokenRequest, Istio's ConfigMaps);
 //! - [`config`]: the configuration file (parse, then validate into typed choices);
 //! - [`error`]: why the endpoint cannot start;
+//! - [`facts`]: the checks an agent's host facts pass before they reach an entry;
 //! - [`keys`]: what the endpoint signs (sidecar tokens, sessions, nonces);
 //! - [`membership`]: replica Leases and the Lease-elected sweeper (Kubernetes);
 //! - [`mesh`]: where the sidecar's token, root certificate and mesh config come from;
@@ -18,6 +19,7 @@ pub mod alloc;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod facts;
 pub mod keys;
 pub mod membership;
 pub mod mesh;

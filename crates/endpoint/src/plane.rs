@@ -219,7 +219,10 @@ impl Plane {
     pub fn address(identity: &Identity, host: &proto::HostFacts) -> Result<IpAddr, Status> {
         // A VM connecting over the internet is registered at the public address it reports;
         // otherwise the address the platform vouches for wins.
-        if let Some(ip) = identity.address.filter(|_| host.connected_over != "INTERNET") {
+        if let Some(ip) = identity
+            .address
+            .filter(|_| host.connected_over != gangplank_api::connected_over::INTERNET)
+        {
             return Ok(ip);
         }
         host.addresses
@@ -311,7 +314,9 @@ impl Plane {
             owner_references: Some(vec![owner]),
             ..Default::default()
         };
-        Ok(WorkloadEntry::new(metadata, spec))
+        let entry = WorkloadEntry::new(metadata, spec);
+        crate::facts::check_entry(&entry)?;
+        Ok(entry)
     }
 
     /// Renders the sidecar's boot files for `entry` of `group`, with a fresh token.

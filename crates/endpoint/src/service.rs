@@ -170,6 +170,8 @@ impl Service {
             )));
         }
         let host = req.host.unwrap_or_default();
+        // Syntactic, so before the nonce is spent and the credential verified.
+        crate::facts::check(&host)?;
         plane
             .keys
             .check_nonce(&req.nonce)
@@ -198,6 +200,9 @@ impl Service {
                 "WorkloadGroup {group_key} not found: create it, or fix workloadGroup in the agent's onboarding config"
             ))
         })?;
+        // Which addresses the group allows is its admin's choice; checked before policy, so
+        // a refusal names the address whatever the policy says.
+        crate::facts::Allowed::of(&group)?.check(&host, identity.address)?;
         let policies = plane
             .registry
             .policies(&group_key.namespace)

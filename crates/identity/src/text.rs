@@ -1,5 +1,5 @@
 //! How untrusted values appear in messages and labels. A leaf: it uses nothing else in the
-//! crate.
+//! crate (label rules are gangplank-api's).
 
 use std::collections::BTreeMap;
 
@@ -27,13 +27,7 @@ pub(crate) fn short_labels<'a>(
 /// A valid, non-empty Kubernetes label value: at most 63 of `[A-Za-z0-9._-]`, alphanumeric
 /// at both ends.
 pub(crate) fn is_label_value(v: &str) -> bool {
-    let b = v.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
+    !v.is_empty() && gangplank_api::meta::label_value_problem(v).is_none()
 }
 
 #[cfg(test)]

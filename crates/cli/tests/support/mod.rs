@@ -25,11 +25,17 @@ use gangplank_testkit::process::{Proc, bin};
 pub const PLANE_ID: &str = "plane-e2e-0001";
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// The WorkloadGroup `bookinfo/ratings` (label `app: ratings`, service account `ratings`).
+/// The WorkloadGroup `bookinfo/ratings` (label `app: ratings`, service account `ratings`;
+/// loopback addresses allowed).
 pub const RATINGS_GROUP: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: WorkloadGroup
-metadata: {name: ratings, namespace: bookinfo, labels: {app: ratings}}
+metadata:
+  name: ratings
+  namespace: bookinfo
+  labels: {app: ratings}
+  # The test VMs run on this machine and may register at loopback addresses.
+  annotations: {onboarding.gangplank.dev/allowed-addresses: loopback}
 spec:
   template: {serviceAccount: ratings}
 "#;
@@ -139,6 +145,9 @@ pub struct Mesh {
     config: PathBuf,
 }
 
+/// The WorkloadGroup `namespace/name` with `labels` (its entries' too), port `http: 9080`,
+/// service account `<name>-sa`, an HTTP probe, and loopback addresses allowed: the test VMs
+/// run on this machine.
 pub fn group(namespace: &str, name: &str, labels: &[(&str, &str)]) -> WorkloadGroup {
     let labels: BTreeMap<String, String> = labels
         .iter()
@@ -151,6 +160,13 @@ pub fn group(namespace: &str, name: &str, labels: &[(&str, &str)]) -> WorkloadGr
             name: Some(name.into()),
             namespace: Some(namespace.into()),
             labels: Some(labels.clone()),
+            annotations: Some(
+                [(
+                    gangplank_api::names::annotation::ALLOWED_ADDRESSES.to_string(),
+                    "loopback".to_string(),
+                )]
+                .into(),
+            ),
             ..Default::default()
         },
         spec: WorkloadGroupSpec {
