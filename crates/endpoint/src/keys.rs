@@ -459,9 +459,12 @@ mod tests {
             aud: SESSION_AUDIENCE.into(),
             iat: 0,
             exp: 1,
+            cnx: "c1".into(),
         };
-        let old = jsonwebtoken::encode(&keys.header(), &past, &keys.encoding).unwrap();
-        assert!(keys.verify_session(&old).is_err());
+        let old =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &past, &keys.session_encoding).unwrap();
+        let err = keys.verify_session(&old).unwrap_err().to_string();
+        assert!(err.contains("xpired"), "{err}");
         assert!(keys.verify_session(&expired).is_ok(), "within leeway");
     }
 
