@@ -61,6 +61,9 @@ struct Onboard {
     /// How long the steady state (every agent connected, heartbeats only) is measured.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     steady: Duration,
+    /// How long the agents may take to onboard; those not done by then count as failed.
+    #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
+    deadline: Duration,
     /// The endpoint binary (default: `gangplank-endpoint` next to this one).
     #[arg(long)]
     endpoint_bin: Option<PathBuf>,
@@ -179,7 +182,11 @@ async fn onboard(args: Onboard) -> Result<()> {
         runs,
     };
     match args.output {
-        Output::Json => gangplank_stdout::println(serde_json::to_string_pretty(&report)?)?,
+        Output::Json => {
+            // The table too, on stderr, so one run gives both.
+            eprint!("{}", table(&report));
+            gangplank_stdout::println(serde_json::to_string_pretty(&report)?)?
+        }
         Output::Table => gangplank_stdout::print(table(&report))?,
     }
     Ok(())
@@ -220,16 +227,22 @@ async fn run(args: &Onboard, endpoint_bin: &std::path::Path, n: usize) -> Result
 
     let mut latencies = Vec::with_capacity(n);
     let mut failures = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    let deadline = tokio::time::Instant::now() + args.deadline;
     while latencies.len() + failures.len() < n {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(Ok(l))) => latencies.push(l),
             Ok(Some(Err(e))) => failures.push(e),
             Ok(None) => break,
-            Err(_) => anyhow::bail!(
-                "onboarding {n} agents took longer than 600s; endpoint log:\n{}",
-                plane.log_tail(20)
-            ),
+            Err(_) => {
+                let late = n - latencies.len() - failures.len();
+                eprintln!(
+                    "gangplank-bench: {late} of {n} agents had not onboarded within {:?}; endpoint log:\n{}",
+                    args.deadline,
+                    plane.log_tail(5)
+                );
+                failures.extend((0..late).map(|_| format!("not onboarded within {:?}", args.deadline)));
+                break;
+            }
         }
     }
     let elapsed = started.elapsed();

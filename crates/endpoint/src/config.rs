@@ -59,8 +59,10 @@ pub struct Connections {
     /// Connections held at once (handshaking or open); one accepted past it is closed at once.
     #[serde(default = "defaults::max_connections")]
     pub max: usize,
-    /// TLS handshakes under way at once; one accepted past it is closed at once, so a burst
-    /// of reconnecting VMs or a slow-handshake flood cannot starve the connections already open.
+    /// TLS handshakes under way at once; a connection accepted past it waits for a slot
+    /// (within `handshakeTimeout`, counted from its accept) and is closed if none comes, so a
+    /// burst of reconnecting VMs is served in turn and a slow-handshake flood cannot starve
+    /// the connections already open.
     #[serde(default = "defaults::max_handshakes")]
     pub max_handshakes: usize,
     /// How long a client may take to finish its TLS handshake.

@@ -61,7 +61,7 @@ impl Metrics {
     }
 
     /// Counts a connection the endpoint closed itself, by reason (`max_connections`,
-    /// `max_handshakes`: closed as accepted; `handshake_timeout`; `idle`).
+    /// `max_handshakes`: no handshake slot within the handshake timeout; `handshake_timeout`; `idle`).
     pub fn refused(&self, reason: &str) {
         self.refused
             .get_or_create(&Reason {
@@ -106,8 +106,8 @@ impl Metrics {
         );
         r.register(
             "connections_refused",
-            "Connections the endpoint closed itself, by reason: max_connections and max_handshakes \
-             (closed as accepted), handshake_timeout, idle",
+            "Connections the endpoint closed itself, by reason: max_connections (closed as accepted), \
+             max_handshakes (no handshake slot within the handshake timeout), handshake_timeout, idle",
             self.refused.clone(),
         );
     }

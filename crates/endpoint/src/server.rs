@@ -259,7 +259,7 @@ async fn serve_tls(
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
     let mut backoff = AcceptBackoff::default();
     let mut over_connections = LogEvery::default();
-    let mut over_handshakes = LogEvery::default();
+    let over_handshakes = Arc::new(std::sync::Mutex::new(LogEvery::default()));
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -290,22 +290,12 @@ async fn serve_tls(
             refuse(&plane, &mut over_connections, "max_connections", peer, limits.max);
             continue;
         };
-        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-            drop(tcp);
-            refuse(
-                &plane,
-                &mut over_handshakes,
-                "max_handshakes",
-                peer,
-                limits.max_handshakes,
-            );
-            continue;
-        };
         let accepted = Accepted {
             tcp,
             peer,
             held: Held::new(plane.clone(), connection),
-            handshake,
+            handshakes: handshakes.clone(),
+            over_handshakes: over_handshakes.clone(),
         };
         // Connections carry Onboard and Leave calls, which write: tracked, so a shutdown
         // waits for the calls in flight.
@@ -326,8 +316,10 @@ struct Accepted {
     peer: SocketAddr,
     /// Its place under `connections.max`, for as long as it lives.
     held: Held,
-    /// Its place under `connections.maxHandshakes`, until TLS is done.
-    handshake: OwnedSemaphorePermit,
+    /// The places under `connections.maxHandshakes`: it waits for one, then holds it until
+    /// TLS is done.
+    handshakes: Arc<Semaphore>,
+    over_handshakes: Arc<std::sync::Mutex<LogEvery>>,
 }
 
 /// TLS, then HTTP/2 (or HTTP/1.1 for the OIDC documents) until the peer closes, it is idle for
@@ -343,10 +335,25 @@ async fn serve_connection(
         tcp,
         peer,
         held: _held,
-        handshake,
+        handshakes,
+        over_handshakes,
     } = accepted;
     let limits = &plane.config.file.connections;
-    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+    // The handshake cap bounds the TLS work done at once. A connection over it waits its
+    // turn, within `handshakeTimeout` counted from its accept, instead of being turned away:
+    // a thousand agents reconnecting at once (an endpoint restart, a failover) are all served,
+    // a slowloris holding the slots only delays them.
+    let accepted_at = tokio::time::Instant::now();
+    let deadline = accepted_at + limits.handshake_timeout;
+    let handshake = match tokio::time::timeout_at(deadline, handshakes.acquire_owned()).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            let mut log = over_handshakes.lock().unwrap_or_else(|p| p.into_inner());
+            refuse(&plane, &mut log, "max_handshakes", peer, limits.max_handshakes);
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
             tracing::debug!(%peer, %err, "TLS handshake failed");
@@ -425,7 +432,11 @@ fn refuse(plane: &Plane, log: &mut LogEvery, reason: &'static str, peer: SocketA
             "max_connections" => "connections.max",
             _ => "connections.maxHandshakes",
         };
-        tracing::warn!(%peer, limit, suppressed, "closed a connection at once: {setting} reached; agents retry (raise it, or add replicas)");
+        let when = match reason {
+            "max_connections" => "at once",
+            _ => "after waiting connections.handshakeTimeout for a handshake slot",
+        };
+        tracing::warn!(%peer, limit, suppressed, "closed a connection {when}: {setting} reached; agents retry (raise it, or add replicas)");
     }
 }
 
