@@ -9,19 +9,25 @@ use std::marker::PhantomData;
 use prost::Message;
 use tonic::Status;
 use tonic::codec::{BufferSettings, DecodeBuf};
-use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+use tonic_prost::{ProstDecoder, ProstEncoder};
 
 /// The codec of every `gangplank.onboarding.v1` call: encodes `T`, decodes `U`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Codec<T, U> {
-    prost: ProstCodec<T, U>,
+    _messages: PhantomData<fn() -> (T, U)>,
 }
 
 impl<T, U> Default for Codec<T, U> {
     fn default() -> Self {
         Self {
-            prost: ProstCodec::default(),
+            _messages: PhantomData,
         }
+    }
+}
+
+impl<T, U> Clone for Codec<T, U> {
+    fn clone(&self) -> Self {
+        Self::default()
     }
 }
 
@@ -36,15 +42,23 @@ where
     type Decoder = Decoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        self.prost.encoder()
+        ProstEncoder::new(buffers())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
         Decoder {
-            prost: self.prost.decoder(),
+            prost: ProstDecoder::new(buffers()),
             _message: PhantomData,
         }
     }
+}
+
+/// The buffers a stream starts with. tonic's default is 8 KiB each way per call; an agent's
+/// Session stream lives for days carrying messages of a few dozen bytes, and at 10,000
+/// sessions those two buffers were a quarter of the endpoint's memory. They grow for the
+/// occasional large message (boot files) as before.
+fn buffers() -> BufferSettings {
+    BufferSettings::new(1024, 32 * 1024)
 }
 
 /// Decodes `U` with prost; bytes that are not a `U` are INVALID_ARGUMENT.

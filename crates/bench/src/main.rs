@@ -246,8 +246,17 @@ async fn run(args: &Onboard, endpoint_bin: &std::path::Path, n: usize) -> Result
         }
     }
     let elapsed = started.elapsed();
-    // The last onboardings' writes and CPU land within moments of their Welcome.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The last onboardings' writes and CPU land within moments of their Welcome (and the
+    // write counter may lag a busy moment): wait until it stops moving, at most 10 s.
+    let mut last = plane.writes();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = plane.writes();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
     let (user1, system1) = probe::cpu_split_ns(pid)?;
     let (user, system) = (user1 - cpu0.0, system1 - cpu0.1);
     let cpu = user + system;
@@ -261,6 +270,9 @@ async fn run(args: &Onboard, endpoint_bin: &std::path::Path, n: usize) -> Result
 
     // Steady state: everyone connected, heartbeats only.
     let (cpu_s, writes_s, t_s) = (probe::cpu_ns(pid)?, plane.writes(), Instant::now());
+    if std::env::var_os("GANGPLANK_BENCH_DEBUG_WRITES").is_some() {
+        eprintln!("steady state from {:?}", std::time::SystemTime::now());
+    }
     tokio::time::sleep(args.steady).await;
     let steady_cpu = probe::cpu_ns(pid)? - cpu_s;
     let steady_secs = t_s.elapsed().as_secs_f64();

@@ -67,6 +67,10 @@ impl Drop for Plane {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // GANGPLANK_BENCH_KEEP_LOG=FILE keeps the endpoint's log of the last run.
+        if let Some(keep) = std::env::var_os("GANGPLANK_BENCH_KEEP_LOG") {
+            let _ = std::fs::copy(self.root.join("endpoint.log"), keep);
+        }
     }
 }
 

@@ -85,7 +85,12 @@ impl Writes {
                     let folder = e.mask.contains(AddWatchFlags::IN_ISDIR);
                     if !hidden && !folder {
                         if debug {
-                            eprintln!("registry write: {:?} {:?}", e.mask, e.name);
+                            eprintln!(
+                                "registry write: {:?} {:?} {:?}",
+                                std::time::SystemTime::now(),
+                                e.mask,
+                                e.name
+                            );
                         }
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
