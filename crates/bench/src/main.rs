@@ -181,6 +181,7 @@ async fn onboard(args: Onboard) -> Result<()> {
         signatures,
         runs,
     };
+    let failed: usize = report.runs.iter().map(|r| r.failures).sum();
     match args.output {
         Output::Json => {
             // The table too, on stderr, so one run gives both.
@@ -189,6 +190,11 @@ async fn onboard(args: Onboard) -> Result<()> {
         }
         Output::Table => gangplank_stdout::print(table(&report))?,
     }
+    // The report is out; a run in which agents failed still fails the command.
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} agents failed to onboard or leave (see first failure above)"
+    );
     Ok(())
 }
 

@@ -122,7 +122,7 @@ impl Plane {
                 seed_cluster(&server, &policy)?;
                 let kubeconfig = server.write_kubeconfig(&root)?;
                 let config = format!(
-                    "registry:\n  kubernetes:\n    kubeconfig: {}\n    namespace: gangplank-system\nmesh:\n  istiodIp: 10.10.10.11\n",
+                    "registry:\n  kubernetes:\n    kubeconfig: {}\n    namespace: gangplank-system\nmesh:\n  istiodIp: 10.10.10.11\n  clusterId: bench-cluster\n",
                     kubeconfig.display()
                 );
                 (None, Some(server), config)

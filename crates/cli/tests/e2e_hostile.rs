@@ -66,6 +66,9 @@ struct Ctx {
     spent_nonce: String,
     /// A nonce signed with the endpoint's own key, past its expiry.
     expired_nonce: String,
+    /// A valid session of a VM that onboarded on another connection (a copy: the rows'
+    /// client has no proof by that VM's key).
+    copied_session: String,
 }
 
 impl Ctx {
@@ -632,6 +635,18 @@ fn rows() -> Vec<Row> {
             "session token is not valid",
         ),
         row(
+            "Leave with a session copied from another connection",
+            Leave(|c| Some(c.copied_session.clone())),
+            Unauthenticated,
+            "issued on another connection",
+        ),
+        row(
+            "Session with a session copied from another connection",
+            Session(|c| Some(c.copied_session.clone()), vec![]),
+            Unauthenticated,
+            "issued on another connection",
+        ),
+        row(
             "Session without a session",
             Session(|_| None, vec![]),
             Unauthenticated,
@@ -775,6 +790,7 @@ async fn fixtures(mesh: &Mesh, client: &mut Client) -> Ctx {
         spent_token,
         spent_nonce: String::new(),
         expired_nonce: String::new(),
+        copied_session: String::new(),
     };
     // A nonce is spent once presented, even by a request refused after the nonce check.
     ctx.spent_nonce = discover(client).await;
@@ -786,6 +802,26 @@ async fn fixtures(mesh: &Mesh, client: &mut Client) -> Ctx {
         .expect_err("an unknown credential kind");
     assert_eq!(refused.code(), Code::InvalidArgument, "{}", refused.message());
     ctx.expired_nonce = expired_like(mesh, &discover(client).await);
+    // A VM onboards on its own connection; its session is what a thief copies.
+    let mut vm = mesh.client().await;
+    let key = gangplank_identity::bound::Key::generate().unwrap();
+    let nonce = discover(&mut vm).await;
+    let mut request = valid(&ctx, nonce.clone());
+    join(&mut request, &create_token(mesh, &ratings, hour).await);
+    let challenge = gangplank_identity::Challenge {
+        plane_id: PLANE_ID.into(),
+        nonce,
+        ..Default::default()
+    };
+    key.attach(credential(&mut request), &challenge);
+    ctx.copied_session = vm
+        .onboard(request)
+        .await
+        .expect("the VM whose session is copied onboards")
+        .into_inner()
+        .registration
+        .unwrap()
+        .session;
     ctx
 }
 
@@ -926,7 +962,8 @@ async fn hostile_requests_are_refused_with_the_field_named_and_change_nothing() 
     host(&mut ok).addresses = vec!["127.0.0.1".into()];
     let joined = client.onboard(ok).await.expect("the valid request").into_inner();
     assert_eq!(joined.registration.unwrap().address, "127.0.0.1");
-    assert_eq!(mesh.entry_files().len(), 1);
+    // This one and the VM whose session the copied-session rows present.
+    assert_eq!(mesh.entry_files().len(), 2);
 }
 
 /// A codec that sends raw bytes as a message and reads any reply as raw bytes.

@@ -52,6 +52,11 @@ pub async fn once(
 ) -> Result<usize, gangplank_registry::Error> {
     let grace = plane.config.file.workloads.grace_period;
     let now = time::OffsetDateTime::now_utc();
+    // Bindings before entries: an onboarding writes its entry before its binding, so every
+    // binding listed here whose entry is missing from the later listing really lost it.
+    // (Listed the other way round, a binding made between the two listings looked
+    // entry-less, was stamped, and was unstamped by the next sweep: two needless writes.)
+    let bindings = plane.registry.bindings().await?;
     let entries = plane.registry.managed_entries().await?;
     let live: std::collections::HashSet<NamespacedName> = plane
         .live
@@ -91,7 +96,7 @@ pub async fn once(
         }
     }
     orphans.retain(|k, _| seen.contains(k));
-    expire_bindings(plane, &remaining, now).await?;
+    expire_bindings(plane, bindings, &remaining, now).await?;
     Ok(deleted)
 }
 
@@ -101,11 +106,12 @@ pub async fn once(
 /// binding whose entry is back loses its stamp.
 async fn expire_bindings(
     plane: &Plane,
+    bindings: Vec<gangplank_api::binding::WorkloadBinding>,
     entries: &std::collections::HashSet<gangplank_api::NamespacedName>,
     now: time::OffsetDateTime,
 ) -> Result<(), gangplank_registry::Error> {
     let retention = plane.config.file.workloads.binding_retention;
-    for mut binding in plane.registry.bindings().await? {
+    for mut binding in bindings {
         let key = binding.key();
         let stamped = parse(&binding.status.entry_gone_since);
         let has_entry = entries.contains(&key);
