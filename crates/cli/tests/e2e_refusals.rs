@@ -35,22 +35,6 @@ fn join(token: &str) -> Option<Credential> {
     })
 }
 
-/// Every file under the registry with its bytes.
-fn snapshot(mesh: &Mesh) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut files = Vec::new();
-    walk(&mesh.root().join("registry"), &mut files);
-    let mut out: Vec<_> = files
-        .into_iter()
-        .filter(|p| !p.ends_with(".lock"))
-        .map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 /// The endpoint's log line that carries `reference` (waiting, bounded, for it to be written).
 fn logged_with(mesh: &Mesh, reference: &str) -> String {
     gangplank_testkit::process::until(WAIT, || {
@@ -301,7 +285,7 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
         },
     ];
 
-    let before = snapshot(&mesh);
+    let before = mesh.snapshot();
     let mut client = mesh.client().await;
     let mut public: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
     for case in cases {
@@ -370,7 +354,7 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
                 case.what
             );
         }
-        assert_eq!(snapshot(&mesh), before, "{}: the registry changed", case.what);
+        assert_eq!(mesh.snapshot(), before, "{}: the registry changed", case.what);
     }
     // One message per class: a caller cannot tell an unknown token from a wrong secret, an
     // expired or a spent one.
@@ -414,7 +398,7 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
         .expect("vm-1 is allowed")
         .into_inner();
     assert_eq!(ok.registration.unwrap().address, "10.0.0.7");
-    let after = snapshot(&mesh);
+    let after = mesh.snapshot();
 
     // The very same request again (a captured credential with its nonce) is refused.
     let replay = client.onboard(request).await.expect_err("a replayed nonce");
@@ -424,7 +408,7 @@ async fn forged_expired_unauthorised_and_malformed_requests_are_refused_and_chan
         "{}",
         replay.message()
     );
-    assert_eq!(snapshot(&mesh), after, "the replay changed the registry");
+    assert_eq!(mesh.snapshot(), after, "the replay changed the registry");
     assert_eq!(mesh.entry_files().len(), 1);
 }
 
@@ -455,7 +439,7 @@ async fn a_jwks_outage_reaches_the_agent_as_unavailable_and_blames_the_endpoint(
     // The issuer goes down before the endpoint ever fetched its keys.
     assert_eq!(issuer.jwks_requests(), 0);
     drop(issuer);
-    let before = snapshot(&mesh);
+    let before = mesh.snapshot();
 
     let mut vm = Vm::start(&mesh, "vm-1", support::Credential::JwtFile(token));
     let line = vm.agent.wait_for(r"(refused: Unavailable: .*)", WAIT);
@@ -472,7 +456,7 @@ async fn a_jwks_outage_reaches_the_agent_as_unavailable_and_blames_the_endpoint(
         "the agent blames its own config: {line}"
     );
     assert!(line.contains("nothing to change on this VM"), "{line}");
-    assert_eq!(snapshot(&mesh), before, "the registry changed");
+    assert_eq!(mesh.snapshot(), before, "the registry changed");
     assert!(mesh.entry_files().is_empty());
 }
 
@@ -557,7 +541,7 @@ async fn forged_and_replayed_rejoin_proofs_are_refused_and_write_nothing() {
         .onboard(onboard_request("ratings", recorded.clone(), old.nonce.clone()))
         .await
         .expect("the recorded rejoin itself succeeds");
-    let before = snapshot(&mesh);
+    let before = mesh.snapshot();
 
     let mut cases: Vec<(&str, Credential, String, Code)> = Vec::new();
     let c = fresh(&mut client).await;
@@ -634,7 +618,7 @@ async fn forged_and_replayed_rejoin_proofs_are_refused_and_write_nothing() {
                 status.message()
             );
         }
-        assert_eq!(snapshot(&mesh), before, "{what}: the registry changed");
+        assert_eq!(mesh.snapshot(), before, "{what}: the registry changed");
     }
 
     // The real key still rejoins: the same entry, no token use.

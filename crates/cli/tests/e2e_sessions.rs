@@ -13,22 +13,6 @@ use support::*;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// Every file under the registry with its bytes.
-fn snapshot(mesh: &Mesh) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut files = Vec::new();
-    walk(&mesh.root().join("registry"), &mut files);
-    let mut out: Vec<_> = files
-        .into_iter()
-        .filter(|p| !p.ends_with(".lock"))
-        .map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 async fn challenge(client: &mut OnboardingClient<Channel>) -> Challenge {
     let d = client
         .discover(proto::DiscoverRequest {})
@@ -121,7 +105,7 @@ async fn a_copied_session_opens_nothing_and_deletes_nothing_without_the_bound_ke
     let (vm_stream, _vm_inbound) = open(&mut vm, &session, None)
         .await
         .expect("the session works on the connection it was issued on");
-    let before = snapshot(&mesh);
+    let before = mesh.snapshot();
 
     // A thief with a copy of the session, on its own connection.
     let mut thief = mesh.client().await;
@@ -167,7 +151,7 @@ async fn a_copied_session_opens_nothing_and_deletes_nothing_without_the_bound_ke
         .await
         .expect_err("refused");
     refused(status, "a Leave with the key's proof of another session");
-    assert_eq!(snapshot(&mesh), before, "a refused session changed the registry");
+    assert_eq!(mesh.snapshot(), before, "a refused session changed the registry");
 
     // The VM itself, after a reconnect (a new connection), moves its session with its key;
     // a replay of that proof is refused.

@@ -345,6 +345,23 @@ identities:
         secret.expose().to_string()
     }
 
+    /// Every file under the registry with its bytes (the lock file aside), sorted: equal
+    /// snapshots mean nothing was written.
+    pub fn snapshot(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut files = Vec::new();
+        walk(&self.root().join("registry"), &mut files);
+        let mut out: Vec<_> = files
+            .into_iter()
+            .filter(|p| !p.ends_with(".lock"))
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                (p, bytes)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     pub async fn entries(&self) -> Vec<WorkloadEntry> {
         self.registry.list::<WorkloadEntry>(None).await.unwrap()
     }
