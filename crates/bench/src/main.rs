@@ -61,6 +61,10 @@ struct Onboard {
     /// How long the steady state (every agent connected, heartbeats only) is measured.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     steady: Duration,
+    /// The endpoint's `workloads.heartbeat` (the interval its Welcome tells agents); the
+    /// endpoint's default when not given.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat: Option<Duration>,
     /// How long the agents may take to onboard; those not done by then count as failed.
     #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
     deadline: Duration,
@@ -97,6 +101,8 @@ struct Run {
     registry_writes_per_onboarding: f64,
     rss_after_onboarding_mib: f64,
     steady: Steady,
+    /// The heartbeat interval the endpoint gave the agents.
+    heartbeat: String,
     leave_registry_writes_per_agent: f64,
     floor: floor::Handshakes,
     /// Endpoint CPU per onboarding ÷ endpoint CPU per TLS handshake.
@@ -199,7 +205,7 @@ async fn onboard(args: Onboard) -> Result<()> {
 }
 
 async fn run(args: &Onboard, endpoint_bin: &std::path::Path, n: usize) -> Result<Run> {
-    let plane = Plane::start(endpoint_bin, args.registry, args.credential).await?;
+    let plane = Plane::start(endpoint_bin, args.registry, args.credential, args.heartbeat).await?;
     let pid = plane.pid();
     let concurrency = args.concurrency.min(n).max(1);
     let floor = floor::handshakes(
@@ -338,6 +344,10 @@ async fn run(args: &Onboard, endpoint_bin: &std::path::Path, n: usize) -> Result
             peak_rss_mib: mib(peak),
             registry_writes: steady_writes,
         },
+        heartbeat: args
+            .heartbeat
+            .map(|h| humantime::format_duration(h).to_string())
+            .unwrap_or_else(|| "the endpoint's default (10s)".into()),
         leave_registry_writes_per_agent: leave_writes as f64 / ok,
         ratio_to_handshake: cpu_per / floor.endpoint_cpu_ms,
         floor,

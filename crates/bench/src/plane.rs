@@ -76,7 +76,13 @@ impl Drop for Plane {
 
 impl Plane {
     /// Starts `endpoint_bin` on a new `kind` registry trusting `credential`.
-    pub async fn start(endpoint_bin: &Path, kind: RegistryKind, credential: CredentialKind) -> Result<Self> {
+    /// `heartbeat` is the endpoint's `workloads.heartbeat` (its default when `None`).
+    pub async fn start(
+        endpoint_bin: &Path,
+        kind: RegistryKind,
+        credential: CredentialKind,
+        heartbeat: Option<Duration>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let root = dir.path().to_owned();
         let ca_bundle = dev_tls(&root)?;
@@ -135,8 +141,13 @@ impl Plane {
                 "apiVersion: onboarding.gangplank.dev/v1alpha1\nkind: EndpointConfiguration\nplaneId: {PLANE_ID}\n\
                  listen: 127.0.0.1:0\nmonitoringListen: 127.0.0.1:0\nreplica: endpoint-0\n\
                  tls:\n  certFile: {root}/tls/tls.crt\n  keyFile: {root}/tls/tls.key\n\
-                 stateDir: {root}/state\n{registry_config}identities:\n  joinTokens: true\n{jwt}",
+                 stateDir: {root}/state\n{registry_config}identities:\n  joinTokens: true\n{jwt}{workloads}",
                 root = root.display(),
+                workloads = match heartbeat {
+                    Some(every) =>
+                        format!("workloads:\n  heartbeat: {}\n", humantime::format_duration(every)),
+                    None => String::new(),
+                },
             ),
         )?;
         let log = root.join("endpoint.log");
