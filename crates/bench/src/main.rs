@@ -289,6 +289,11 @@ async fn run(args: &Onboard, endpoint_bin: &std::path::Path, n: usize) -> Result
     let steady_cpu = probe::cpu_ns(pid)? - cpu_s;
     let steady_secs = t_s.elapsed().as_secs_f64();
     let steady_writes = plane.writes() - writes_s;
+    if std::env::var_os("GANGPLANK_BENCH_DEBUG_WRITES").is_some() {
+        for w in plane.last_writes(steady_writes as usize) {
+            eprintln!("steady-state write: {w}");
+        }
+    }
     let (rss_steady, peak) = probe::rss(pid)?;
 
     let writes_l = plane.writes();

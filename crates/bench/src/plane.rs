@@ -204,6 +204,20 @@ impl Plane {
         }
     }
 
+    /// What the last `count` registry writes were, for a look at the steady state (the API
+    /// stand-in records each; a directory registry's are printed as they happen with
+    /// `GANGPLANK_BENCH_DEBUG_WRITES`).
+    pub fn last_writes(&self, count: usize) -> Vec<String> {
+        let Some(server) = &self.kube else {
+            return Vec::new();
+        };
+        let writes = server.writes();
+        writes[writes.len().saturating_sub(count)..]
+            .iter()
+            .map(|w| format!("{} {} {}/{}", w.verb, w.resource, w.namespace, w.name))
+            .collect()
+    }
+
     /// One first-join credential for each of `count` agents.
     pub async fn credentials(&self, count: usize) -> Result<Vec<proto::Credential>> {
         let key = NamespacedName::new(NAMESPACE, GROUP);
