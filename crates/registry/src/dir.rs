@@ -198,6 +198,12 @@ impl Registry {
                 };
                 let mut known = removals.known.lock().unwrap_or_else(|p| p.into_inner());
                 let fresh = std::mem::take(&mut known.fresh);
+                // An entry a follower read while this scan listed, and missing from the
+                // listing, may have been removed just after the read: scan again next time
+                // rather than trust the folder times, which already include that removal.
+                if fresh.iter().any(|k| !now.contains(k)) {
+                    unchanged_since = None;
+                }
                 if let Some(before) = known.keys.as_ref() {
                     for gone in before.difference(&now).filter(|k| !fresh.contains(k)) {
                         let _ = removals.sender.send(gone.clone());
@@ -505,13 +511,16 @@ impl Store {
     /// detector, not a listing).
     /// The modification time of every namespace's entry folder (and of the root, where
     /// namespaces appear), taken before a scan; `None` when a time is too recent to trust
-    /// (file times are coarse: a change within the same clock tick could leave a time
-    /// unchanged) or cannot be read. Equal stamps mean no entry file came or went.
+    /// (file times are coarse, whole seconds on some file systems: a change within the same
+    /// tick could leave a time unchanged) or cannot be read. Equal stamps mean no entry file
+    /// came or went.
     fn entry_folder_stamps(&self) -> Option<Vec<(String, std::time::SystemTime)>> {
         let now = std::time::SystemTime::now();
         let settled = |t: std::time::SystemTime| {
             now.duration_since(t)
-                .is_ok_and(|age| age > std::time::Duration::from_millis(100))
+                // Some file systems keep whole seconds (ext4 with small inodes, FAT, some
+                // NFS servers): a time is trusted once it is older than that granularity.
+                .is_ok_and(|age| age > std::time::Duration::from_secs(2))
         };
         let mut stamps = Vec::new();
         let root = fs::metadata(&self.root).and_then(|m| m.modified()).ok()?;
