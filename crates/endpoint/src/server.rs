@@ -345,15 +345,24 @@ async fn serve_connection(
     // a slowloris holding the slots only delays them.
     let accepted_at = tokio::time::Instant::now();
     let deadline = accepted_at + limits.handshake_timeout;
-    let handshake = match tokio::time::timeout_at(deadline, handshakes.acquire_owned()).await {
-        Ok(Ok(permit)) => permit,
-        _ => {
-            let mut log = over_handshakes.lock().unwrap_or_else(|p| p.into_inner());
-            refuse(&plane, &mut log, "max_handshakes", peer, limits.max_handshakes);
-            return;
-        }
+    // Neither the wait nor the handshake holds up a shutdown: a connection not yet served
+    // when the endpoint stops is dropped.
+    let handshake = tokio::select! {
+        permit = tokio::time::timeout_at(deadline, handshakes.acquire_owned()) => match permit {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                let mut log = over_handshakes.lock().unwrap_or_else(|p| p.into_inner());
+                refuse(&plane, &mut log, "max_handshakes", peer, limits.max_handshakes);
+                return;
+            }
+        },
+        () = plane.stopping.cancelled() => return,
     };
-    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+    let accepted = tokio::select! {
+        tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => tls,
+        () = plane.stopping.cancelled() => return,
+    };
+    let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
             tracing::debug!(%peer, %err, "TLS handshake failed");
