@@ -115,6 +115,18 @@ async fn expire_bindings(
         let key = binding.key();
         let stamped = parse(&binding.status.entry_gone_since);
         let has_entry = entries.contains(&key);
+        let acts = match (has_entry, stamped) {
+            (true, None) => false,
+            (false, Some(since)) => now - since > retention,
+            _ => true,
+        };
+        // The listings are older than this decision (a whole entry pass ran since): a VM
+        // that rejoined meanwhile wrote a new binding and entry, which must not be stamped,
+        // unstamped back to an old key, or deleted. Act only on the binding as listed, and
+        // only while its entry is still as listed.
+        if acts && !still_as_listed(plane, &binding, has_entry).await? {
+            continue;
+        }
         let write = match (has_entry, stamped) {
             (true, None) => false,
             (false, Some(since)) if now - since <= retention => false,
@@ -142,6 +154,21 @@ async fn expire_bindings(
         }
     }
     Ok(())
+}
+
+/// Whether `listed` is still the stored binding (same resourceVersion) and its entry still
+/// exists exactly when `had_entry`.
+async fn still_as_listed(
+    plane: &Plane,
+    listed: &gangplank_api::binding::WorkloadBinding,
+    had_entry: bool,
+) -> Result<bool, gangplank_registry::Error> {
+    let key = listed.key();
+    let stored = plane.registry.binding(&key).await?;
+    if stored.map(|b| b.metadata.resource_version) != Some(listed.metadata.resource_version.clone()) {
+        return Ok(false);
+    }
+    Ok(plane.registry.entry(&key).await?.is_some() == had_entry)
 }
 
 #[cfg(test)]
