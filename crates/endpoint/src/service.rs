@@ -365,6 +365,17 @@ impl Service {
         }
     }
 
+    /// Whether the stream `generation` is still this replica's live stream of `key` (no newer
+    /// stream of the same agent took over).
+    fn current(plane: &Plane, key: &NamespacedName, generation: u64) -> bool {
+        plane
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .is_some_and(|l| l.generation == generation)
+    }
+
     /// Records a stream's end on the entry, unless a newer stream of the same agent took over.
     async fn disconnected(plane: &Plane, key: &NamespacedName, generation: u64) {
         let mine = {
@@ -521,7 +532,9 @@ impl Onboarding for Service {
                                 tracing::info!(entry = %key, changes, interval = ?health.interval, healthy = h.healthy,
                                     "sidecar health is flapping; recording the latest");
                             }
-                            Self::record_health(&plane, &key, &h).await;
+                            if Self::current(&plane, &key, generation) {
+                                Self::record_health(&plane, &key, &h).await;
+                            }
                         }
                         continue;
                     }
@@ -554,7 +567,9 @@ impl Onboarding for Service {
                 match msg.kind {
                     Some(agent_message::Kind::Heartbeat(_)) | None => {}
                     Some(agent_message::Kind::Health(h)) => {
-                        if let Some(h) = health.report(h, Instant::now()) {
+                        if let Some(h) = health.report(h, Instant::now())
+                            && Self::current(&plane, &key, generation)
+                        {
                             Self::record_health(&plane, &key, &h).await;
                         }
                     }
@@ -568,7 +583,10 @@ impl Onboarding for Service {
             }
             // The last report is what the entry keeps, even when the stream ends inside an
             // interval.
-            if let Some(h) = health.finish() {
+            // (Not when a newer stream of the same agent took over: it records its own.)
+            if let Some(h) = health.finish()
+                && Self::current(&plane, &key, generation)
+            {
                 Self::record_health(&plane, &key, &h).await;
             }
             Self::disconnected(&plane, &key, generation).await;
