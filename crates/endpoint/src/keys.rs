@@ -71,6 +71,10 @@ pub struct Keys {
     /// onboarding's cryptography).
     session_encoding: EncodingKey,
     session_decoding: DecodingKey,
+    /// Sessions issued before they were HS256 (ES256, with the signing key) are still
+    /// accepted, so an upgrade does not send every agent back through a rejoin. They name no
+    /// connection, so using one always takes the bound key's proof.
+    legacy_session_decoding: DecodingKey,
 }
 
 /// Nonces already presented, with their expiry; the expired ones are dropped at most once a
@@ -194,6 +198,8 @@ impl Keys {
         let (x, y) = (B64.encode(&raw[1..33]), B64.encode(&raw[33..65]));
         let kid = B64.encode(&Sha256::digest(raw)[..12]);
         let encoding = EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| Error::Key(e.to_string()))?;
+        let legacy_session_decoding =
+            DecodingKey::from_ec_components(&x, &y).map_err(|e| Error::Key(e.to_string()))?;
         let nonce_secret = load_or_create(&state_dir.join("nonce-key"), || Ok(random(32)))?;
         let nonce_key = hmac::Key::new(hmac::HMAC_SHA256, &nonce_secret);
         let session_secret = Sha256::new()
@@ -213,6 +219,7 @@ impl Keys {
             used_nonces: Default::default(),
             session_encoding: EncodingKey::from_secret(&session_secret),
             session_decoding: DecodingKey::from_secret(&session_secret),
+            legacy_session_decoding,
         })
     }
 
@@ -309,11 +316,17 @@ impl Keys {
 
     /// Verifies a session token.
     pub fn verify_session(&self, token: &str) -> Result<Session, Error> {
-        let mut v = Validation::new(Algorithm::HS256);
+        let legacy = jsonwebtoken::decode_header(token).is_ok_and(|h| h.alg == Algorithm::ES256);
+        let (algorithm, key) = if legacy {
+            (Algorithm::ES256, &self.legacy_session_decoding)
+        } else {
+            (Algorithm::HS256, &self.session_decoding)
+        };
+        let mut v = Validation::new(algorithm);
         v.set_audience(&[SESSION_AUDIENCE]);
         v.set_required_spec_claims(&["exp", "aud", "sub"]);
         v.leeway = 30;
-        jsonwebtoken::decode::<Session>(token, &self.session_decoding, &v)
+        jsonwebtoken::decode::<Session>(token, key, &v)
             .map(|d| d.claims)
             .map_err(|e| Error::Invalid(format!("session token is not valid ({e}): onboard again")))
     }
@@ -466,6 +479,24 @@ mod tests {
         let err = keys.verify_session(&old).unwrap_err().to_string();
         assert!(err.contains("xpired"), "{err}");
         assert!(keys.verify_session(&expired).is_ok(), "within leeway");
+    }
+
+    #[test]
+    fn a_session_issued_before_sessions_were_hs256_still_verifies_and_names_no_connection() {
+        let (_dir, keys) = keys();
+        let (_other_dir, other) = keys_other();
+        let claims = serde_json::json!({"sub": "bookinfo/x", "jti": "j1", "aud": SESSION_AUDIENCE,
+            "iat": now(), "exp": now() + 60});
+        let legacy = jsonwebtoken::encode(&keys.header(), &claims, &keys.encoding).unwrap();
+        let session = keys
+            .verify_session(&legacy)
+            .expect("an ES256 session of this plane");
+        assert_eq!((session.jti.as_str(), session.cnx.as_str()), ("j1", ""));
+        let foreign = jsonwebtoken::encode(&other.header(), &claims, &other.encoding).unwrap();
+        assert!(
+            keys.verify_session(&foreign).is_err(),
+            "another plane's ES256 session"
+        );
     }
 
     fn keys_other() -> (tempfile::TempDir, Keys) {
