@@ -725,8 +725,19 @@ impl Agent {
         let mut failure = None;
         if let Some(session) = &state.session {
             tracing::info!("deregistering from the mesh");
-            // The channel may have reconnected since the session was issued.
-            let proof = self.session_proof(session).await.unwrap_or(None);
+            // The channel may have reconnected since the session was issued. Without a proof
+            // the Leave is still tried (on the session's own connection it needs none).
+            let proof = match tokio::time::timeout(LEAVE_TIMEOUT, self.session_proof(session)).await {
+                Ok(Ok(proof)) => proof,
+                Ok(Err(why)) => {
+                    tracing::warn!("cannot prove this VM's key for Leave: {why}");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(timeout = ?LEAVE_TIMEOUT, "no nonce from the endpoint for Leave's proof in time");
+                    None
+                }
+            };
             let mut client = OnboardingClient::new(self.channel.clone());
             match authorized(proto::LeaveRequest {}, session, proof.as_ref()) {
                 Err(why) => failure = Some(why),
