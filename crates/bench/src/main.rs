@@ -321,7 +321,6 @@ async fn run(args: &Onboard, endpoint_bin: &std::path::Path, n: usize) -> Result
     let (p50, p99) = (pct(0.50), pct(0.99));
     let cpu_per = cpu as f64 / 1e6 / ok;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let _ = plane.kind();
     Ok(Run {
         agents: n,
         registry: args.registry,

@@ -56,7 +56,6 @@ pub struct Plane {
     pub monitoring: SocketAddr,
     /// The CA bundle agents trust.
     pub ca_bundle: PathBuf,
-    kind: RegistryKind,
     registry: Option<gangplank_registry::dir::Registry>,
     kube: Option<Server>,
     issuer: Option<Issuer>,
@@ -175,7 +174,6 @@ impl Plane {
             addr,
             monitoring,
             ca_bundle,
-            kind,
             registry,
             kube,
             issuer,
@@ -262,11 +260,6 @@ impl Plane {
             out.push(credential);
         }
         Ok(out)
-    }
-
-    /// The registry this plane runs on.
-    pub fn kind(&self) -> RegistryKind {
-        self.kind
     }
 }
 

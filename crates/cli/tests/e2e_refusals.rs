@@ -460,47 +460,6 @@ async fn a_jwks_outage_reaches_the_agent_as_unavailable_and_blames_the_endpoint(
     assert!(mesh.entry_files().is_empty());
 }
 
-/// A first join over the protocol with `key`: the join token's credential, signed by the key.
-async fn first_join(
-    client: &mut gangplank_api::proto::onboarding_client::OnboardingClient<tonic::transport::Channel>,
-    token: &str,
-    key: &gangplank_identity::bound::Key,
-) -> proto::OnboardResponse {
-    let discovered = client
-        .discover(proto::DiscoverRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let challenge = gangplank_identity::Challenge {
-        plane_id: discovered.plane_id,
-        nonce: discovered.nonce.clone(),
-        ..Default::default()
-    };
-    let mut credential = join(token).unwrap();
-    key.attach(&mut credential, &challenge);
-    client
-        .onboard(onboard_request("ratings", credential, discovered.nonce))
-        .await
-        .expect("first join")
-        .into_inner()
-}
-
-fn onboard_request(group: &str, credential: Credential, nonce: String) -> OnboardRequest {
-    OnboardRequest {
-        workload_group: Some(WorkloadGroupRef {
-            namespace: "bookinfo".into(),
-            name: group.into(),
-        }),
-        credential: Some(credential),
-        nonce,
-        host: Some(HostFacts {
-            hostname: "vm".into(),
-            addresses: vec!["10.0.0.7".into()],
-            ..Default::default()
-        }),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_replayed_rejoin_proofs_are_refused_and_write_nothing() {
     let mesh = Mesh::start(Options::default()).await;

@@ -75,32 +75,7 @@ async fn a_copied_session_opens_nothing_and_deletes_nothing_without_the_bound_ke
 
     // The VM onboards and opens its stream on its own connection.
     let mut vm = mesh.client().await;
-    let c = challenge(&mut vm).await;
-    let mut credential = proto::Credential {
-        kind: "join-token".into(),
-        payload: token.into_bytes(),
-        ..Default::default()
-    };
-    key.attach(&mut credential, &c);
-    let registration = vm
-        .onboard(proto::OnboardRequest {
-            workload_group: Some(proto::WorkloadGroupRef {
-                namespace: "bookinfo".into(),
-                name: "ratings".into(),
-            }),
-            credential: Some(credential),
-            nonce: c.nonce,
-            host: Some(proto::HostFacts {
-                hostname: "vm".into(),
-                addresses: vec!["10.0.0.7".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("first join")
-        .into_inner()
-        .registration
-        .unwrap();
+    let registration = first_join(&mut vm, &token, &key).await.registration.unwrap();
     let session = registration.session.clone();
     let (vm_stream, _vm_inbound) = open(&mut vm, &session, None)
         .await

@@ -674,3 +674,57 @@ settings:
         std::fs::read_to_string(self.path(rel)).ok()
     }
 }
+
+/// A first join over the protocol with `key`: a Discover, then an Onboard into
+/// `bookinfo/ratings` with join token `token` and the key's proof over the nonce.
+pub async fn first_join(
+    client: &mut gangplank_api::proto::onboarding_client::OnboardingClient<tonic::transport::Channel>,
+    token: &str,
+    key: &gangplank_identity::bound::Key,
+) -> gangplank_api::proto::OnboardResponse {
+    use gangplank_api::proto;
+    let discovered = client
+        .discover(proto::DiscoverRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let challenge = gangplank_identity::Challenge {
+        plane_id: discovered.plane_id,
+        nonce: discovered.nonce.clone(),
+        ..Default::default()
+    };
+    let mut credential = proto::Credential {
+        kind: "join-token".into(),
+        payload: token.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    key.attach(&mut credential, &challenge);
+    client
+        .onboard(onboard_request("ratings", credential, discovered.nonce))
+        .await
+        .expect("first join")
+        .into_inner()
+}
+
+/// An Onboard into `bookinfo/<group>` with `credential` and `nonce`, from a host `vm` at
+/// 10.0.0.7.
+pub fn onboard_request(
+    group: &str,
+    credential: gangplank_api::proto::Credential,
+    nonce: String,
+) -> gangplank_api::proto::OnboardRequest {
+    use gangplank_api::proto;
+    proto::OnboardRequest {
+        workload_group: Some(proto::WorkloadGroupRef {
+            namespace: "bookinfo".into(),
+            name: group.into(),
+        }),
+        credential: Some(credential),
+        nonce,
+        host: Some(proto::HostFacts {
+            hostname: "vm".into(),
+            addresses: vec!["10.0.0.7".into()],
+            ..Default::default()
+        }),
+    }
+}
