@@ -121,6 +121,39 @@ pub enum Error {
         /// What is wrong and what to change.
         message: String,
     },
+    /// The onboarding configuration is missing or holds nothing but comments: this VM has
+    /// not been told where to onboard yet (the packaged file is a commented example).
+    #[error(
+        "{file}: not configured yet: write the OnboardingConfiguration there (onboardingEndpoint.host and workloadGroup; the packaged file's comments show one), then start the agent again"
+    )]
+    NotConfigured {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+impl Error {
+    /// The exit code for this error: [`EXIT_NOT_CONFIGURED`] when the onboarding file is not
+    /// written yet, else 2 (an invalid file).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::NotConfigured { .. } => EXIT_NOT_CONFIGURED,
+            _ => 2,
+        }
+    }
+}
+
+/// The exit code when the onboarding file is not written yet (sysexits' `EX_CONFIG`): the
+/// packaged unit neither restarts on it nor counts it as a failure.
+pub const EXIT_NOT_CONFIGURED: u8 = 78;
+
+/// Whether `text` holds anything but blank lines and comments. The packages' maintainer
+/// scripts apply the same rule (a line whose first non-blank character is not `#`).
+pub fn has_content(text: &str) -> bool {
+    text.lines().any(|line| {
+        let line = line.trim_start();
+        !line.is_empty() && !line.starts_with('#')
+    })
 }
 
 /// A result of this module.
@@ -555,7 +588,25 @@ struct RawRetry {
 impl Onboarding {
     /// Reads and validates an `OnboardingConfiguration` file.
     pub fn load(file: &Path) -> Result<Self> {
-        let text = read(file)?;
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotConfigured {
+                    file: file.to_owned(),
+                });
+            }
+            Err(source) => {
+                return Err(Error::Read {
+                    file: file.to_owned(),
+                    source,
+                });
+            }
+        };
+        if !has_content(&text) {
+            return Err(Error::NotConfigured {
+                file: file.to_owned(),
+            });
+        }
         Self::parse(file, &text)
     }
 
@@ -717,10 +768,10 @@ impl Agent {
         }
     }
 
-    /// Validates an `AgentConfiguration` (empty text = all defaults); `file` only names it
-    /// in errors.
+    /// Validates an `AgentConfiguration` (text without content, e.g. only the packaged
+    /// comments, = all defaults); `file` only names it in errors.
     pub fn parse(file: &Path, text: &str) -> Result<Self> {
-        let raw: RawAgent = if text.trim().is_empty() {
+        let raw: RawAgent = if !has_content(text) {
             RawAgent::default()
         } else {
             parse_yaml(file, text)?
@@ -951,13 +1002,6 @@ impl Default for Agent {
             Err(e) => unreachable!("built-in defaults are invalid: {e}"),
         }
     }
-}
-
-fn read(file: &Path) -> Result<String> {
-    std::fs::read_to_string(file).map_err(|source| Error::Read {
-        file: file.to_owned(),
-        source,
-    })
 }
 
 fn parse_yaml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T> {
@@ -1764,5 +1808,56 @@ settings:
         assert_eq!(Agent::load(&path, true).expect("defaults"), Agent::default());
         let e = Agent::load(&path, false).unwrap_err().to_string();
         assert!(e.contains("agent.yaml"), "{e}");
+    }
+
+    /// The files the packages ship are commented examples: the onboarding one means "not
+    /// configured yet" (exit 78, which the unit neither restarts on nor counts as failed),
+    /// the agent one means every default. An example uncommented is a valid configuration.
+    #[test]
+    fn the_packaged_examples_mean_not_configured_and_defaults_and_parse_when_uncommented() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let packaged = |name: &str| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../packaging")
+                .join(name);
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        };
+        let onboarding_example = packaged("onboarding.yaml");
+        let path = dir.path().join("onboarding.yaml");
+        for text in [onboarding_example.as_str(), "", "\n  \n# only a comment\n"] {
+            std::fs::write(&path, text).expect("write");
+            let e = Onboarding::load(&path).unwrap_err();
+            assert!(matches!(e, Error::NotConfigured { .. }), "{text:?}: {e}");
+            assert_eq!(e.exit_code(), EXIT_NOT_CONFIGURED);
+            assert!(e.to_string().contains("not configured yet"), "{e}");
+        }
+        let missing = Onboarding::load(&dir.path().join("absent.yaml")).unwrap_err();
+        assert_eq!(missing.exit_code(), EXIT_NOT_CONFIGURED, "{missing}");
+        // Anything else in the file is parsed, and its errors are exit 2.
+        std::fs::write(&path, "kind: OnboardingConfiguration\n").expect("write");
+        assert_eq!(Onboarding::load(&path).unwrap_err().exit_code(), 2);
+
+        // The examples: a prose header, a line `#`, then the example, each line commented.
+        let uncomment = |text: &str| {
+            text.lines()
+                .skip_while(|l| *l != "#")
+                .skip(1)
+                .map(|l| l.strip_prefix("# ").unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let uncommented = uncomment(&onboarding_example);
+        let parsed = Onboarding::parse(&path, &uncommented)
+            .unwrap_or_else(|e| panic!("the example, uncommented:\n{uncommented}\n{e}"));
+        assert_eq!(parsed.workload_group.to_string(), "bookinfo/ratings");
+
+        let agent_example = packaged("agent.yaml");
+        assert_eq!(
+            Agent::parse(&path, &agent_example).expect("defaults"),
+            Agent::default()
+        );
+        let uncommented = uncomment(&agent_example);
+        Agent::parse(&path, &uncommented)
+            .unwrap_or_else(|e| panic!("the example, uncommented:\n{uncommented}\n{e}"));
     }
 }

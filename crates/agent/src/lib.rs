@@ -44,4 +44,4 @@ pub mod run;
 pub mod state;
 
 pub use config::Config;
-pub use run::{Agent, Status, run};
+pub use run::{Agent, OnStop, Status, run};

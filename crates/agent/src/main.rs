@@ -1,9 +1,10 @@
 //! `gangplank-agent`: onboards this host into the mesh and keeps its sidecar running.
 //!
 //! Exit codes: 0 after a clean shutdown, 1 when the agent failed (e.g. it could not
-//! deregister), 2 when a configuration file is invalid (nothing was contacted), 141
-//! without a message when stdout was closed before `config print` or `config check` wrote
-//! to it.
+//! deregister), 2 when a configuration file is invalid (nothing was contacted), 78 when the
+//! onboarding configuration is not written yet (missing, or only the packaged comments),
+//! 141 without a message when stdout was closed before `config print` or `config check`
+//! wrote to it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,12 +32,25 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Onboard and keep the sidecar running (the default).
-    Run,
+    Run(RunArgs),
+    /// Deregister this VM now (its WorkloadEntry is removed) and stop its sidecar, with the
+    /// VM's bound key; run while the agent is stopped. The packages run it on removal.
+    /// Exits 0 also when there is nothing to leave.
+    Leave,
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
         action: ConfigAction,
     },
+}
+
+#[derive(Debug, Default, clap::Args)]
+struct RunArgs {
+    /// What a stop (SIGTERM, SIGINT) does: `leave` deregisters and stops the sidecar;
+    /// `stay` keeps the WorkloadEntry and the sidecar, for a restart, reboot or upgrade
+    /// (the packaged systemd unit's choice).
+    #[arg(long, value_enum, default_value_t)]
+    on_stop: gangplank_agent::OnStop,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,7 +70,7 @@ fn main() -> ExitCode {
         None => (PathBuf::from(DEFAULT_AGENT_PATH), true),
     };
 
-    match cli.command.unwrap_or(Command::Run) {
+    match cli.command.unwrap_or_else(|| Command::Run(RunArgs::default())) {
         Command::Config {
             action: ConfigAction::Print,
         } => match config::Agent::load(&agent_path, agent_missing_ok) {
@@ -69,31 +83,69 @@ fn main() -> ExitCode {
             Ok(_) => output(gangplank_stdout::println("configuration is valid")),
             Err(e) => config_error(&e),
         },
-        Command::Run => {
+        Command::Run(args) => {
             let config = match config::Config::load(&cli.onboarding_config, &agent_path, agent_missing_ok) {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
-            run(config)
+            run(config, args.on_stop)
+        }
+        Command::Leave => {
+            let config = match config::Config::load(&cli.onboarding_config, &agent_path, agent_missing_ok) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            leave(config)
         }
     }
 }
 
-fn run(config: config::Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("gangplank-agent: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+/// How long `leave` may take: a package removal must not hang on an unreachable endpoint.
+const LEAVE_NOW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn leave(config: config::Config) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async {
         let agent = match gangplank_agent::Agent::new(&config) {
             Ok(a) => a,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+        match agent.leave_now(LEAVE_NOW_TIMEOUT).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("gangplank-agent: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+fn run(config: config::Config, on_stop: gangplank_agent::OnStop) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async {
+        let agent = match gangplank_agent::Agent::new(&config) {
+            Ok(a) => a.with_on_stop(on_stop),
             Err(e) => {
                 tracing::error!("{e}");
                 return ExitCode::from(2);
@@ -142,8 +194,11 @@ fn output(printed: Result<(), gangplank_stdout::Error>) -> ExitCode {
 }
 
 fn config_error(e: &config::Error) -> ExitCode {
-    eprintln!("gangplank-agent: invalid configuration: {e}");
-    ExitCode::from(2)
+    match e {
+        config::Error::NotConfigured { .. } => eprintln!("gangplank-agent: {e}"),
+        _ => eprintln!("gangplank-agent: invalid configuration: {e}"),
+    }
+    ExitCode::from(e.exit_code())
 }
 
 fn init_tracing() {

@@ -89,6 +89,8 @@ pub enum Status {
     },
     /// Shutting down: deregistering and stopping the sidecar.
     Leaving,
+    /// Stopped without leaving ([`OnStop::Stay`]): the entry and the sidecar remain.
+    Stopped,
 }
 
 /// The session bearer credential. Never printed.
@@ -157,6 +159,20 @@ pub fn renewal_delay(issued_at: i64, expires_at: i64, now: SystemTime, fraction:
     })
 }
 
+/// What a stopping agent does with this VM's place in the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnStop {
+    /// Deregister (Leave: the WorkloadEntry is removed), wait the propagation delay so
+    /// traffic drains, stop the sidecar.
+    #[default]
+    Leave,
+    /// Keep the WorkloadEntry and leave the sidecar running: the stop is a restart, a
+    /// reboot or an upgrade, and the next agent rejoins with this VM's bound key. An agent
+    /// that never comes back is removed by the endpoint after its grace period. What the
+    /// packaged systemd unit uses; `gangplank-agent leave` deregisters explicitly.
+    Stay,
+}
+
 /// The onboarding agent.
 pub struct Agent {
     onboarding: config::Onboarding,
@@ -173,6 +189,11 @@ pub struct Agent {
     key_path: std::path::PathBuf,
     /// The key, once loaded (or created) by the first onboarding attempt.
     key: Option<Arc<gangplank_identity::bound::Key>>,
+    /// What [`Agent::run`] does when it stops.
+    on_stop: OnStop,
+    /// Onboarding only authenticates (for [`Agent::leave_now`]): no boot file is written,
+    /// no sidecar started.
+    leave_only: bool,
 }
 
 impl fmt::Debug for Agent {
@@ -245,7 +266,15 @@ impl Agent {
             state_dir: agent.files.state_dir.clone(),
             key_path: crate::state::key_path(agent),
             key: None,
+            on_stop: OnStop::default(),
+            leave_only: false,
         }
+    }
+
+    /// What [`Agent::run`] does when its shutdown completes (default: [`OnStop::Leave`]).
+    pub fn with_on_stop(mut self, on_stop: OnStop) -> Self {
+        self.on_stop = on_stop;
+        self
     }
 
     /// Uses `provider` for credentials instead of the configured identity.
@@ -299,7 +328,58 @@ impl Agent {
                 () = &mut serve => {}
             }
         }
-        self.leave(state).await
+        match self.on_stop {
+            OnStop::Leave => self.leave(state).await,
+            OnStop::Stay => {
+                self.status.send_replace(Status::Stopped);
+                match &state.session {
+                    Some(_) => tracing::info!(
+                        "stopping; this VM stays registered and its sidecar keeps running (on-stop=stay): the next agent rejoins with its bound key"
+                    ),
+                    None => tracing::info!("stopping before this VM was registered"),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Deregisters this VM now without serving it (`gangplank-agent leave`, run by the
+    /// packages on removal while the agent is stopped): rejoins with the VM's bound key —
+    /// never with the first-join credential —, then Leaves and stops the sidecar, within
+    /// `timeout`. `Ok(false)` when this VM holds no registration for its WorkloadGroup
+    /// (nothing to leave).
+    pub async fn leave_now(mut self, timeout: Duration) -> Result<bool> {
+        let endpoint = self.onboarding.endpoint.to_string();
+        let Some(registration) = crate::state::Registration::load(&self.state_dir)
+            .filter(|r| r.is_for(&self.onboarding.workload_group))
+        else {
+            tracing::info!("this VM holds no registration for its WorkloadGroup: nothing to leave");
+            return Ok(false);
+        };
+        tracing::info!(workload_entry = %registration.entry, "deregistering this VM");
+        self.leave_only = true;
+        let mut state = State::default();
+        let joined = tokio::time::timeout(timeout, self.onboard_once(&mut state))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+        if let Err(message) = joined {
+            if crate::state::Registration::load(&self.state_dir).is_none() {
+                // The endpoint no longer knows the binding (released, or expired): the
+                // entry is already gone or will be swept.
+                tracing::info!("the endpoint no longer knows this VM: nothing to leave ({message})");
+                return Ok(false);
+            }
+            return Err(Error::Leave { endpoint, message });
+        }
+        // The sidecar this VM's agents started is stopped too: it would serve the mesh
+        // with no WorkloadEntry and a token nobody renews.
+        state.launched = true;
+        let state_dir = self.state_dir.clone();
+        self.leave(state).await?;
+        // Left on purpose: joining again is a new first join (a later `leave` has nothing
+        // to do, instead of rejoining only to leave). The key stays; a purge removes it.
+        crate::state::Registration::forget(&state_dir);
+        Ok(true)
     }
 
     /// Onboards and keeps the session until `stopping` turns true; returns at a safe point
@@ -477,6 +557,9 @@ impl Agent {
             connected: false,
         });
 
+        if self.leave_only {
+            return Ok(());
+        }
         let changed = self.write(response.files).await?;
         self.launch(state, &changed).await;
         Ok(())

@@ -143,6 +143,91 @@ async fn a_vm_keeps_its_entry_through_crashes_endpoint_restarts_and_reboots_with
     assert!(alive(pid));
 }
 
+/// The packaged unit's agent (`run --on-stop=stay`): a stop (systemctl restart, a reboot,
+/// an upgrade) keeps the WorkloadEntry untouched and the next agent rejoins into it with
+/// the bound key; `gangplank-agent leave` (the package's removal) deregisters with that key,
+/// spends no token use, and a second `leave` has nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_stop_stay_keeps_the_entry_through_stops_and_leave_deregisters_with_the_bound_key() {
+    let mut mesh = mesh_with_token_policy().await;
+    let token = mesh.join_token("ratings", 1, Duration::from_secs(3600)).await;
+    let mut vm = Vm::start(&mesh, "a", Credential::JoinToken(token.clone()));
+    let first = wait_onboarded(&mesh, &mut vm).await;
+    let name = first.metadata.name.clone().unwrap();
+    vm.kill_agent();
+    vm.set_run_args(&["run", "--on-stop=stay"]);
+    vm.restart_agent();
+    vm.agent.wait_for("rejoining with this VM's bound key", WAIT);
+    wait_lines(&mesh.endpoint, "agent connected", 2);
+    let kept = mesh.entries().await;
+    assert_eq!(kept.len(), 1, "{kept:#?}");
+    let kept = kept.into_iter().next().unwrap();
+    assert!(kept.metadata.uid.is_some(), "{kept:#?}");
+
+    for round in 1..=2 {
+        vm.agent.signal("TERM");
+        let status = vm.agent.wait_exit(WAIT);
+        assert!(
+            status.success(),
+            "round {round}: {status:?}\n{}",
+            vm.agent.output()
+        );
+        assert!(
+            vm.agent.output().contains("this VM stays registered"),
+            "round {round}:\n{}",
+            vm.agent.output()
+        );
+        assert!(
+            !mesh.endpoint.output().contains("agent left"),
+            "round {round}: a stop with on-stop=stay must not deregister:\n{}",
+            mesh.endpoint.output()
+        );
+        // The same object (its uid), with the same spec: only the endpoint's note that the
+        // VM disconnected may change.
+        let now = mesh.entries().await;
+        assert_eq!(now.len(), 1, "round {round}: {now:#?}");
+        assert_eq!(
+            now[0].metadata.uid, kept.metadata.uid,
+            "round {round}: the entry is kept"
+        );
+        assert_eq!(now[0].spec, kept.spec, "round {round}");
+        vm.restart_agent();
+        vm.agent.wait_for("rejoining with this VM's bound key", WAIT);
+        vm.agent.wait_for("onboarded", WAIT);
+        let entries = mesh.entries().await;
+        assert_eq!(entries.len(), 1, "round {round}: {entries:#?}");
+        assert_eq!(entries[0].metadata.name.as_deref(), Some(name.as_str()));
+        assert_eq!(
+            entries[0].metadata.uid, kept.metadata.uid,
+            "round {round}: rejoined into it"
+        );
+    }
+    vm.agent.signal("TERM");
+    assert!(vm.agent.wait_exit(WAIT).success());
+
+    let left = vm.agent_once(&["leave"]);
+    assert!(left.status.success(), "{}", text(&left.stderr));
+    assert!(
+        text(&left.stderr).contains("deregistered"),
+        "{}",
+        text(&left.stderr)
+    );
+    mesh.endpoint.wait_for("agent left; entry removed", WAIT);
+    assert!(mesh.entries().await.is_empty(), "leave removes the entry");
+    assert_eq!(token_used(&mesh, &token).await, 1, "leave spends no token use");
+    assert_eq!(vm.registered_entry(), None, "leave forgets the registration");
+
+    let before = registry_files(&mesh);
+    let again = vm.agent_once(&["leave"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("nothing to leave"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(registry_files(&mesh), before, "a second leave writes nothing");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copied_key_cannot_join_while_the_original_is_connected_and_a_released_vm_cannot_rejoin() {
     let mesh = mesh_with_token_policy().await;

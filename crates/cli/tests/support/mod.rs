@@ -463,6 +463,9 @@ pub struct Vm {
     onboarding: PathBuf,
     agent_config: PathBuf,
     starts: u32,
+    /// The agent's command line after the config flags (`run` and its flags, by default
+    /// nothing: `run` with `--on-stop=leave`).
+    run_args: Vec<String>,
 }
 
 impl Vm {
@@ -617,7 +620,7 @@ settings:
                 readiness = readiness_url.unwrap_or_default(),
             ),
         );
-        let agent = Self::spawn_agent(&format!("agent-{name}"), &onboarding, &agent_config);
+        let agent = Self::spawn_agent(&format!("agent-{name}"), &onboarding, &agent_config, &[]);
         Self {
             root,
             agent,
@@ -625,17 +628,23 @@ settings:
             onboarding,
             agent_config,
             starts: 1,
+            run_args: Vec::new(),
         }
     }
 
-    fn spawn_agent(name: &str, onboarding: &Path, agent_config: &Path) -> Proc {
+    fn spawn_agent(name: &str, onboarding: &Path, agent_config: &Path, args: &[String]) -> Proc {
+        Proc::spawn(name, Self::agent_command(onboarding, agent_config, args))
+    }
+
+    fn agent_command(onboarding: &Path, agent_config: &Path, args: &[String]) -> Command {
         let mut cmd = Command::new(bin("gangplank-agent"));
         cmd.arg("--onboarding-config")
             .arg(onboarding)
             .arg("--agent-config")
             .arg(agent_config)
+            .args(args)
             .env("RUST_LOG", "info");
-        Proc::spawn(name, cmd)
+        cmd
     }
 
     /// Starts a new agent process with the same configuration (after the last one exited,
@@ -643,8 +652,23 @@ settings:
     pub fn restart_agent(&mut self) -> Proc {
         self.starts += 1;
         let name = format!("agent-{}-{}", self.name, self.starts);
-        let agent = Self::spawn_agent(&name, &self.onboarding, &self.agent_config);
+        let agent = Self::spawn_agent(&name, &self.onboarding, &self.agent_config, &self.run_args);
         std::mem::replace(&mut self.agent, agent)
+    }
+
+    /// The command line after the config flags for the next [`Vm::restart_agent`]s, e.g.
+    /// `["run", "--on-stop=stay"]` (the packaged unit's).
+    pub fn set_run_args(&mut self, args: &[&str]) {
+        self.run_args = args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
+    /// Runs `gangplank-agent <args>` with this VM's configuration to completion (e.g.
+    /// `leave`), while no agent of this VM runs.
+    pub fn agent_once(&self, args: &[&str]) -> Output {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        Self::agent_command(&self.onboarding, &self.agent_config, &args)
+            .output()
+            .expect("gangplank-agent runs")
     }
 
     /// Kills the agent with SIGKILL (a crash: no Leave) and waits for it to be gone.
