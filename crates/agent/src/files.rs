@@ -367,15 +367,19 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: Option<(u32, 
 
 fn write_hosts(plan: &Plan) -> Result<()> {
     match write_atomic(&plan.path, &plan.content, plan.mode, plan.owner) {
-        // In containers /etc/hosts is a bind mount that cannot be replaced by rename;
-        // rewriting it in place is the only option there.
+        // In containers /etc/hosts is a bind mount that cannot be replaced by rename, and
+        // under the packaged unit's ProtectSystem=strict only the file itself is writable,
+        // not /etc: rewriting it in place is the only option there. Written over from the
+        // start, then cut to length, so a reader never sees it empty.
         Err(Error::Io { source, .. })
             if matches!(
                 source.kind(),
-                std::io::ErrorKind::ResourceBusy | std::io::ErrorKind::CrossesDevices
+                std::io::ErrorKind::ResourceBusy
+                    | std::io::ErrorKind::CrossesDevices
+                    | std::io::ErrorKind::ReadOnlyFilesystem
             ) =>
         {
-            tracing::debug!(path = %plan.path.display(), "hosts file is a mount point; rewriting it in place");
+            tracing::debug!(path = %plan.path.display(), "the hosts file cannot be replaced (a mount point, or its folder is read-only); rewriting it in place");
             let io = |action, source| Error::Io {
                 path: plan.path.clone(),
                 action,
@@ -383,10 +387,11 @@ fn write_hosts(plan: &Plan) -> Result<()> {
             };
             let mut f = fs::OpenOptions::new()
                 .write(true)
-                .truncate(true)
                 .open(&plan.path)
                 .map_err(|e| io("open", e))?;
             f.write_all(&plan.content).map_err(|e| io("write", e))?;
+            f.set_len(plan.content.len() as u64)
+                .map_err(|e| io("truncate", e))?;
             f.sync_all().map_err(|e| io("sync", e))
         }
         other => other,

@@ -1,0 +1,472 @@
+//! The agent's .deb on a real systemd "VM": a Debian 12 container (rootfs from
+//! `debootstrap`, `docker import`, systemd as PID 1, `packaging/vm-image`) installs the
+//! package with `dpkg -i`, systemd starts the hardened unit, and the agent onboards against
+//! a real endpoint in another container on a Docker network this test creates. A
+//! `systemctl restart`, a container restart (a reboot: systemd stops every unit) and a
+//! package upgrade each keep the same WorkloadEntry; removing the package deregisters.
+//!
+//! Needs root, Docker, the image and the packages, so it is `#[ignore]`d; `.ci/run` runs it:
+//!
+//! ```sh
+//! bash packaging/build --arch x86_64 && bash packaging/build --arch x86_64 --release 2
+//! bash packaging/vm-image
+//! GANGPLANK_TEST_PACKAGES=target/packages cargo nextest run -p gangplank-cli \
+//!     --test e2e_packages --run-ignored only
+//! ```
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use gangplank_api::NamespacedName;
+use gangplank_api::istio::WorkloadEntry;
+use gangplank_api::token::JoinToken;
+use gangplank_registry::dir;
+use gangplank_testkit::process::{bin, until};
+use support::*;
+
+/// How long a VM boot, an onboarding or a removal may take.
+const BOOT: Duration = Duration::from_secs(90);
+const IMAGE_DEFAULT: &str = "gangplank-vm:bookworm";
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker runs (is the Docker Engine installed?)")
+}
+
+/// `docker args…`, which must succeed; its stdout.
+fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Containers and the network of one test, removed when it ends (also on failure).
+struct Lab {
+    network: String,
+    containers: Vec<String>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = docker(&["rm", "-f", "-v", c]);
+        }
+        let _ = docker(&["network", "rm", &self.network]);
+    }
+}
+
+/// A systemd VM container.
+struct Vm<'a> {
+    name: &'a str,
+}
+
+impl Vm<'_> {
+    /// Runs `sh -c script` in the VM; its output, whatever the exit status.
+    fn sh(&self, script: &str) -> Output {
+        docker(&["exec", self.name, "sh", "-c", script])
+    }
+
+    /// Runs `sh -c script` in the VM, which must succeed; its stdout.
+    fn ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        assert!(
+            out.status.success(),
+            "in the VM, {script:?} failed ({:?}):\n{}{}\nagent's journal:\n{}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr),
+            self.journal()
+        );
+        text(&out.stdout)
+    }
+
+    fn journal(&self) -> String {
+        let out = self.sh("journalctl -u gangplank-agent --no-pager -o cat 2>&1 | tail -n 60");
+        text(&out.stdout)
+    }
+
+    /// Waits (bounded) until systemd finished booting.
+    fn wait_booted(&self) {
+        let booted = until(BOOT, || {
+            let state = text(&self.sh("systemctl is-system-running").stdout);
+            matches!(state.trim(), "running" | "degraded").then_some(())
+        });
+        assert!(
+            booted.is_some(),
+            "the VM's systemd did not finish booting: {}",
+            text(
+                &self
+                    .sh("systemctl --failed --no-pager; systemctl list-jobs --no-pager")
+                    .stdout
+            )
+        );
+    }
+
+    fn copy_in(&self, from: &Path, to: &str) {
+        docker_ok(&["cp", &from.display().to_string(), &format!("{}:{to}", self.name)]);
+    }
+
+    /// The agent's main pid (0 when it does not run).
+    fn agent_pid(&self) -> u32 {
+        self.ok("systemctl show -p MainPID --value gangplank-agent")
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+
+    /// Lines of the agent's journal containing `pattern`.
+    fn journal_count(&self, pattern: &str) -> usize {
+        let out = self.sh("journalctl -u gangplank-agent --no-pager -o cat");
+        text(&out.stdout).lines().filter(|l| l.contains(pattern)).count()
+    }
+
+    /// Waits (bounded) until the agent's journal has more than `n` lines with `pattern`.
+    fn wait_journal(&self, pattern: &str, n: usize) {
+        let seen = until(BOOT, || (self.journal_count(pattern) > n).then_some(()));
+        assert!(
+            seen.is_some(),
+            "no new {pattern:?} in the agent's journal:\n{}",
+            self.journal()
+        );
+    }
+}
+
+/// The one package in `dir` whose name ends with `suffix`.
+fn package(dir: &Path, suffix: &str) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (build the packages: bash packaging/build)",
+                dir.display()
+            )
+        })
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "want one *{suffix} in {}, found {found:?} (bash packaging/build --arch x86_64, then again with --release 2)",
+        dir.display()
+    );
+    found.into_iter().next().unwrap()
+}
+
+async fn entries(registry: &dir::Registry) -> Vec<WorkloadEntry> {
+    registry.list::<WorkloadEntry>(None).await.unwrap()
+}
+
+/// Waits (bounded) until the registry holds exactly one entry; returns it.
+async fn one_entry(registry: &dir::Registry, vm: &Vm<'_>) -> WorkloadEntry {
+    for _ in 0..BOOT.as_secs() {
+        let mut found = entries(registry).await;
+        if found.len() == 1 {
+            return found.remove(0);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!(
+        "no single WorkloadEntry: {:#?}\nagent's journal:\n{}",
+        entries(registry).await,
+        vm.journal()
+    );
+}
+
+async fn token_used(registry: &dir::Registry, token: &str) -> u32 {
+    let id = token.split('.').next().unwrap();
+    registry
+        .get::<JoinToken>(&NamespacedName::new("bookinfo", id))
+        .await
+        .unwrap()
+        .expect("the token exists")
+        .status
+        .used
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, Docker, packaging/vm-image and the packages (GANGPLANK_TEST_PACKAGES); .ci/run runs it"]
+async fn the_deb_onboards_a_systemd_vm_keeps_its_entry_through_restart_reboot_and_upgrade_and_removal_deregisters()
+ {
+    // A relative path is the repository's (tests run in their crate's folder).
+    let packages = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(
+        std::env::var("GANGPLANK_TEST_PACKAGES")
+            .expect("set GANGPLANK_TEST_PACKAGES to the folder packaging/build wrote (target/packages)"),
+    );
+    let image = std::env::var("GANGPLANK_TEST_VM_IMAGE").unwrap_or_else(|_| IMAGE_DEFAULT.to_owned());
+    let first_deb = package(&packages, "-1_amd64.deb");
+    let second_deb = package(&packages, "-2_amd64.deb");
+
+    // The endpoint's side, on the host's disk, mounted into its container at /cfg.
+    let dir = tempfile::Builder::new()
+        .prefix("gangplank-e2e-packages")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let root = dir.path();
+    let registry = dir::Registry::open(root.join("registry")).unwrap();
+    registry
+        .put(&group("bookinfo", "ratings", &[("app", "ratings")]))
+        .await
+        .unwrap();
+    registry
+        .put(&policy(
+            "bookinfo",
+            "allow-ratings",
+            vec![join_tokens()],
+            &[("app", "ratings")],
+        ))
+        .await
+        .unwrap();
+    let key = NamespacedName::new("bookinfo", "ratings");
+    let (token, secret) = gangplank_identity::token::create(
+        &key,
+        Duration::from_secs(3600),
+        1,
+        time::OffsetDateTime::now_utc(),
+    );
+    registry.put(&token).await.unwrap();
+    let secret = secret.expose().to_string();
+    let ca_bundle = write_dev_tls(root, &["gp-endpoint"]);
+    write(
+        &root.join("mesh/root-cert.pem"),
+        "-----BEGIN CERTIFICATE-----\nZmFrZS1tZXNoLXJvb3Q=\n-----END CERTIFICATE-----\n",
+    );
+    write(&root.join("mesh/mesh.yaml"), "trustDomain: cluster.local\n");
+    write(
+        &root.join("endpoint.yaml"),
+        &format!(
+            "apiVersion: onboarding.gangplank.dev/v1alpha1
+kind: EndpointConfiguration
+planeId: {PLANE_ID}
+listen: 0.0.0.0:15443
+monitoringListen: 127.0.0.1:15090
+replica: endpoint-0
+tls:
+  certFile: /cfg/tls/tls.crt
+  keyFile: /cfg/tls/tls.key
+registry:
+  directory: /cfg/registry
+stateDir: /cfg/state
+mesh:
+  meshConfigFile: /cfg/mesh/mesh.yaml
+  rootCertFile: /cfg/mesh/root-cert.pem
+  istiodIp: 10.10.10.11
+identities:
+  joinTokens: true
+workloads:
+  propagationDelay: 1s
+"
+        ),
+    );
+
+    let tag = std::process::id();
+    let lab = Lab {
+        network: format!("gp-packages-{tag}"),
+        containers: vec![format!("gp-endpoint-{tag}"), format!("gp-vm-{tag}")],
+    };
+    docker_ok(&["network", "create", &lab.network]);
+    let endpoint_bin = bin("gangplank-endpoint");
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &lab.containers[0],
+        "--network",
+        &lab.network,
+        "--network-alias",
+        "gp-endpoint",
+        "-v",
+        &format!("{}:/cfg", root.display()),
+        "-v",
+        &format!("{}:/usr/bin/gangplank-endpoint:ro", endpoint_bin.display()),
+        "-e",
+        "RUST_LOG=info",
+        "--entrypoint",
+        "/usr/bin/gangplank-endpoint",
+        &image,
+        "--config",
+        "/cfg/endpoint.yaml",
+    ]);
+    let listening = until(BOOT, || {
+        let logs = docker(&["logs", &lab.containers[0]]);
+        text(&logs.stderr).contains("endpoint listening").then_some(())
+    });
+    assert!(
+        listening.is_some(),
+        "the endpoint container did not start: {}",
+        text(&docker(&["logs", &lab.containers[0]]).stderr)
+    );
+
+    // The VM: systemd as PID 1.
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &lab.containers[1],
+        "--hostname",
+        "vm-a",
+        "--network",
+        &lab.network,
+        // What systemd needs to sandbox its units (mount namespaces), and no more: this
+        // Docker Engine may itself lack capabilities that --privileged would ask for.
+        "--cap-add",
+        "SYS_ADMIN",
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "apparmor=unconfined",
+        // systemd's own shutdown signal: `docker restart` is then a clean reboot.
+        "--stop-signal",
+        "SIGRTMIN+3",
+        "--tmpfs",
+        "/run",
+        "--tmpfs",
+        "/run/lock",
+        "-v",
+        "/sys/fs/cgroup:/sys/fs/cgroup:ro",
+        &image,
+    ]);
+    let vm = Vm {
+        name: &lab.containers[1],
+    };
+    vm.wait_booted();
+    // Istio's sidecar package stands in as its `istio` unit: the agent must be able to start
+    // it from inside its sandbox.
+    vm.ok(
+        "printf '[Unit]\\nDescription=stand-in for the istio sidecar package\\n[Service]\\nExecStart=/bin/sleep infinity\\n' >/etc/systemd/system/istio.service && systemctl daemon-reload",
+    );
+
+    // Install: enabled, not started (nothing configured yet).
+    vm.copy_in(&first_deb, "/tmp/agent-1.deb");
+    vm.ok("dpkg -i /tmp/agent-1.deb");
+    assert_eq!(vm.ok("systemctl is-enabled gangplank-agent").trim(), "enabled");
+    assert_ne!(
+        vm.sh("systemctl is-active gangplank-agent").status.code(),
+        Some(0)
+    );
+    let version = vm.ok("/usr/bin/gangplank-agent --version");
+    assert!(version.starts_with("gangplank-agent "), "{version}");
+
+    // Configure it (what the install script writes), then start it.
+    vm.copy_in(&ca_bundle, "/etc/gangplank/ca.pem");
+    vm.ok(&format!(
+        "cat >/etc/gangplank/onboarding.yaml <<'EOF'
+apiVersion: config.agent.onboarding.tetrate.io/v1alpha1
+kind: OnboardingConfiguration
+onboardingEndpoint:
+  host: gp-endpoint
+  transportSecurity:
+    tls:
+      caBundle: /etc/gangplank/ca.pem
+workloadGroup:
+  namespace: bookinfo
+  name: ratings
+EOF
+cat >/etc/gangplank/agent.yaml <<'EOF'
+sidecar:
+  readinessUrl: \"\"
+EOF
+(umask 077; printf '%s' '{secret}' >/etc/gangplank/join-token)
+systemctl restart gangplank-agent"
+    ));
+    let entry = one_entry(&registry, &vm).await;
+    let name = entry.metadata.name.clone().unwrap();
+    vm.wait_journal("sidecar started", 0);
+    assert_eq!(
+        vm.ok("systemctl is-active istio").trim(),
+        "active",
+        "the sandboxed agent started Istio's unit"
+    );
+    for file in [
+        "/var/lib/istio/envoy/cluster.env",
+        "/etc/istio/config/mesh",
+        "/etc/certs/root-cert.pem",
+        "/var/run/secrets/tokens/istio-token",
+    ] {
+        vm.ok(&format!("test -s {file}"));
+    }
+    assert!(
+        vm.ok("cat /etc/hosts").contains("istiod"),
+        "the hosts block was written in place"
+    );
+    assert_eq!(token_used(&registry, &secret).await, 1);
+
+    // Each of these stops the agent and starts a new one, which rejoins with the VM's bound
+    // key into the same entry.
+    let steps: [(&str, &dyn Fn()); 3] = [
+        ("systemctl restart", &|| {
+            vm.ok("systemctl restart gangplank-agent");
+        }),
+        ("a reboot", &|| {
+            docker_ok(&["restart", "-t", "60", vm.name]);
+            vm.wait_booted();
+        }),
+        ("a package upgrade", &|| {
+            vm.copy_in(&second_deb, "/tmp/agent-2.deb");
+            vm.ok("dpkg -i /tmp/agent-2.deb");
+        }),
+    ];
+    for (what, step) in steps {
+        eprintln!("--- {what}");
+        let pid = vm.agent_pid();
+        let rejoins = vm.journal_count("rejoining with this VM's bound key");
+        step();
+        vm.wait_journal("rejoining with this VM's bound key", rejoins);
+        assert_ne!(vm.agent_pid(), pid, "{what}: a new agent runs");
+        let now = one_entry(&registry, &vm).await;
+        assert_eq!(now.metadata.name.as_deref(), Some(name.as_str()), "{what}");
+        assert_eq!(
+            now.metadata.uid, entry.metadata.uid,
+            "{what}: the same entry object"
+        );
+        assert_eq!(now.spec, entry.spec, "{what}");
+        let endpoint_log = text(&docker(&["logs", &lab.containers[0]]).stderr);
+        assert!(
+            !endpoint_log.contains("agent left"),
+            "{what} must not deregister:\n{endpoint_log}"
+        );
+        assert_eq!(
+            token_used(&registry, &secret).await,
+            1,
+            "{what}: no new token use"
+        );
+        eprintln!("{what}: agent pid {pid} -> {}, entry {name} kept", vm.agent_pid());
+    }
+    assert!(
+        vm.ok("dpkg-query -W -f '${Version}' gangplank-agent")
+            .ends_with("-2"),
+        "upgraded"
+    );
+    assert!(
+        vm.ok("cat /etc/gangplank/onboarding.yaml")
+            .contains("host: gp-endpoint"),
+        "the upgrade kept the configuration"
+    );
+
+    // Removal: the agent stops and deregisters; the configuration stays until a purge.
+    vm.ok("apt-get remove -y gangplank-agent");
+    assert!(
+        entries(&registry).await.is_empty(),
+        "removing the package deregisters: {:#?}",
+        entries(&registry).await
+    );
+    let endpoint_log = text(&docker(&["logs", &lab.containers[0]]).stderr);
+    assert!(
+        endpoint_log.contains("agent left; entry removed"),
+        "{endpoint_log}"
+    );
+    vm.ok("test ! -e /usr/bin/gangplank-agent && test ! -e /lib/systemd/system/gangplank-agent.service");
+    vm.ok("test -f /etc/gangplank/onboarding.yaml && test -d /var/lib/gangplank");
+    vm.ok("dpkg --purge gangplank-agent");
+    vm.ok("test ! -e /var/lib/gangplank && test ! -e /etc/gangplank/onboarding.yaml");
+    drop(lab);
+}
