@@ -1,5 +1,6 @@
 //! Runs the endpoint: gRPC, the sidecar-token issuer's OIDC documents and the agent's
-//! packages (`/install/`) over TLS on one port, health and metrics in plain HTTP on another, and the sweep.
+//! packages (`/install/`) over TLS on one port, health and metrics in plain HTTP on another,
+//! and the sweep.
 //!
 //! Shutdown drains, as ztunnel's does: [`Endpoint::shutdown`] stops accepting, tells every
 //! tracked task ([`Plane::tasks`]: agent streams, the sweep, membership, connections) to
@@ -324,8 +325,8 @@ struct Accepted {
     over_handshakes: Arc<std::sync::Mutex<LogEvery>>,
 }
 
-/// TLS, then HTTP/2 (or HTTP/1.1 for the OIDC documents and packages: curl, wget) until the peer closes, it is idle for
-/// `connections.idleTimeout`, or the endpoint stops.
+/// TLS, then HTTP/2 (or HTTP/1.1 for the OIDC documents and packages: curl, wget) until the
+/// peer closes, it is idle for `connections.idleTimeout`, or the endpoint stops.
 async fn serve_connection(
     plane: Arc<Plane>,
     accepted: Accepted,
