@@ -2,7 +2,8 @@
 //!
 //! `quickstart` runs the whole pull flow locally; `workload entry configure` renders the
 //! sidecar's boot files like `istioctl x workload entry configure`; `token create` makes
-//! join tokens; `policy explain` answers "would this identity be allowed?" offline.
+//! join tokens; `policy explain` answers "would this identity be allowed?" offline;
+//! `agent install-script` / `agent user-data` install the agent on a VM from the endpoint.
 //!
 //! Exit codes: 0 on success, 1 on failure (`policy explain`: denied), 2 for input refused
 //! before anything was done, 141 without a message when stdout was closed before the output
@@ -12,6 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod install;
 mod instance;
 mod policy;
@@ -43,6 +45,9 @@ enum Command {
     Instance(instance::Args),
     /// Install Gangplank into a cluster: `gangplank install crds | kubectl apply -f -`.
     Install(install::Args),
+    /// Install the agent on VMs from the onboarding endpoint: a shell script, or cloud-init
+    /// user data for a launch template.
+    Agent(agent::Args),
     /// Push the sidecar's bootstrap to VMs over SSH, from annotated WorkloadEntries.
     SidecarBootstrap(sidecar_bootstrap::Args),
     /// The quickstart's stand-in sidecar (started by the quickstart's agent).
@@ -60,6 +65,7 @@ async fn main() -> ExitCode {
         Command::Policy(args) => policy::run(args).await,
         Command::Instance(args) => instance::run(args).await,
         Command::Install(args) => install::run(args).await,
+        Command::Agent(args) => agent::run(args).await,
         Command::SidecarBootstrap(args) => sidecar_bootstrap::run(args).await,
         Command::QuickstartSidecar => quickstart::standin().await,
     };

@@ -48,6 +48,20 @@ pub struct File {
     /// Limits on the TLS connections agents and other clients hold.
     #[serde(default)]
     pub connections: Connections,
+    /// The agent's packages, served at `/install/` for VMs with no other way to get them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<Install>,
+}
+
+/// `install`: a folder of the agent's packages (`.deb` and `.rpm`, x86_64 and aarch64, as
+/// `cargo deb` and `cargo generate-rpm` name them), loaded at start and served on the TLS
+/// port at `/install/` without a credential (packages hold no secret, and a VM fetching one
+/// has none yet).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Install {
+    /// The folder; read once at start (restart the endpoint to serve new packages).
+    pub directory: PathBuf,
 }
 
 /// `connections`: what one replica holds at most, and for how long a connection may do
@@ -438,6 +452,11 @@ pub enum Problem {
     /// A zero connection limit or timeout, or more handshakes than connections.
     #[error("connections.{0}")]
     Connections(&'static str),
+    /// `install` without a folder.
+    #[error(
+        "install.directory: must name the folder holding the agent's .deb and .rpm packages (or remove install to serve none)"
+    )]
+    InstallDirectory,
     /// A sidecar token lifetime too short to renew.
     #[error("sidecarToken.lifetime: must be at least 10s (istioctl's default is 1h)")]
     TokenLifetime,
@@ -595,6 +614,13 @@ impl Config {
                 "handshakeTimeout and idleTimeout must be longer than 0s (defaults: 10s and 1m)",
             ));
         }
+        if file
+            .install
+            .as_ref()
+            .is_some_and(|i| i.directory.as_os_str().is_empty())
+        {
+            return Err(Problem::InstallDirectory);
+        }
         if file.sidecar_token.lifetime < Duration::from_secs(10) {
             return Err(Problem::TokenLifetime);
         }
@@ -725,5 +751,34 @@ identities: {{joinTokens: true}}
             parse("connections: {maxConections: 10}\n").is_err(),
             "unknown fields are errors"
         );
+    }
+
+    #[test]
+    fn install_is_optional_names_a_folder_and_config_print_shows_it() {
+        let config = parse("").unwrap();
+        assert!(config.file.install.is_none());
+        let printed = serde_saphyr::to_string(&config.file).unwrap();
+        assert!(!printed.contains("install"), "{printed}");
+
+        let config = parse("install: {directory: /srv/gangplank/packages}\n").unwrap();
+        let printed = serde_saphyr::to_string(&config.file).unwrap();
+        assert!(
+            printed.contains("install:\n  directory: /srv/gangplank/packages\n"),
+            "{printed}"
+        );
+
+        let err = parse("install: {directory: ''}\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("install.directory: must name the folder"),
+            "{err}"
+        );
+        let err = parse("install: {dir: /srv}\n").unwrap_err();
+        let Problem::Syntax(syntax) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(syntax.line, 8, "{err}");
+        assert!(syntax.field.starts_with("install"), "{err}");
+        assert!(err.to_string().contains("dir"), "{err}");
     }
 }

@@ -81,6 +81,9 @@ pub enum Error {
         /// Why, and what to change.
         message: String,
     },
+    /// The packages of `install.directory` cannot be served.
+    #[error("install.directory: {0}")]
+    Install(#[from] crate::install::Error),
     /// The process cannot install its signal handlers.
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -91,7 +94,11 @@ impl Error {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            Error::Config(_) | Error::Read { .. } | Error::Invalid { .. } | Error::Identity { .. }
+            Error::Config(_)
+                | Error::Read { .. }
+                | Error::Invalid { .. }
+                | Error::Identity { .. }
+                | Error::Install(_)
         )
     }
 }

@@ -6,6 +6,7 @@
 //! - [`config`]: the configuration file (parse, then validate into typed choices);
 //! - [`error`]: why the endpoint cannot start;
 //! - [`facts`]: the checks an agent's host facts pass before they reach an entry;
+//! - [`install`]: the agent's packages, served at `/install/` to VMs without internet;
 //! - [`keys`]: what the endpoint signs (sidecar tokens, sessions, nonces);
 //! - [`membership`]: replica Leases and the Lease-elected sweeper (Kubernetes);
 //! - [`mesh`]: where the sidecar's token, root certificate and mesh config come from;
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod facts;
+pub mod install;
 pub mod keys;
 pub mod membership;
 pub mod mesh;

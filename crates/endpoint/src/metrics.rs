@@ -16,6 +16,12 @@ struct Reason {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Package {
+    format: String,
+    arch: String,
+}
+
 /// The endpoint's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -32,6 +38,7 @@ pub struct Metrics {
     /// TLS connections held (handshaking or open).
     pub connections: Gauge,
     refused: Family<Reason, Counter>,
+    install_downloads: Family<Package, Counter>,
 }
 
 impl Metrics {
@@ -66,6 +73,17 @@ impl Metrics {
         self.refused
             .get_or_create(&Reason {
                 reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a package served from `/install/` (a GET of the package itself, not of its
+    /// checksum), by format (`deb`, `rpm`) and architecture (`x86_64`, `aarch64`).
+    pub fn install_download(&self, format: &str, arch: &str) {
+        self.install_downloads
+            .get_or_create(&Package {
+                format: format.into(),
+                arch: arch.into(),
             })
             .inc();
     }
@@ -109,6 +127,11 @@ impl Metrics {
             "Connections the endpoint closed itself, by reason: max_connections (closed as accepted), \
              max_handshakes (no handshake slot within the handshake timeout), handshake_timeout, idle",
             self.refused.clone(),
+        );
+        r.register(
+            "install_downloads",
+            "Agent packages served from /install/, by format and architecture",
+            self.install_downloads.clone(),
         );
     }
 }

@@ -58,6 +58,8 @@ pub struct Plane {
     pub tasks: TaskTracker,
     /// Cancelled when the endpoint shuts down: tracked tasks finish what they are doing and end.
     pub stopping: CancellationToken,
+    /// The agent's packages served at `/install/` (`install.directory`), if any.
+    pub install: Option<crate::install::Packages>,
 }
 
 /// Builds the plane from the configuration: opens the registry the configuration names
@@ -65,6 +67,11 @@ pub struct Plane {
 /// of boot inputs (self-minted tokens and files, or TokenRequest and Istio's ConfigMaps).
 pub async fn build(config: Config) -> Result<Plane> {
     let file = &config.file;
+    // First: a folder the endpoint cannot serve is refused before anything is opened or created.
+    let install = match &file.install {
+        Some(install) => Some(crate::install::Packages::load(&install.directory)?),
+        None => None,
+    };
     // Loaded (and on first start created) only once the registry is known to be there.
     let load_keys = || Keys::load(&file.state_dir, &config.token_issuer).map(Arc::new);
     type Parts = (
@@ -127,6 +134,7 @@ pub async fn build(config: Config) -> Result<Plane> {
         kube,
         tasks: TaskTracker::new(),
         stopping: CancellationToken::new(),
+        install,
     })
 }
 

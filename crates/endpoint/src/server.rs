@@ -1,5 +1,6 @@
-//! Runs the endpoint: gRPC and the sidecar-token issuer's OIDC documents over TLS on one
-//! port, health and metrics in plain HTTP on another, and the sweep.
+//! Runs the endpoint: gRPC, the sidecar-token issuer's OIDC documents and the agent's
+//! packages (`/install/`) over TLS on one port, health and metrics in plain HTTP on another,
+//! and the sweep.
 //!
 //! Shutdown drains, as ztunnel's does: [`Endpoint::shutdown`] stops accepting, tells every
 //! tracked task ([`Plane::tasks`]: agent streams, the sweep, membership, connections) to
@@ -163,7 +164,7 @@ pub async fn start(plane: Plane) -> Result<Endpoint> {
     let service = OnboardingServer::new(Service::new(plane.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(4 * 1024 * 1024);
-    let (p1, p2) = (plane.clone(), plane.clone());
+    let (p1, p2, p3) = (plane.clone(), plane.clone(), plane.clone());
     let router = tonic::service::Routes::new(service)
         .into_axum_router()
         .route(
@@ -173,7 +174,9 @@ pub async fn start(plane: Plane) -> Result<Endpoint> {
         .route(
             "/openid/v1/jwks",
             get(move || async move { axum::Json(p2.keys.jwks()) }),
-        );
+        )
+        // Public, like the OIDC documents: a VM fetches the agent before it has a credential.
+        .merge(crate::install::routes(p3));
 
     check_descriptor_limit(plane.config.file.connections.max);
     let (listener, addr) = bind("listen", listen).await?;
@@ -322,8 +325,8 @@ struct Accepted {
     over_handshakes: Arc<std::sync::Mutex<LogEvery>>,
 }
 
-/// TLS, then HTTP/2 (or HTTP/1.1 for the OIDC documents) until the peer closes, it is idle for
-/// `connections.idleTimeout`, or the endpoint stops.
+/// TLS, then HTTP/2 (or HTTP/1.1 for the OIDC documents and packages: curl, wget) until the
+/// peer closes, it is idle for `connections.idleTimeout`, or the endpoint stops.
 async fn serve_connection(
     plane: Arc<Plane>,
     accepted: Accepted,
