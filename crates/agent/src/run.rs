@@ -608,7 +608,9 @@ impl Agent {
                     self.report(|r| {
                         r.phase = Phase::Onboarding;
                         r.session = None;
-                        r.error(format!("the endpoint no longer knows this agent's session: {why}"));
+                        r.error(format!(
+                            "the endpoint no longer knows this agent's session: {why}"
+                        ));
                     });
                     return;
                 }

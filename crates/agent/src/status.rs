@@ -202,11 +202,9 @@ impl Report {
             .find(|f| crate::files::Name::parse(&f.name) == Some(crate::files::Name::Token));
         let Some(token) = token else { return };
         let exp = jwt_expiry(&token.content).or((fallback > 0).then_some(fallback));
-        self.sidecar_token = exp
-            .and_then(|s| u64::try_from(s).ok())
-            .map(|s| Token {
-                expires_at: rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
-            });
+        self.sidecar_token = exp.and_then(|s| u64::try_from(s).ok()).map(|s| Token {
+            expires_at: rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
+        });
     }
 
     /// The report as the file holds it (pretty JSON).
@@ -265,7 +263,9 @@ pub async fn keep(dir: PathBuf, mut report: watch::Receiver<Report>) {
                 }
                 Err(why) if !failing => {
                     failing = true;
-                    tracing::warn!("cannot keep the status file: {why}; `gangplank-agent status` will not see this agent");
+                    tracing::warn!(
+                        "cannot keep the status file: {why}; `gangplank-agent status` will not see this agent"
+                    );
                 }
                 Err(_) => {}
             }
@@ -398,7 +398,12 @@ mod tests {
         assert_eq!(mode(&state.join(FILE)), 0o644);
         assert_eq!(mode(&state), 0o700);
         let text = std::fs::read_to_string(state.join(FILE)).expect("read");
-        for field in ["\"apiVersion\"", "\"workloadGroup\"", "\"startedAt\"", "\"lastError\""] {
+        for field in [
+            "\"apiVersion\"",
+            "\"workloadGroup\"",
+            "\"startedAt\"",
+            "\"lastError\"",
+        ] {
             assert!(text.contains(field), "{field} in {text}");
         }
         assert_eq!(read(&state), Ok(Some(r)));

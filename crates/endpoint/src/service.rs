@@ -194,13 +194,17 @@ impl Service {
             .keys
             .check_nonce(&req.nonce)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let verifier = plane.verifiers.get(credential.kind.as_str()).cloned().ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "credential kind {:?} is not accepted by this endpoint (accepted: {})",
-                credential.kind,
-                plane.kinds().join(", ")
-            ))
-        })?;
+        let verifier = plane
+            .verifiers
+            .get(credential.kind.as_str())
+            .cloned()
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "credential kind {:?} is not accepted by this endpoint (accepted: {})",
+                    credential.kind,
+                    plane.kinds().join(", ")
+                ))
+            })?;
 
         let challenge = Challenge {
             plane_id: plane.config.file.plane_id.clone(),

@@ -260,19 +260,19 @@ fn refusal(err: &io::Error, name: &str) -> Refusal {
         C::UnknownIssuer | C::BadSignature => Refusal::Untrusted(format!(
             "the endpoint's certificate chain does not lead to a trusted CA ({cert:?})"
         )),
-        C::NotValidForName => Refusal::NameMismatch(format!(
-            "the endpoint's certificate is not valid for {name:?}"
-        )),
+        C::NotValidForName => {
+            Refusal::NameMismatch(format!("the endpoint's certificate is not valid for {name:?}"))
+        }
         C::NotValidForNameContext { presented, .. } => Refusal::NameMismatch(format!(
             "the endpoint's certificate is not valid for {name:?} (it names {})",
             presented.join(", ")
         )),
-        C::Expired | C::ExpiredContext { .. } => Refusal::Expired(format!(
-            "the endpoint's certificate has expired ({cert:?})"
-        )),
-        C::NotValidYet | C::NotValidYetContext { .. } => Refusal::Expired(format!(
-            "the endpoint's certificate is not valid yet ({cert:?})"
-        )),
+        C::Expired | C::ExpiredContext { .. } => {
+            Refusal::Expired(format!("the endpoint's certificate has expired ({cert:?})"))
+        }
+        C::NotValidYet | C::NotValidYetContext { .. } => {
+            Refusal::Expired(format!("the endpoint's certificate is not valid yet ({cert:?})"))
+        }
         other => Refusal::Other(format!("the endpoint's certificate is refused: {other:?}")),
     }
 }

@@ -84,7 +84,9 @@ async fn a_failed_handshake_says_whether_the_chain_the_name_or_the_dates_are_wro
     };
     let attempt = |addr, host: &'static str, options: ClientOptions| async move {
         let tcp = TcpStream::connect(addr).await.unwrap();
-        gangplank_tls::handshake(tcp, host, &options).await.expect("a client config")
+        gangplank_tls::handshake(tcp, host, &options)
+            .await
+            .expect("a client config")
     };
 
     let ok = attempt(addr, "127.0.0.1", trusting(ca.cert_pem(), "ca.pem"))
@@ -96,7 +98,9 @@ async fn a_failed_handshake_says_whether_the_chain_the_name_or_the_dates_are_wro
         sni: Some("endpoint.test".into()),
         ..trusting(ca.cert_pem(), "ca.pem")
     };
-    attempt(addr, "127.0.0.1", sni).await.expect("the SNI override is what is verified");
+    attempt(addr, "127.0.0.1", sni)
+        .await
+        .expect("the SNI override is what is verified");
 
     match attempt(addr, "127.0.0.1", trusting(other.cert_pem(), "other.pem")).await {
         Err(Refusal::Untrusted(m)) => assert!(m.contains("trusted CA"), "{m}"),
@@ -122,7 +126,11 @@ async fn a_failed_handshake_says_whether_the_chain_the_name_or_the_dates_are_wro
         ca_bundle: Some(dir.path().join("absent.pem")),
         ..Default::default()
     };
-    assert!(gangplank_tls::handshake(tcp, "127.0.0.1", &missing).await.is_err());
+    assert!(
+        gangplank_tls::handshake(tcp, "127.0.0.1", &missing)
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
