@@ -816,7 +816,7 @@ async fn policy(
                     let kind = credential.kind.clone();
                     let answer = ask(credential, challenge.nonce).await;
                     let note = Some(format!(
-                        "; the bound key was refused ({refused}): the agent falls back to this first-join credential"
+                        "; the bound key was refused, and the agent falls back to this first-join credential (the endpoint said: {refused})"
                     ));
                     (kind, answer, note)
                 }

@@ -330,6 +330,43 @@ async fn doctor_passes_against_a_real_endpoint_and_spends_nothing() {
         before,
         "doctor's rejoin check changed the registry"
     );
+
+    // The binding released: the bound key is refused, and doctor, like the agent, falls
+    // back to the first-join credential (a new token now), spending none of it.
+    assert!(
+        mesh.registry
+            .delete::<gangplank_api::binding::WorkloadBinding>(&NamespacedName::new(
+                "bookinfo",
+                &entry_name[9..]
+            ))
+            .await
+            .unwrap()
+    );
+    let fresh = mesh.join_token("ratings", 1, Duration::from_secs(3600)).await;
+    write(&vm.root.join("etc/join-token"), &fresh);
+    let before = mesh.snapshot();
+    let (code, report) = doctor_json(|a| vm.agent_cli(a));
+    assert_eq!(code, 0, "{report:#}");
+    let policy = check(&report, "policy");
+    assert_eq!(policy["decision"]["credential"], "join-token", "{policy:#}");
+    assert!(
+        policy["message"]
+            .as_str()
+            .unwrap()
+            .contains("the bound key was refused, and the agent falls back to this first-join credential (the endpoint said: bound key not accepted"),
+        "{policy:#}"
+    );
+    // This time the VM has its key: the name is the one the agent would get, the new
+    // token's id with the key's fingerprint.
+    let fingerprint = entry_name.rsplit('-').next().unwrap();
+    let fresh_id = fresh.split('.').next().unwrap().to_lowercase();
+    assert_eq!(
+        policy["decision"]["entry"],
+        format!("bookinfo/ratings-token-{fresh_id}-{fingerprint}"),
+        "{policy:#}"
+    );
+    assert_eq!(used(&mesh, &fresh).await, 0);
+    assert_eq!(mesh.snapshot(), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
