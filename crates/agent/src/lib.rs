@@ -8,11 +8,16 @@
 //! - [`health`]: the sidecar's health, as the launcher and the probe see it;
 //! - [`host`]: the facts the agent reports about its host;
 //! - [`backoff`]: retry delays;
-//! - [`run`]: the onboarding loop.
+//! - [`state`]: what the agent keeps across restarts (the VM's registration);
+//! - [`status`]: the status file the running agent keeps, for `gangplank-agent status`;
+//! - [`run`]: the onboarding loop;
+//! - [`doctor`]: `gangplank-agent doctor`, the checks that say why a VM cannot onboard.
 //!
 //! The modules depend on each other in one direction: `health` and `backoff` use no other
 //! module; `readiness` uses `health`; `config` uses `backoff` and `readiness`; `files` and
-//! `host` use `config`; `launcher` uses `config`, `health` and `backoff`; `run` uses them all.
+//! `host` use `config`; `status` uses `config`, `files` and `health`; `launcher` uses
+//! `config`, `health` and `backoff`; `run` uses them all; `doctor` uses `config`, `state`
+//! and `run`.
 //!
 //! Embedding the agent (tests, `gangplank quickstart`):
 //!
@@ -35,6 +40,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod doctor;
 pub mod files;
 pub mod health;
 pub mod host;
@@ -42,6 +48,7 @@ pub mod launcher;
 pub mod readiness;
 pub mod run;
 pub mod state;
+pub mod status;
 
 pub use config::Config;
 pub use run::{Agent, OnStop, Status, run};

@@ -29,6 +29,7 @@ use crate::health::Health;
 use crate::host;
 use crate::launcher::{self, Launcher};
 use crate::readiness::Readiness;
+use crate::status::{self as report, Phase};
 
 /// Heartbeat interval when neither the endpoint nor the config gives one.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
@@ -38,6 +39,8 @@ pub const HEALTH_POLL: Duration = Duration::from_secs(1);
 pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a shutdown waits for an onboarding in flight to finish.
 pub const ONBOARD_FINISH: Duration = Duration::from_secs(15);
+/// How long a stopping agent waits for its final status to reach the status file.
+pub const STATUS_FINISH: Duration = Duration::from_secs(3);
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +186,8 @@ pub struct Agent {
     readiness: Option<Readiness>,
     writer: files::Writer,
     status: watch::Sender<Status>,
+    /// What the status file says (`files.stateDir/status.json`).
+    report: watch::Sender<report::Report>,
     /// `files.stateDir`: the registration the VM's key is bound to.
     state_dir: std::path::PathBuf,
     /// Where the VM's bound key is.
@@ -221,6 +226,8 @@ struct State {
     /// stream needs no proof. Any later use may be on a new connection, and proves the
     /// bound key (the endpoint binds a session to the connection it was issued on).
     session_fresh: bool,
+    /// How many Session streams this agent opened.
+    streams: u64,
 }
 
 /// How a Session stream ended.
@@ -263,6 +270,7 @@ impl Agent {
             }),
             writer: files::Writer::new(agent.files.clone(), &agent.sidecar.proxy_user),
             status: watch::channel(Status::Onboarding { last_error: None }).0,
+            report: watch::channel(report::Report::starting(config)).0,
             state_dir: agent.files.state_dir.clone(),
             key_path: crate::state::key_path(agent),
             key: None,
@@ -300,9 +308,48 @@ impl Agent {
         self.status.subscribe()
     }
 
+    /// Changes what the status file says (written later, off this task, if it changed).
+    fn report(&self, change: impl FnOnce(&mut report::Report)) {
+        self.report.send_if_modified(|r| {
+            let before = r.clone();
+            change(r);
+            *r != before
+        });
+    }
+
+    /// What the status file would say about the sidecar token once `files` are written:
+    /// `None` when they hold no token.
+    fn expiry(&self, files: &[proto::BootFile], fallback: i64) -> Option<Option<report::Token>> {
+        let has_token = files.iter().any(|f| Name::parse(&f.name) == Some(Name::Token));
+        has_token.then(|| {
+            let mut r = self.report.borrow().clone();
+            r.token(files, fallback);
+            r.sidecar_token
+        })
+    }
+
     /// Runs until `shutdown` completes, then deregisters (Leave), waits the propagation
-    /// delay, and stops the sidecar. `Ok` only when that all succeeded.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+    /// delay, and stops the sidecar. `Ok` only when that all succeeded. Meanwhile
+    /// `files.stateDir/status.json` says what the agent is doing.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let keeper = tokio::spawn(report::keep(self.state_dir.clone(), self.report.subscribe()));
+        let final_report = self.report.clone();
+        let result = self.run_until(shutdown).await;
+        final_report.send_modify(|r| {
+            r.phase = Phase::Stopped;
+            r.session = None;
+            if let Err(e) = &result {
+                r.error(e.to_string());
+            }
+        });
+        drop(final_report);
+        if tokio::time::timeout(STATUS_FINISH, keeper).await.is_err() {
+            tracing::warn!(timeout = ?STATUS_FINISH, "the final status was not written in time");
+        }
+        result
+    }
+
+    async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let mut state = State::default();
         tracing::info!(
             endpoint = %self.onboarding.endpoint,
@@ -419,6 +466,11 @@ impl Agent {
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(retry_in = ?delay, "onboarding failed: {message}");
+                    self.report(|r| {
+                        r.phase = Phase::Onboarding;
+                        r.session = None;
+                        r.error(&message);
+                    });
                     self.status.send_replace(Status::Onboarding {
                         last_error: Some(message),
                     });
@@ -551,6 +603,12 @@ impl Agent {
         state.session = Some(Session(registration.session));
         state.session_fresh = true;
         state.renew_at = self.renewal(response.token_issued_at, response.token_expires_at);
+        self.report(|r| {
+            r.phase = Phase::Registered;
+            r.entry = Some(entry.to_string());
+            r.address = Some(registration.address.clone());
+            r.token(&response.files, response.token_expires_at);
+        });
         self.status.send_replace(Status::Registered {
             entry,
             address: registration.address,
@@ -600,6 +658,7 @@ impl Agent {
             Err(e) => {
                 state.launch_pending = true;
                 tracing::error!(error = %e, "cannot start the sidecar; retrying on the next heartbeat");
+                self.report(|r| r.error(format!("cannot start the sidecar: {e}")));
             }
         }
     }
@@ -629,6 +688,13 @@ impl Agent {
                     );
                     state.session = None;
                     self.set_connected(false);
+                    self.report(|r| {
+                        r.phase = Phase::Onboarding;
+                        r.session = None;
+                        r.error(format!(
+                            "the endpoint no longer knows this agent's session: {why}"
+                        ));
+                    });
                     return;
                 }
                 SessionEnd::EntryRemoved(why) => {
@@ -636,12 +702,22 @@ impl Agent {
                     state.session = None;
                     state.entry_removed = true;
                     self.set_connected(false);
+                    self.report(|r| {
+                        r.phase = Phase::Onboarding;
+                        r.session = None;
+                        r.error(&why);
+                    });
                     return;
                 }
                 SessionEnd::Broken(why) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(retry_in = ?delay, "session with the onboarding endpoint lost: {why}");
                     self.set_connected(false);
+                    self.report(|r| {
+                        r.phase = Phase::Reconnecting;
+                        r.session = None;
+                        r.error(format!("session with the onboarding endpoint lost: {why}"));
+                    });
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -680,6 +756,8 @@ impl Agent {
             Ok(r) => r.into_inner(),
             Err(status) => return session_end(&status),
         };
+        state.streams += 1;
+        let generation = state.streams;
 
         let configured = self.settings.heartbeat;
         let heartbeat_every = move |seconds: u32| {
@@ -713,15 +791,32 @@ impl Agent {
                                 heartbeat = ticker(every);
                                 backoff.reset();
                                 self.set_connected(true);
+                                self.report(|r| {
+                                    r.phase = Phase::Connected;
+                                    r.session = Some(report::Session {
+                                        connected_since: report::rfc3339(SystemTime::now()),
+                                        generation,
+                                        replica: w.replica.clone(),
+                                    });
+                                });
                                 tracing::info!(replica = %w.replica, heartbeat = ?every, "session open");
                             }
                             proto::endpoint_message::Kind::TokenRenewed(t) => self.token_renewed(state, t).await,
                             proto::endpoint_message::Kind::EntryRemoved(r) => return SessionEnd::EntryRemoved(r.reason),
                             proto::endpoint_message::Kind::ConfigChanged(c) => {
                                 tracing::info!("the endpoint sent new boot configuration");
+                                let expiry = self.expiry(&c.files, 0);
                                 match self.write(c.files).await {
-                                    Ok(changed) => self.launch(state, &changed).await,
-                                    Err(e) => tracing::error!("{e}"),
+                                    Ok(changed) => {
+                                        if let Some(expiry) = expiry {
+                                            self.report(|r| r.sidecar_token = expiry);
+                                        }
+                                        self.launch(state, &changed).await;
+                                    }
+                                    Err(e) => {
+                                        tracing::error!("{e}");
+                                        self.report(|r| r.error(&e));
+                                    }
                                 }
                             }
                         }
@@ -752,6 +847,7 @@ impl Agent {
                     };
                     if reported.as_ref() != Some(&health) {
                         tracing::info!(healthy = health.is_healthy(), "sidecar health: {}", health.message());
+                        self.report(|r| r.health(&health));
                         let message = proto::Health { healthy: health.is_healthy(), message: health.message() };
                         if send(&tx, proto::agent_message::Kind::Health(message)).await.is_err() {
                             return SessionEnd::Broken("the stream to the endpoint closed".to_owned());
@@ -793,17 +889,26 @@ impl Agent {
             tracing::warn!(name = %token.name, "the endpoint sent TokenRenewed with a file that is not istio-token; ignored");
             return;
         }
-        match self.write(vec![token]).await {
+        let files = vec![token];
+        let expiry = self.expiry(&files, renewed.expires_at);
+        match self.write(files).await {
             Ok(_) => {
                 tracing::info!("sidecar token renewed");
                 state.renew_at = self.renewal(renewed.issued_at, renewed.expires_at);
+                if let Some(expiry) = expiry {
+                    self.report(|r| r.sidecar_token = expiry);
+                }
             }
-            Err(e) => tracing::error!("{e}; asking again later"),
+            Err(e) => {
+                tracing::error!("{e}; asking again later");
+                self.report(|r| r.error(format!("{e}; asking again later")));
+            }
         }
     }
 
     async fn leave(mut self, state: State) -> Result<()> {
         self.status.send_replace(Status::Leaving);
+        self.report(|r| r.phase = Phase::Leaving);
         let endpoint = self.onboarding.endpoint.to_string();
         let mut failure = None;
         if let Some(session) = &state.session {
@@ -844,6 +949,10 @@ impl Agent {
         } else {
             Ok(())
         };
+        self.report(|r| {
+            r.health(&self.launcher.health());
+            r.session = None;
+        });
         if let Some(message) = failure {
             if let Err(e) = &stopped {
                 tracing::error!(error = %e, "cannot stop the sidecar");

@@ -217,6 +217,13 @@ impl onboarding_server::Onboarding for Fake {
         }))
     }
 
+    async fn check(
+        &self,
+        _: Request<proto::OnboardRequest>,
+    ) -> Result<Response<proto::CheckResponse>, RpcStatus> {
+        Err(RpcStatus::unimplemented("the agent never calls Check"))
+    }
+
     type SessionStream = ReceiverStream<Result<proto::EndpointMessage, RpcStatus>>;
 
     async fn session(

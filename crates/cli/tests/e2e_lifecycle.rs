@@ -205,7 +205,7 @@ async fn on_stop_stay_keeps_the_entry_through_stops_and_leave_deregisters_with_t
     vm.agent.signal("TERM");
     assert!(vm.agent.wait_exit(WAIT).success());
 
-    let left = vm.agent_once(&["leave"]);
+    let left = vm.agent_cli(&["leave"]);
     assert!(left.status.success(), "{}", text(&left.stderr));
     assert!(
         text(&left.stderr).contains("deregistered"),
@@ -218,7 +218,7 @@ async fn on_stop_stay_keeps_the_entry_through_stops_and_leave_deregisters_with_t
     assert_eq!(vm.registered_entry(), None, "leave forgets the registration");
 
     let before = registry_files(&mesh);
-    let again = vm.agent_once(&["leave"]);
+    let again = vm.agent_cli(&["leave"]);
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert!(
         text(&again.stderr).contains("nothing to leave"),

@@ -1,4 +1,5 @@
-//! The `Onboarding` gRPC service: Discover, Onboard, Session, Leave.
+//! The `Onboarding` gRPC service: Discover, Onboard, Session, Leave, and Check (what Onboard
+//! would decide, for `gangplank-agent doctor`).
 //!
 //! Every refusal is a gRPC status whose message says what to change; credentials never
 //! appear in a message or a log line.
@@ -33,6 +34,24 @@ const MAX_CREDENTIAL: usize = 64 * 1024;
 const REMOVED_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 /// Lifetime of an agent session token; the entry's session annotation is what really ends it.
 const SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// What a request is before anything is written for it: verified and judged by policy.
+struct Assessed {
+    group: gangplank_api::istio::WorkloadGroup,
+    identity: gangplank_identity::Identity,
+    host: proto::HostFacts,
+    credential: proto::Credential,
+    challenge: Challenge,
+    verifier: Arc<dyn gangplank_identity::Verifier>,
+    decision: gangplank_policy::Decision,
+}
+
+impl Assessed {
+    /// Whether the credential is a rejoin with the VM's bound key.
+    fn rejoin(&self) -> bool {
+        self.credential.kind == gangplank_api::kind::BOUND_KEY
+    }
+}
 
 /// The service.
 #[derive(Clone)]
@@ -142,11 +161,10 @@ impl Service {
         Ok(())
     }
 
-    async fn onboard_inner(
-        &self,
-        req: proto::OnboardRequest,
-        connection: Option<Connection>,
-    ) -> Result<proto::OnboardResponse, Status> {
+    /// What Onboard and Check both do before anything is written: the request's shape, the
+    /// nonce, the credential (verified before anything else, so an unauthenticated caller
+    /// learns nothing about groups), the group, the addresses it allows, and policy.
+    async fn assess(&self, req: proto::OnboardRequest) -> Result<Assessed, Status> {
         let plane = &self.plane;
         let group_ref = req.workload_group.ok_or_else(|| {
             Status::invalid_argument(
@@ -176,15 +194,18 @@ impl Service {
             .keys
             .check_nonce(&req.nonce)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let verifier = plane.verifiers.get(credential.kind.as_str()).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "credential kind {:?} is not accepted by this endpoint (accepted: {})",
-                credential.kind,
-                plane.kinds().join(", ")
-            ))
-        })?;
+        let verifier = plane
+            .verifiers
+            .get(credential.kind.as_str())
+            .cloned()
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "credential kind {:?} is not accepted by this endpoint (accepted: {})",
+                    credential.kind,
+                    plane.kinds().join(", ")
+                ))
+            })?;
 
-        // Verify before anything else, so an unauthenticated caller learns nothing about groups.
         let challenge = Challenge {
             plane_id: plane.config.file.plane_id.clone(),
             nonce: req.nonce.clone(),
@@ -209,26 +230,84 @@ impl Service {
             .await
             .map_err(registry_status)?;
         let decision = gangplank_policy::evaluate(&policies, &group, &identity);
-        if !decision.is_allowed() {
+        Ok(Assessed {
+            group,
+            identity,
+            host,
+            credential,
+            challenge,
+            verifier,
+            decision,
+        })
+    }
+
+    /// The entry an allowed request gets (its session annotation `session_id`), and the key
+    /// the VM proves itself with from now on: the rejoin's, the one the AWS verifier
+    /// checked, or the one a first join carries (checked here).
+    fn admit(&self, a: &Assessed, session_id: &str) -> Result<(WorkloadEntry, Option<String>), Status> {
+        let entry = self.plane.entry(&a.group, &a.identity, &a.host, session_id)?;
+        let agent_key = match &a.identity.facts {
+            _ if a.rejoin() => Some(gangplank_identity::bound::encode_public_key(
+                &a.credential.public_key,
+            )),
+            gangplank_identity::Facts::Aws(f) => Some(f.agent_public_key.clone()).filter(|k| !k.is_empty()),
+            _ => gangplank_identity::bound::check_first_join_proof(&a.credential, &a.challenge)
+                .map_err(identity_status)?,
+        };
+        Ok((entry, agent_key))
+    }
+
+    /// Check: what Onboard would decide, with nothing spent or written.
+    async fn check_inner(&self, req: proto::OnboardRequest) -> Result<proto::CheckResponse, Status> {
+        let a = self.assess(req).await?;
+        let mut response = proto::CheckResponse {
+            explanation: a.decision.to_string(),
+            identity: a.identity.to_string(),
+            ..Default::default()
+        };
+        if let gangplank_policy::Decision::Allowed { policy, rule } = &a.decision {
+            // The session id is the only part of the entry that is new at every onboarding;
+            // this one is thrown away with the entry.
+            let (entry, _) = self.admit(&a, "")?;
+            let key = entry.key();
+            response.allowed = true;
+            response.policy = policy.clone();
+            response.rule = u32::try_from(*rule).unwrap_or(u32::MAX);
+            response.entry_namespace = key.namespace;
+            response.entry_name = key.name;
+        }
+        tracing::info!(group = %a.group.key(), identity = %a.identity, allowed = response.allowed, "checked: {}", response.explanation);
+        response.server_time_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Ok(response)
+    }
+
+    async fn onboard_inner(
+        &self,
+        req: proto::OnboardRequest,
+        connection: Option<Connection>,
+    ) -> Result<proto::OnboardResponse, Status> {
+        let plane = &self.plane;
+        let assessed = self.assess(req).await?;
+        if !assessed.decision.is_allowed() {
             plane.metrics.onboard("denied");
-            tracing::warn!(group = %group_key, identity = %identity, "onboarding denied: {decision}");
-            return Err(Status::permission_denied(decision.to_string()));
+            tracing::warn!(group = %assessed.group.key(), identity = %assessed.identity, "onboarding denied: {}", assessed.decision);
+            return Err(Status::permission_denied(assessed.decision.to_string()));
         }
 
         let session_id = Keys::random_id();
-        let entry = plane.entry(&group, &identity, &host, &session_id)?;
+        let (entry, agent_key) = self.admit(&assessed, &session_id)?;
+        let rejoin = assessed.rejoin();
+        let Assessed {
+            group,
+            identity,
+            credential,
+            verifier,
+            ..
+        } = assessed;
         let key = entry.key();
-        let rejoin = credential.kind == gangplank_api::kind::BOUND_KEY;
-        // The key this VM proves itself with from now on: the rejoin's, the one the AWS
-        // verifier checked, or the one a first join carries (checked here).
-        let agent_key = match &identity.facts {
-            _ if rejoin => Some(gangplank_identity::bound::encode_public_key(
-                &credential.public_key,
-            )),
-            gangplank_identity::Facts::Aws(f) => Some(f.agent_public_key.clone()).filter(|k| !k.is_empty()),
-            _ => gangplank_identity::bound::check_first_join_proof(&credential, &challenge)
-                .map_err(identity_status)?,
-        };
         let existing = plane.registry.entry(&key).await.map_err(registry_status)?;
         if rejoin && let Some(current) = &existing {
             self.refuse_if_held_elsewhere(current)?;
@@ -448,6 +527,18 @@ impl Onboarding for Service {
                 Err(status)
             }
         }
+    }
+
+    async fn check(
+        &self,
+        request: Request<proto::OnboardRequest>,
+    ) -> Result<Response<proto::CheckResponse>, Status> {
+        self.check_inner(request.into_inner())
+            .await
+            .map(Response::new)
+            .inspect_err(|status| {
+                tracing::warn!(code = ?status.code(), "check refused: {}", status.message());
+            })
     }
 
     type SessionStream = EndpointStream;

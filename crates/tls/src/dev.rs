@@ -75,6 +75,18 @@ impl Ca {
 
     /// A server certificate for these DNS names and IP addresses.
     pub fn issue(&self, dns_names: &[&str], ips: &[IpAddr]) -> Result<Issued> {
+        self.issue_valid(dns_names, ips, (2024, 1, 1), (2036, 1, 1))
+    }
+
+    /// Like [`Ca::issue`], valid from `not_before` to `not_after` (year, month, day; e.g. an
+    /// expired one, for tests of what a client says about it).
+    pub fn issue_valid(
+        &self,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+        not_before: (i32, u8, u8),
+        not_after: (i32, u8, u8),
+    ) -> Result<Issued> {
         let mut params = CertificateParams::new(dns_names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
         params
             .subject_alt_names
@@ -90,8 +102,8 @@ impl Ca {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {

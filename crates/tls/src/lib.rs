@@ -144,15 +144,21 @@ pub fn client_config(options: &ClientOptions) -> Result<ClientConfig> {
     Ok(config)
 }
 
-/// A lazily connecting gRPC channel to `https://host:port`, over our own rustls client (so a
-/// CA bundle, an SNI override and an explicit insecure mode all work the same way).
-pub fn channel(host: &str, port: u16, options: &ClientOptions) -> Result<tonic::transport::Channel> {
-    let config = Arc::new(client_config(options)?);
+/// The name the endpoint's certificate is verified against and sent as SNI: `options.sni`,
+/// else `host` (an IP address is verified as one).
+pub fn server_name(host: &str, options: &ClientOptions) -> Result<ServerName<'static>> {
     let name = options
         .sni
         .clone()
         .unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
-    let server_name = ServerName::try_from(name.clone()).map_err(|_| Error::ServerName(name))?;
+    ServerName::try_from(name.clone()).map_err(|_| Error::ServerName(name))
+}
+
+/// A lazily connecting gRPC channel to `https://host:port`, over our own rustls client (so a
+/// CA bundle, an SNI override and an explicit insecure mode all work the same way).
+pub fn channel(host: &str, port: u16, options: &ClientOptions) -> Result<tonic::transport::Channel> {
+    let config = Arc::new(client_config(options)?);
+    let server_name = server_name(host, options)?;
     let authority = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]")
     } else {
@@ -180,6 +186,95 @@ pub fn channel(host: &str, port: u16, options: &ClientOptions) -> Result<tonic::
         }
     });
     Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// Why a TLS handshake with the endpoint failed, in the terms a person fixes it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The certificate chain does not lead to a trusted CA (or is not signed properly).
+    Untrusted(String),
+    /// The certificate is not valid for the name checked.
+    NameMismatch(String),
+    /// The certificate expired (or is not valid yet) by this host's clock.
+    Expired(String),
+    /// Anything else: an alert from the server, a protocol error, the connection closed.
+    Other(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Untrusted(m) | Refusal::NameMismatch(m) | Refusal::Expired(m) | Refusal::Other(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+/// What a successful handshake agreed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handshake {
+    /// `TLSv1_3`, `TLSv1_2`.
+    pub protocol: String,
+    /// The application protocol (`h2` for the endpoint), if one was agreed.
+    pub alpn: Option<String>,
+}
+
+/// Performs a TLS handshake over `tcp` with the agent's client configuration for `host`
+/// (the same [`client_config`] and [`server_name`] as [`channel`]), and says why it failed.
+pub async fn handshake(
+    tcp: tokio::net::TcpStream,
+    host: &str,
+    options: &ClientOptions,
+) -> Result<std::result::Result<Handshake, Refusal>> {
+    let config = Arc::new(client_config(options)?);
+    let name = server_name(host, options)?;
+    let shown = name.to_str().into_owned();
+    Ok(
+        match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
+            Ok(tls) => {
+                let (_, conn) = tls.get_ref();
+                Ok(Handshake {
+                    protocol: conn
+                        .protocol_version()
+                        .map(|v| format!("{v:?}"))
+                        .unwrap_or_default(),
+                    alpn: conn
+                        .alpn_protocol()
+                        .map(|p| String::from_utf8_lossy(p).into_owned()),
+                })
+            }
+            Err(e) => Err(refusal(&e, &shown)),
+        },
+    )
+}
+
+fn refusal(err: &io::Error, name: &str) -> Refusal {
+    use rustls::CertificateError as C;
+    let Some(rustls::Error::InvalidCertificate(cert)) =
+        err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return Refusal::Other(err.to_string());
+    };
+    match cert {
+        C::UnknownIssuer | C::BadSignature => Refusal::Untrusted(format!(
+            "the endpoint's certificate chain does not lead to a trusted CA ({cert:?})"
+        )),
+        C::NotValidForName => {
+            Refusal::NameMismatch(format!("the endpoint's certificate is not valid for {name:?}"))
+        }
+        C::NotValidForNameContext { presented, .. } => Refusal::NameMismatch(format!(
+            "the endpoint's certificate is not valid for {name:?} (it names {})",
+            presented.join(", ")
+        )),
+        C::Expired | C::ExpiredContext { .. } => {
+            Refusal::Expired(format!("the endpoint's certificate has expired ({cert:?})"))
+        }
+        C::NotValidYet | C::NotValidYetContext { .. } => {
+            Refusal::Expired(format!("the endpoint's certificate is not valid yet ({cert:?})"))
+        }
+        other => Refusal::Other(format!("the endpoint's certificate is refused: {other:?}")),
+    }
 }
 
 /// Accepts any server certificate but still checks handshake signatures. Used only with

@@ -66,6 +66,74 @@ fn write_bundle(dir: &tempfile::TempDir, name: &str, pem: &str) -> std::path::Pa
 }
 
 #[tokio::test]
+async fn a_failed_handshake_says_whether_the_chain_the_name_or_the_dates_are_wrong() {
+    use gangplank_tls::Refusal;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("test").unwrap();
+    let other = Ca::generate("other").unwrap();
+    let leaf = ca.issue(&["endpoint.test"], &[LOCALHOST]).unwrap();
+    let expired = ca
+        .issue_valid(&["endpoint.test"], &[LOCALHOST], (2020, 1, 1), (2021, 1, 1))
+        .unwrap();
+    let addr = serve(gangplank_tls::server_config_from_pem(&leaf.cert_pem, &leaf.key_pem).unwrap()).await;
+    let expired_addr =
+        serve(gangplank_tls::server_config_from_pem(&expired.cert_pem, &expired.key_pem).unwrap()).await;
+    let trusting = |pem: &str, name: &str| ClientOptions {
+        ca_bundle: Some(write_bundle(&dir, name, pem)),
+        ..Default::default()
+    };
+    let attempt = |addr, host: &'static str, options: ClientOptions| async move {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        gangplank_tls::handshake(tcp, host, &options)
+            .await
+            .expect("a client config")
+    };
+
+    let ok = attempt(addr, "127.0.0.1", trusting(ca.cert_pem(), "ca.pem"))
+        .await
+        .expect("trusted, for 127.0.0.1");
+    assert_eq!(ok.alpn.as_deref(), Some("h2"), "the endpoint speaks HTTP/2");
+    assert!(ok.protocol.starts_with("TLSv1_"), "{ok:?}");
+    let sni = ClientOptions {
+        sni: Some("endpoint.test".into()),
+        ..trusting(ca.cert_pem(), "ca.pem")
+    };
+    attempt(addr, "127.0.0.1", sni)
+        .await
+        .expect("the SNI override is what is verified");
+
+    match attempt(addr, "127.0.0.1", trusting(other.cert_pem(), "other.pem")).await {
+        Err(Refusal::Untrusted(m)) => assert!(m.contains("trusted CA"), "{m}"),
+        other => panic!("expected an untrusted chain, got {other:?}"),
+    }
+    let wrong_name = ClientOptions {
+        sni: Some("elsewhere.test".into()),
+        ..trusting(ca.cert_pem(), "ca.pem")
+    };
+    match attempt(addr, "127.0.0.1", wrong_name).await {
+        Err(Refusal::NameMismatch(m)) => {
+            assert!(m.contains("elsewhere.test") && m.contains("endpoint.test"), "{m}")
+        }
+        other => panic!("expected a name mismatch, got {other:?}"),
+    }
+    match attempt(expired_addr, "127.0.0.1", trusting(ca.cert_pem(), "ca.pem")).await {
+        Err(Refusal::Expired(m)) => assert!(m.contains("expired"), "{m}"),
+        other => panic!("expected an expired certificate, got {other:?}"),
+    }
+    // A bundle that cannot be read is the configuration's error, before any handshake.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let missing = ClientOptions {
+        ca_bundle: Some(dir.path().join("absent.pem")),
+        ..Default::default()
+    };
+    assert!(
+        gangplank_tls::handshake(tcp, "127.0.0.1", &missing)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
 async fn trusted_ca_connects_untrusted_ca_is_refused_insecure_only_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate("test").unwrap();

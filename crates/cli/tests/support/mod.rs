@@ -463,7 +463,7 @@ pub struct Vm {
     onboarding: PathBuf,
     agent_config: PathBuf,
     starts: u32,
-    /// The agent's command line after the config flags (`run` and its flags, by default
+    /// The agent's command line after the config flags (`run` and its flags; by default
     /// nothing: `run` with `--on-stop=leave`).
     run_args: Vec<String>,
 }
@@ -551,6 +551,23 @@ impl Vm {
         )
     }
 
+    /// Writes the configuration [`Vm::start`] writes, for an agent not started yet (e.g.
+    /// for `gangplank-agent doctor`); [`VmConfig::start`] starts it.
+    pub fn configure(mesh: &Mesh, name: &str, credential: Credential) -> VmConfig {
+        Self::write_config(
+            mesh.root(),
+            name,
+            mesh.addr,
+            &mesh.ca_bundle,
+            credential,
+            &How {
+                readiness_url: None,
+                sidecar: STANDIN_SIDECAR,
+                namespace: "bookinfo",
+            },
+        )
+    }
+
     fn start_full(
         dir: &Path,
         name: &str,
@@ -559,7 +576,18 @@ impl Vm {
         credential: Credential,
         how: How<'_>,
     ) -> Self {
-        let How {
+        Self::write_config(dir, name, addr, ca_bundle, credential, &how).start()
+    }
+
+    fn write_config(
+        dir: &Path,
+        name: &str,
+        addr: SocketAddr,
+        ca_bundle: &Path,
+        credential: Credential,
+        how: &How<'_>,
+    ) -> VmConfig {
+        let &How {
             readiness_url,
             sidecar,
             namespace,
@@ -620,23 +648,20 @@ settings:
                 readiness = readiness_url.unwrap_or_default(),
             ),
         );
-        let agent = Self::spawn_agent(&format!("agent-{name}"), &onboarding, &agent_config, &[]);
-        Self {
+        VmConfig {
             root,
-            agent,
             name: name.to_string(),
             onboarding,
             agent_config,
-            starts: 1,
-            run_args: Vec::new(),
         }
     }
 
-    fn spawn_agent(name: &str, onboarding: &Path, agent_config: &Path, args: &[String]) -> Proc {
-        Proc::spawn(name, Self::agent_command(onboarding, agent_config, args))
+    /// Runs `gangplank-agent <args>` with this VM's configuration flags, to completion.
+    pub fn agent_cli(&self, args: &[&str]) -> Output {
+        agent_cli(&self.onboarding, &self.agent_config, args)
     }
 
-    fn agent_command(onboarding: &Path, agent_config: &Path, args: &[String]) -> Command {
+    fn spawn_agent(name: &str, onboarding: &Path, agent_config: &Path, args: &[String]) -> Proc {
         let mut cmd = Command::new(bin("gangplank-agent"));
         cmd.arg("--onboarding-config")
             .arg(onboarding)
@@ -644,7 +669,7 @@ settings:
             .arg(agent_config)
             .args(args)
             .env("RUST_LOG", "info");
-        cmd
+        Proc::spawn(name, cmd)
     }
 
     /// Starts a new agent process with the same configuration (after the last one exited,
@@ -660,15 +685,6 @@ settings:
     /// `["run", "--on-stop=stay"]` (the packaged unit's).
     pub fn set_run_args(&mut self, args: &[&str]) {
         self.run_args = args.iter().map(|a| (*a).to_owned()).collect();
-    }
-
-    /// Runs `gangplank-agent <args>` with this VM's configuration to completion (e.g.
-    /// `leave`), while no agent of this VM runs.
-    pub fn agent_once(&self, args: &[&str]) -> Output {
-        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        Self::agent_command(&self.onboarding, &self.agent_config, &args)
-            .output()
-            .expect("gangplank-agent runs")
     }
 
     /// Kills the agent with SIGKILL (a crash: no Leave) and waits for it to be gone.
@@ -697,6 +713,57 @@ settings:
     pub fn read(&self, rel: &str) -> Option<String> {
         std::fs::read_to_string(self.path(rel)).ok()
     }
+}
+
+/// A VM's configuration files (see [`Vm::configure`]).
+pub struct VmConfig {
+    pub root: PathBuf,
+    name: String,
+    pub onboarding: PathBuf,
+    pub agent_config: PathBuf,
+}
+
+impl VmConfig {
+    /// Starts the VM's agent.
+    pub fn start(self) -> Vm {
+        let agent = Vm::spawn_agent(
+            &format!("agent-{}", self.name),
+            &self.onboarding,
+            &self.agent_config,
+            &[],
+        );
+        Vm {
+            root: self.root,
+            agent,
+            name: self.name,
+            onboarding: self.onboarding,
+            agent_config: self.agent_config,
+            starts: 1,
+            run_args: Vec::new(),
+        }
+    }
+
+    /// Runs `gangplank-agent <args>` with this configuration's flags, to completion.
+    pub fn agent_cli(&self, args: &[&str]) -> Output {
+        agent_cli(&self.onboarding, &self.agent_config, args)
+    }
+
+    /// A path on the VM's file system (`files.root`).
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join("fs").join(rel.trim_start_matches('/'))
+    }
+}
+
+/// Runs `gangplank-agent --onboarding-config <onboarding> --agent-config <agent> <args>`.
+pub fn agent_cli(onboarding: &Path, agent: &Path, args: &[&str]) -> Output {
+    Command::new(bin("gangplank-agent"))
+        .arg("--onboarding-config")
+        .arg(onboarding)
+        .arg("--agent-config")
+        .arg(agent)
+        .args(args)
+        .output()
+        .expect("gangplank-agent runs")
 }
 
 /// A first join over the protocol with `key`: a Discover, then an Onboard into

@@ -126,6 +126,15 @@ impl Key {
         Self::from_pair(load_or_create_pair(path)?, &path.display().to_string())
     }
 
+    /// Loads the key from `path` without creating one: `Ok(None)` when there is none yet
+    /// (for `gangplank-agent doctor`, which changes nothing on the VM).
+    pub fn load(path: &Path) -> Result<Option<Self>> {
+        match read_pair(path)? {
+            Some(pair) => Self::from_pair(pair, &path.display().to_string()).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// A new key held in memory only, for simulated VMs (the benchmark's agents).
     pub fn generate() -> Result<Self> {
         let pair = Ed25519KeyPair::generate()
@@ -190,28 +199,32 @@ impl Key {
 
 /// Loads the Ed25519 key pair at `path`, creating it if absent.
 pub(crate) fn load_or_create_pair(path: &Path) -> Result<Ed25519KeyPair> {
-    let fail = |what: String| Error::Unavailable(format!("instance key {}: {what}", path.display()));
-    match std::fs::read(path) {
-        Ok(pem) => {
-            return PrivatePkcs8KeyDer::from_pem_slice(&pem)
-                .ok()
-                .and_then(|der| Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der()).ok())
-                .ok_or_else(|| {
-                    fail(
-                        "is not an Ed25519 private key in PEM: remove it only if this VM was re-imaged"
-                            .into(),
-                    )
-                });
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(format!("cannot be read: {e}"))),
+    if let Some(pair) = read_pair(path)? {
+        return Ok(pair);
     }
+    let fail = |what: String| Error::Unavailable(format!("instance key {}: {what}", path.display()));
     let key = Ed25519KeyPair::generate().map_err(|e| fail(format!("cannot be generated: {e}")))?;
     let der = key
         .to_pkcs8v1()
         .map_err(|e| fail(format!("cannot be encoded: {e}")))?;
     write_private(path, pem(PKCS8_LABEL, der.as_ref()).as_bytes()).map_err(fail)?;
     Ok(key)
+}
+
+/// The Ed25519 key pair at `path`, `None` when there is no file.
+fn read_pair(path: &Path) -> Result<Option<Ed25519KeyPair>> {
+    let fail = |what: String| Error::Unavailable(format!("instance key {}: {what}", path.display()));
+    match std::fs::read(path) {
+        Ok(pem) => PrivatePkcs8KeyDer::from_pem_slice(&pem)
+            .ok()
+            .and_then(|der| Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der()).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                fail("is not an Ed25519 private key in PEM: remove it only if this VM was re-imaged".into())
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(fail(format!("cannot be read: {e}"))),
+    }
 }
 
 /// `der` as PEM, as OpenSSL writes it: base64 in lines of 64.
@@ -249,9 +262,13 @@ mod tests {
     fn a_key_is_created_once_private_and_reloaded() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state/instance-key.pem");
+        assert!(Key::load(&path).expect("nothing to load").is_none());
+        assert!(!path.exists(), "loading creates nothing");
         let made = Key::load_or_create(&path).expect("created");
         let again = Key::load_or_create(&path).expect("loaded");
         assert_eq!(made.public_key(), again.public_key());
+        let loaded = Key::load(&path).expect("loaded").expect("present");
+        assert_eq!(loaded.public_key(), made.public_key());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
