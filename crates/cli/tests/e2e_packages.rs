@@ -1,9 +1,12 @@
 //! The agent's .deb on a real systemd "VM": a Debian 12 container (rootfs from
-//! `debootstrap`, `docker import`, systemd as PID 1, `packaging/vm-image`) installs the
-//! package with `dpkg -i`, systemd starts the hardened unit, and the agent onboards against
-//! a real endpoint in another container on a Docker network this test creates. A
-//! `systemctl restart`, a container restart (a reboot: systemd stops every unit) and a
-//! package upgrade each keep the same WorkloadEntry; removing the package deregisters.
+//! `debootstrap`, `docker import`, systemd as PID 1, `packaging/vm-image`) with no Gangplank
+//! in it runs the script `gangplank agent install-script` printed, which downloads the
+//! package from the endpoint's `/install/`, verifies it and installs it with `dpkg -i`;
+//! systemd starts the hardened unit, and the agent onboards against that endpoint, a real
+//! one in another container on a Docker network this test creates. A `systemctl restart`, a
+//! container restart (a reboot: systemd stops every unit) and a package upgrade each keep
+//! the same WorkloadEntry; `gangplank-agent status` shows it; removing the package
+//! deregisters.
 //!
 //! Needs root, Docker, the image and the packages, so it is `#[ignore]`d; `.ci/run` runs it:
 //!
@@ -30,6 +33,8 @@ use support::*;
 /// How long a VM boot, an onboarding or a removal may take.
 const BOOT: Duration = Duration::from_secs(90);
 const IMAGE_DEFAULT: &str = "gangplank-vm:bookworm";
+/// The idle window over which the agent's CPU is read (it heartbeats, nothing else).
+const IDLE: Duration = Duration::from_secs(20);
 
 fn docker(args: &[&str]) -> Output {
     Command::new("docker")
@@ -203,7 +208,6 @@ async fn the_deb_onboards_a_systemd_vm_keeps_its_entry_through_restart_reboot_an
             .expect("set GANGPLANK_TEST_PACKAGES to the folder packaging/build wrote (target/packages)"),
     );
     let image = std::env::var("GANGPLANK_TEST_VM_IMAGE").unwrap_or_else(|_| IMAGE_DEFAULT.to_owned());
-    let first_deb = package(&packages, "-1_amd64.deb");
     let second_deb = package(&packages, "-2_amd64.deb");
 
     // The endpoint's side, on the host's disk, mounted into its container at /cfg.
@@ -264,9 +268,33 @@ identities:
   joinTokens: true
 workloads:
   propagationDelay: 1s
+install:
+  directory: /cfg/packages
 "
         ),
     );
+
+    // What the endpoint serves at /install/: the first build of each package.
+    std::fs::create_dir_all(root.join("packages")).unwrap();
+    for suffix in ["-1_amd64.deb", "-1_arm64.deb", "-1.x86_64.rpm", "-1.aarch64.rpm"] {
+        let from = package(&packages, suffix);
+        std::fs::copy(&from, root.join("packages").join(from.file_name().unwrap())).unwrap();
+    }
+    write(&root.join("join-token"), &secret);
+    let script = gangplank(&[
+        "agent",
+        "install-script",
+        "--endpoint",
+        "gp-endpoint",
+        "--workload-group",
+        "bookinfo/ratings",
+        "--ca-bundle",
+        &ca_bundle.display().to_string(),
+        "--join-token-file",
+        &root.join("join-token").display().to_string(),
+    ]);
+    assert!(script.status.success(), "{}", text(&script.stderr));
+    std::fs::write(root.join("install.sh"), &script.stdout).unwrap();
 
     let tag = std::process::id();
     let lab = Lab {
@@ -345,39 +373,28 @@ workloads:
         "printf '[Unit]\\nDescription=stand-in for the istio sidecar package\\n[Service]\\nExecStart=/bin/sleep infinity\\n' >/etc/systemd/system/istio.service && systemctl daemon-reload",
     );
 
-    // Install: enabled, not started (nothing configured yet).
-    vm.copy_in(&first_deb, "/tmp/agent-1.deb");
-    vm.ok("dpkg -i /tmp/agent-1.deb");
+    // Install from the endpoint, as a VM without internet does (curl, the embedded CA).
+    vm.ok("test ! -e /usr/bin/gangplank-agent");
+    vm.copy_in(&root.join("install.sh"), "/root/install.sh");
+    let installed = vm.sh("sh /root/install.sh");
+    assert!(
+        installed.status.success(),
+        "the install script failed:\n{}{}\nagent's journal:\n{}",
+        text(&installed.stdout),
+        text(&installed.stderr),
+        vm.journal()
+    );
+    assert!(
+        !text(&installed.stdout).contains(&secret) && !text(&installed.stderr).contains(&secret),
+        "the install script printed the token"
+    );
     assert_eq!(vm.ok("systemctl is-enabled gangplank-agent").trim(), "enabled");
-    assert_ne!(
-        vm.sh("systemctl is-active gangplank-agent").status.code(),
-        Some(0)
+    assert_eq!(
+        vm.ok("stat -c '%a %U' /etc/gangplank/join-token /etc/gangplank/ca.pem /usr/bin/gangplank-agent"),
+        "600 root\n644 root\n755 root\n"
     );
     let version = vm.ok("/usr/bin/gangplank-agent --version");
     assert!(version.starts_with("gangplank-agent "), "{version}");
-
-    // Configure it (what the install script writes), then start it.
-    vm.copy_in(&ca_bundle, "/etc/gangplank/ca.pem");
-    vm.ok(&format!(
-        "cat >/etc/gangplank/onboarding.yaml <<'EOF'
-apiVersion: config.agent.onboarding.tetrate.io/v1alpha1
-kind: OnboardingConfiguration
-onboardingEndpoint:
-  host: gp-endpoint
-  transportSecurity:
-    tls:
-      caBundle: /etc/gangplank/ca.pem
-workloadGroup:
-  namespace: bookinfo
-  name: ratings
-EOF
-cat >/etc/gangplank/agent.yaml <<'EOF'
-sidecar:
-  readinessUrl: \"\"
-EOF
-(umask 077; printf '%s' '{secret}' >/etc/gangplank/join-token)
-systemctl restart gangplank-agent"
-    ));
     let entry = one_entry(&registry, &vm).await;
     let name = entry.metadata.name.clone().unwrap();
     vm.wait_journal("sidecar started", 0);
@@ -399,6 +416,41 @@ systemctl restart gangplank-agent"
         "the hosts block was written in place"
     );
     assert_eq!(token_used(&registry, &secret).await, 1);
+    // The status file is written at most once a second: wait (bounded) for "connected".
+    let read_status = || -> serde_json::Value {
+        let out = vm.ok("gangplank-agent status -o json");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let connected = until(BOOT, || {
+        let s = read_status();
+        (s["phase"] == "connected").then_some(s)
+    });
+    let status = connected.unwrap_or_else(|| panic!("never connected: {:#}", read_status()));
+    assert_eq!(status["running"], true, "{status:#}");
+    assert_eq!(status["entry"], format!("bookinfo/{name}"), "{status:#}");
+    assert!(
+        !status.to_string().contains(&secret),
+        "the status file holds no token"
+    );
+    let described = vm.ok("gangplank-agent status");
+    assert!(described.contains(&name), "{described}");
+
+    // What the agent costs at rest: its resident memory and CPU over an idle window.
+    let pid = vm.agent_pid();
+    let ticks = |vm: &Vm<'_>| -> u64 {
+        let stat = vm.ok(&format!("cat /proc/{pid}/stat"));
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = ticks(&vm);
+    tokio::time::sleep(IDLE).await;
+    let used = ticks(&vm) - before;
+    let rss = vm.ok(&format!("grep VmRSS /proc/{pid}/status"));
+    eprintln!(
+        "agent at rest: {} ; CPU {used} ticks (1/100 s) in {IDLE:?} = {:.2} % of a core",
+        rss.trim(),
+        used as f64 / IDLE.as_secs_f64()
+    );
 
     // Each of these stops the agent and starts a new one, which rejoins with the VM's bound
     // key into the same entry.
@@ -448,7 +500,7 @@ systemctl restart gangplank-agent"
     );
     assert!(
         vm.ok("cat /etc/gangplank/onboarding.yaml")
-            .contains("host: gp-endpoint"),
+            .contains("host: \"gp-endpoint\""),
         "the upgrade kept the configuration"
     );
 
