@@ -651,9 +651,13 @@ async fn challenge(client: &mut OnboardingClient<Channel>) -> Challenge {
     }
 }
 
-/// Onboard's refusal of join token `token` (which must be refused).
-async fn onboard_refusal(client: &mut OnboardingClient<Channel>, token: &str) -> tonic::Status {
-    let key = Key::generate().unwrap();
+/// An OnboardRequest for `bookinfo/ratings` with join token `token`, signed by `key` over
+/// a fresh nonce.
+async fn token_request(
+    client: &mut OnboardingClient<Channel>,
+    token: &str,
+    key: &Key,
+) -> proto::OnboardRequest {
     let c = challenge(client).await;
     let mut credential = proto::Credential {
         kind: "join-token".into(),
@@ -661,10 +665,13 @@ async fn onboard_refusal(client: &mut OnboardingClient<Channel>, token: &str) ->
         ..Default::default()
     };
     key.attach(&mut credential, &c);
-    client
-        .onboard(onboard_request("ratings", credential, c.nonce))
-        .await
-        .expect_err("refused")
+    onboard_request("ratings", credential, c.nonce)
+}
+
+/// Onboard's refusal of join token `token` (which must be refused).
+async fn onboard_refusal(client: &mut OnboardingClient<Channel>, token: &str) -> tonic::Status {
+    let request = token_request(client, token, &Key::generate().unwrap()).await;
+    client.onboard(request).await.expect_err("refused")
 }
 
 /// A Check of join token `token` signed by `key`.
@@ -673,17 +680,8 @@ async fn check_token(
     token: &str,
     key: &Key,
 ) -> Result<proto::CheckResponse, tonic::Status> {
-    let c = challenge(client).await;
-    let mut credential = proto::Credential {
-        kind: "join-token".into(),
-        payload: token.as_bytes().to_vec(),
-        ..Default::default()
-    };
-    key.attach(&mut credential, &c);
-    client
-        .check(onboard_request("ratings", credential, c.nonce))
-        .await
-        .map(tonic::Response::into_inner)
+    let request = token_request(client, token, key).await;
+    client.check(request).await.map(tonic::Response::into_inner)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,14 +71,14 @@ impl Drop for Lab {
 }
 
 /// A systemd VM container.
-struct Vm<'a> {
-    name: &'a str,
+struct Vm {
+    name: String,
 }
 
-impl Vm<'_> {
+impl Vm {
     /// Runs `sh -c script` in the VM; its output, whatever the exit status.
     fn sh(&self, script: &str) -> Output {
-        docker(&["exec", self.name, "sh", "-c", script])
+        docker(&["exec", &self.name, "sh", "-c", script])
     }
 
     /// Runs `sh -c script` in the VM, which must succeed; its stdout.
@@ -172,7 +172,7 @@ async fn entries(registry: &dir::Registry) -> Vec<WorkloadEntry> {
 }
 
 /// Waits (bounded) until the registry holds exactly one entry; returns it.
-async fn one_entry(registry: &dir::Registry, vm: &Vm<'_>) -> WorkloadEntry {
+async fn one_entry(registry: &dir::Registry, vm: &Vm) -> WorkloadEntry {
     for _ in 0..BOOT.as_secs() {
         let mut found = entries(registry).await;
         if found.len() == 1 {
@@ -198,24 +198,120 @@ async fn token_used(registry: &dir::Registry, token: &str) -> u32 {
         .used
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root, Docker, packaging/vm-image and the packages (GANGPLANK_TEST_PACKAGES); .ci/run runs it"]
-async fn the_deb_onboards_a_systemd_vm_keeps_its_entry_through_restart_reboot_and_upgrade_and_removal_deregisters()
- {
+/// What [`world`] set up.
+struct World {
+    _dir: tempfile::TempDir,
+    /// Where the packages are.
+    packages: PathBuf,
+    registry: dir::Registry,
+    /// The join token.
+    secret: String,
+    lab: Lab,
+    vm: Vm,
+    /// What `gangplank agent install-script` printed.
+    install_script: PathBuf,
+    ca_bundle: PathBuf,
+}
+
+impl World {
+    fn endpoint_log(&self) -> String {
+        text(&docker(&["logs", &self.lab.containers[0]]).stderr)
+    }
+
+    /// Runs each step (each stops the agent and starts a new one) and checks that the new
+    /// agent rejoined with the VM's bound key into `entry`, unchanged, spending nothing.
+    async fn keeps_entry(&self, entry: &WorkloadEntry, steps: &[(&str, &dyn Fn(&Vm))]) {
+        let vm = &self.vm;
+        let name = entry.metadata.name.clone().unwrap();
+        for (what, step) in steps {
+            eprintln!("--- {what}");
+            let pid = vm.agent_pid();
+            let rejoins = vm.journal_count("rejoining with this VM's bound key");
+            step(vm);
+            vm.wait_journal("rejoining with this VM's bound key", rejoins);
+            assert_ne!(vm.agent_pid(), pid, "{what}: a new agent runs");
+            let now = one_entry(&self.registry, vm).await;
+            assert_eq!(now.metadata.name.as_deref(), Some(name.as_str()), "{what}");
+            assert_eq!(
+                now.metadata.uid, entry.metadata.uid,
+                "{what}: the same entry object"
+            );
+            assert_eq!(now.spec, entry.spec, "{what}");
+            let endpoint_log = self.endpoint_log();
+            assert!(
+                !endpoint_log.contains("agent left"),
+                "{what} must not deregister:\n{endpoint_log}"
+            );
+            assert_eq!(
+                token_used(&self.registry, &self.secret).await,
+                1,
+                "{what}: no new token use"
+            );
+            eprintln!("{what}: agent pid {pid} -> {}, entry {name} kept", vm.agent_pid());
+        }
+    }
+
+    /// Checks the agent onboarded and started the sidecar; returns its entry.
+    async fn onboarded(&self) -> WorkloadEntry {
+        let vm = &self.vm;
+        let entry = one_entry(&self.registry, vm).await;
+        vm.wait_journal("sidecar started", 0);
+        assert_eq!(
+            vm.ok("systemctl is-active istio").trim(),
+            "active",
+            "the sandboxed agent started Istio's unit"
+        );
+        for file in [
+            "/var/lib/istio/envoy/cluster.env",
+            "/etc/istio/config/mesh",
+            "/etc/certs/root-cert.pem",
+            "/var/run/secrets/tokens/istio-token",
+        ] {
+            vm.ok(&format!("test -s {file}"));
+        }
+        assert!(
+            vm.ok("cat /etc/hosts").contains("istiod"),
+            "the hosts block was written in place"
+        );
+        assert_eq!(token_used(&self.registry, &self.secret).await, 1);
+        entry
+    }
+
+    /// Checks that removing the package (`remove`, run in the VM) deregistered the VM.
+    async fn removal_deregisters(&self, remove: &str) {
+        self.vm.ok(remove);
+        assert!(
+            entries(&self.registry).await.is_empty(),
+            "removing the package deregisters: {:#?}",
+            entries(&self.registry).await
+        );
+        let endpoint_log = self.endpoint_log();
+        assert!(
+            endpoint_log.contains("agent left; entry removed"),
+            "{endpoint_log}"
+        );
+        self.vm.ok("test ! -e /usr/bin/gangplank-agent && test ! -e /usr/lib/systemd/system/gangplank-agent.service && test ! -e /lib/systemd/system/gangplank-agent.service");
+    }
+}
+
+/// The endpoint's side (registry, token, TLS, packages for `/install/`, the install script) in
+/// a folder on the host, an endpoint container serving it, and a booted VM container, on a
+/// network of their own. `format` names the lab (`deb`, `rpm`).
+async fn world(format: &str) -> World {
     // A relative path is the repository's (tests run in their crate's folder).
     let packages = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(
         std::env::var("GANGPLANK_TEST_PACKAGES")
             .expect("set GANGPLANK_TEST_PACKAGES to the folder packaging/build wrote (target/packages)"),
     );
     let image = std::env::var("GANGPLANK_TEST_VM_IMAGE").unwrap_or_else(|_| IMAGE_DEFAULT.to_owned());
-    let second_deb = package(&packages, "-2_amd64.deb");
 
     // The endpoint's side, on the host's disk, mounted into its container at /cfg.
     let dir = tempfile::Builder::new()
         .prefix("gangplank-e2e-packages")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let root = dir.path();
+    let root_buf = dir.path().to_path_buf();
+    let root = root_buf.as_path();
     let registry = dir::Registry::open(root.join("registry")).unwrap();
     registry
         .put(&group("bookinfo", "ratings", &[("app", "ratings")]))
@@ -296,7 +392,8 @@ install:
     assert!(script.status.success(), "{}", text(&script.stderr));
     std::fs::write(root.join("install.sh"), &script.stdout).unwrap();
 
-    let tag = std::process::id();
+    // One lab per test process: tests run in parallel, each with its own network.
+    let tag = format!("{}-{format}", std::process::id());
     let lab = Lab {
         network: format!("gp-packages-{tag}"),
         containers: vec![format!("gp-endpoint-{tag}"), format!("gp-vm-{tag}")],
@@ -364,7 +461,7 @@ install:
         &image,
     ]);
     let vm = Vm {
-        name: &lab.containers[1],
+        name: lab.containers[1].clone(),
     };
     vm.wait_booted();
     // Istio's sidecar package stands in as its `istio` unit: the agent must be able to start
@@ -372,10 +469,28 @@ install:
     vm.ok(
         "printf '[Unit]\\nDescription=stand-in for the istio sidecar package\\n[Service]\\nExecStart=/bin/sleep infinity\\n' >/etc/systemd/system/istio.service && systemctl daemon-reload",
     );
+    World {
+        _dir: dir,
+        packages,
+        registry,
+        secret,
+        lab,
+        vm,
+        install_script: root.join("install.sh"),
+        ca_bundle,
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, Docker, packaging/vm-image and the packages (GANGPLANK_TEST_PACKAGES); .ci/run runs it"]
+async fn the_deb_onboards_a_systemd_vm_keeps_its_entry_through_restart_reboot_and_upgrade_and_removal_deregisters()
+ {
+    let world = world("deb").await;
+    let vm = &world.vm;
+    let secret = world.secret.as_str();
     // Install from the endpoint, as a VM without internet does (curl, the embedded CA).
     vm.ok("test ! -e /usr/bin/gangplank-agent");
-    vm.copy_in(&root.join("install.sh"), "/root/install.sh");
+    vm.copy_in(&world.install_script, "/root/install.sh");
     let installed = vm.sh("sh /root/install.sh");
     assert!(
         installed.status.success(),
@@ -395,27 +510,8 @@ install:
     );
     let version = vm.ok("/usr/bin/gangplank-agent --version");
     assert!(version.starts_with("gangplank-agent "), "{version}");
-    let entry = one_entry(&registry, &vm).await;
+    let entry = world.onboarded().await;
     let name = entry.metadata.name.clone().unwrap();
-    vm.wait_journal("sidecar started", 0);
-    assert_eq!(
-        vm.ok("systemctl is-active istio").trim(),
-        "active",
-        "the sandboxed agent started Istio's unit"
-    );
-    for file in [
-        "/var/lib/istio/envoy/cluster.env",
-        "/etc/istio/config/mesh",
-        "/etc/certs/root-cert.pem",
-        "/var/run/secrets/tokens/istio-token",
-    ] {
-        vm.ok(&format!("test -s {file}"));
-    }
-    assert!(
-        vm.ok("cat /etc/hosts").contains("istiod"),
-        "the hosts block was written in place"
-    );
-    assert_eq!(token_used(&registry, &secret).await, 1);
     // The status file is written at most once a second: wait (bounded) for "connected".
     let read_status = || -> serde_json::Value {
         let out = vm.ok("gangplank-agent status -o json");
@@ -437,14 +533,14 @@ install:
 
     // What the agent costs at rest: its resident memory and CPU over an idle window.
     let pid = vm.agent_pid();
-    let ticks = |vm: &Vm<'_>| -> u64 {
+    let ticks = |vm: &Vm| -> u64 {
         let stat = vm.ok(&format!("cat /proc/{pid}/stat"));
         let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
         fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
     };
-    let before = ticks(&vm);
+    let before = ticks(vm);
     tokio::time::sleep(IDLE).await;
-    let used = ticks(&vm) - before;
+    let used = ticks(vm) - before;
     let rss = vm.ok(&format!("grep VmRSS /proc/{pid}/status"));
     eprintln!(
         "agent at rest: {} ; CPU {used} ticks (1/100 s) in {IDLE:?} = {:.2} % of a core",
@@ -454,45 +550,25 @@ install:
 
     // Each of these stops the agent and starts a new one, which rejoins with the VM's bound
     // key into the same entry.
-    let steps: [(&str, &dyn Fn()); 3] = [
-        ("systemctl restart", &|| {
-            vm.ok("systemctl restart gangplank-agent");
-        }),
-        ("a reboot", &|| {
-            docker_ok(&["restart", "-t", "60", vm.name]);
-            vm.wait_booted();
-        }),
-        ("a package upgrade", &|| {
-            vm.copy_in(&second_deb, "/tmp/agent-2.deb");
-            vm.ok("dpkg -i /tmp/agent-2.deb");
-        }),
-    ];
-    for (what, step) in steps {
-        eprintln!("--- {what}");
-        let pid = vm.agent_pid();
-        let rejoins = vm.journal_count("rejoining with this VM's bound key");
-        step();
-        vm.wait_journal("rejoining with this VM's bound key", rejoins);
-        assert_ne!(vm.agent_pid(), pid, "{what}: a new agent runs");
-        let now = one_entry(&registry, &vm).await;
-        assert_eq!(now.metadata.name.as_deref(), Some(name.as_str()), "{what}");
-        assert_eq!(
-            now.metadata.uid, entry.metadata.uid,
-            "{what}: the same entry object"
-        );
-        assert_eq!(now.spec, entry.spec, "{what}");
-        let endpoint_log = text(&docker(&["logs", &lab.containers[0]]).stderr);
-        assert!(
-            !endpoint_log.contains("agent left"),
-            "{what} must not deregister:\n{endpoint_log}"
-        );
-        assert_eq!(
-            token_used(&registry, &secret).await,
-            1,
-            "{what}: no new token use"
-        );
-        eprintln!("{what}: agent pid {pid} -> {}, entry {name} kept", vm.agent_pid());
-    }
+    let second_deb = package(&world.packages, "-2_amd64.deb");
+    world
+        .keeps_entry(
+            &entry,
+            &[
+                ("systemctl restart", &|vm: &Vm| {
+                    vm.ok("systemctl restart gangplank-agent");
+                }),
+                ("a reboot", &|vm: &Vm| {
+                    docker_ok(&["restart", "-t", "60", &vm.name]);
+                    vm.wait_booted();
+                }),
+                ("a package upgrade", &|vm: &Vm| {
+                    vm.copy_in(&second_deb, "/tmp/agent-2.deb");
+                    vm.ok("dpkg -i /tmp/agent-2.deb");
+                }),
+            ],
+        )
+        .await;
     assert!(
         vm.ok("dpkg-query -W -f '${Version}' gangplank-agent")
             .ends_with("-2"),
@@ -505,20 +581,78 @@ install:
     );
 
     // Removal: the agent stops and deregisters; the configuration stays until a purge.
-    vm.ok("apt-get remove -y gangplank-agent");
-    assert!(
-        entries(&registry).await.is_empty(),
-        "removing the package deregisters: {:#?}",
-        entries(&registry).await
-    );
-    let endpoint_log = text(&docker(&["logs", &lab.containers[0]]).stderr);
-    assert!(
-        endpoint_log.contains("agent left; entry removed"),
-        "{endpoint_log}"
-    );
-    vm.ok("test ! -e /usr/bin/gangplank-agent && test ! -e /lib/systemd/system/gangplank-agent.service");
+    world
+        .removal_deregisters("apt-get remove -y gangplank-agent")
+        .await;
     vm.ok("test -f /etc/gangplank/onboarding.yaml && test -d /var/lib/gangplank");
     vm.ok("dpkg --purge gangplank-agent");
     vm.ok("test ! -e /var/lib/gangplank && test ! -e /etc/gangplank/onboarding.yaml");
-    drop(lab);
+}
+
+/// The .rpm's scriptlets on the same systemd VM (Debian's `rpm` keeps its own database, so
+/// `/bin/sh`, which dpkg provides there, is not known to it: hence `--nodeps`): the install
+/// enables the unit, an upgrade restarts the agent into the same entry, and the removal
+/// deregisters and keeps the edited configuration as `.rpmsave`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, Docker, packaging/vm-image and the packages (GANGPLANK_TEST_PACKAGES); .ci/run runs it"]
+async fn the_rpm_onboards_a_systemd_vm_keeps_its_entry_through_restart_and_upgrade_and_removal_deregisters() {
+    let world = world("rpm").await;
+    let vm = &world.vm;
+    let first = package(&world.packages, "-1.x86_64.rpm");
+    let second = package(&world.packages, "-2.x86_64.rpm");
+    vm.copy_in(&first, "/tmp/agent-1.rpm");
+    vm.ok("rpm -Uvh --nodeps /tmp/agent-1.rpm");
+    assert_eq!(vm.ok("systemctl is-enabled gangplank-agent").trim(), "enabled");
+    assert_ne!(
+        vm.sh("systemctl is-active gangplank-agent").status.code(),
+        Some(0),
+        "not configured yet: not started"
+    );
+
+    // What the install script writes, then a restart.
+    vm.copy_in(&world.ca_bundle, "/etc/gangplank/ca.pem");
+    vm.ok(&format!(
+        "cat >/etc/gangplank/onboarding.yaml <<'EOF'
+apiVersion: config.agent.onboarding.tetrate.io/v1alpha1
+kind: OnboardingConfiguration
+onboardingEndpoint:
+  host: gp-endpoint
+  transportSecurity:
+    tls:
+      caBundle: /etc/gangplank/ca.pem
+workloadGroup:
+  namespace: bookinfo
+  name: ratings
+EOF
+(umask 077; printf '%s' '{}' >/etc/gangplank/join-token)
+systemctl restart gangplank-agent",
+        world.secret
+    ));
+    let entry = world.onboarded().await;
+    world
+        .keeps_entry(
+            &entry,
+            &[
+                ("systemctl restart", &|vm: &Vm| {
+                    vm.ok("systemctl restart gangplank-agent");
+                }),
+                ("an rpm upgrade", &|vm: &Vm| {
+                    vm.copy_in(&second, "/tmp/agent-2.rpm");
+                    vm.ok("rpm -Uvh --nodeps /tmp/agent-2.rpm");
+                }),
+            ],
+        )
+        .await;
+    assert_eq!(
+        vm.ok("rpm -q --qf '%{RELEASE}' gangplank-agent").trim(),
+        "2",
+        "upgraded"
+    );
+    assert!(
+        vm.ok("cat /etc/gangplank/onboarding.yaml")
+            .contains("host: gp-endpoint"),
+        "the upgrade kept the configuration"
+    );
+    world.removal_deregisters("rpm -e --nodeps gangplank-agent").await;
+    vm.ok("test -f /etc/gangplank/onboarding.yaml.rpmsave");
 }
