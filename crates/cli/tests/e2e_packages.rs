@@ -198,6 +198,9 @@ async fn token_used(registry: &dir::Registry, token: &str) -> u32 {
         .used
 }
 
+/// Something done to the VM that stops its agent and starts a new one, and its name.
+type Step<'a> = (&'a str, &'a dyn Fn(&Vm));
+
 /// What [`world`] set up.
 struct World {
     _dir: tempfile::TempDir,
@@ -220,7 +223,7 @@ impl World {
 
     /// Runs each step (each stops the agent and starts a new one) and checks that the new
     /// agent rejoined with the VM's bound key into `entry`, unchanged, spending nothing.
-    async fn keeps_entry(&self, entry: &WorkloadEntry, steps: &[(&str, &dyn Fn(&Vm))]) {
+    async fn keeps_entry(&self, entry: &WorkloadEntry, steps: &[Step<'_>]) {
         let vm = &self.vm;
         let name = entry.metadata.name.clone().unwrap();
         for (what, step) in steps {
