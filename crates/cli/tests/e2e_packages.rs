@@ -503,7 +503,7 @@ async fn the_deb_onboards_a_systemd_vm_keeps_its_entry_through_restart_reboot_an
         vm.journal()
     );
     assert!(
-        !text(&installed.stdout).contains(&secret) && !text(&installed.stderr).contains(&secret),
+        !text(&installed.stdout).contains(secret) && !text(&installed.stderr).contains(secret),
         "the install script printed the token"
     );
     assert_eq!(vm.ok("systemctl is-enabled gangplank-agent").trim(), "enabled");
@@ -528,7 +528,7 @@ async fn the_deb_onboards_a_systemd_vm_keeps_its_entry_through_restart_reboot_an
     assert_eq!(status["running"], true, "{status:#}");
     assert_eq!(status["entry"], format!("bookinfo/{name}"), "{status:#}");
     assert!(
-        !status.to_string().contains(&secret),
+        !status.to_string().contains(secret),
         "the status file holds no token"
     );
     let described = vm.ok("gangplank-agent status");
