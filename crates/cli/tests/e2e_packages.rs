@@ -3,17 +3,18 @@
 //! in it runs the script `gangplank agent install-script` printed, which downloads the
 //! package from the endpoint's `/install/`, verifies it and installs it with `dpkg -i`;
 //! systemd starts the hardened unit, and the agent onboards against that endpoint, a real
-//! one in another container on a Docker network this test creates. A `systemctl restart`, a
-//! container restart (a reboot: systemd stops every unit) and a package upgrade each keep
-//! the same WorkloadEntry; `gangplank-agent status` shows it; removing the package
+//! one in another container (the endpoint's own image, `packaging/endpoint-image`, run
+//! non-root on a read-only root) on a Docker network this test creates. A `systemctl
+//! restart`, a container restart (a reboot: systemd stops every unit) and a package upgrade
+//! each keep the same WorkloadEntry; `gangplank-agent status` shows it; removing the package
 //! deregisters.
 //!
 //! Needs root, Docker, the image and the packages, so it is `#[ignore]`d; `.ci/run` runs it:
 //!
 //! ```sh
 //! bash packaging/build --arch x86_64 && bash packaging/build --arch x86_64 --release 2
-//! bash packaging/vm-image
-//! GANGPLANK_TEST_PACKAGES=target/packages cargo nextest run -p gangplank-cli \
+//! bash packaging/vm-image && bash packaging/endpoint-image
+//! GANGPLANK_TEST_PACKAGES=target/packages cargo nextest run -p gangplank \
 //!     --test e2e_packages --run-ignored only
 //! ```
 
@@ -27,12 +28,18 @@ use gangplank_api::NamespacedName;
 use gangplank_api::istio::WorkloadEntry;
 use gangplank_api::token::JoinToken;
 use gangplank_registry::dir;
-use gangplank_testkit::process::{bin, until};
+use gangplank_testkit::process::until;
 use support::*;
 
 /// How long a VM boot, an onboarding or a removal may take.
 const BOOT: Duration = Duration::from_secs(90);
 const IMAGE_DEFAULT: &str = "gangplank-vm:bookworm";
+/// The endpoint's image (`packaging/endpoint-image`).
+fn endpoint_image() -> String {
+    std::env::var("GANGPLANK_TEST_ENDPOINT_IMAGE")
+        .unwrap_or_else(|_| format!("gangplank-endpoint:{}", env!("CARGO_PKG_VERSION")))
+}
+
 /// The idle window over which the agent's CPU is read (it heartbeats, nothing else).
 const IDLE: Duration = Duration::from_secs(20);
 
@@ -351,7 +358,7 @@ async fn world(format: &str) -> World {
 kind: EndpointConfiguration
 planeId: {PLANE_ID}
 listen: 0.0.0.0:15443
-monitoringListen: 127.0.0.1:15090
+monitoringListen: 0.0.0.0:15014
 replica: endpoint-0
 tls:
   certFile: /cfg/tls/tls.crt
@@ -402,7 +409,14 @@ install:
         containers: vec![format!("gp-endpoint-{tag}"), format!("gp-vm-{tag}")],
     };
     docker_ok(&["network", "create", &lab.network]);
-    let endpoint_bin = bin("gangplank-endpoint");
+    // The endpoint's own image, run as Kubernetes runs it (deploy/endpoint.yaml): as its
+    // non-root user, read-only root, no capabilities. Its files are that user's.
+    let owned = Command::new("chown")
+        .args(["-R", "65532:65532"])
+        .arg(root)
+        .status()
+        .unwrap();
+    assert!(owned.success());
     docker_ok(&[
         "run",
         "-d",
@@ -412,15 +426,16 @@ install:
         &lab.network,
         "--network-alias",
         "gp-endpoint",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
         "-v",
         &format!("{}:/cfg", root.display()),
-        "-v",
-        &format!("{}:/usr/bin/gangplank-endpoint:ro", endpoint_bin.display()),
         "-e",
         "RUST_LOG=info",
-        "--entrypoint",
-        "/usr/bin/gangplank-endpoint",
-        &image,
+        &endpoint_image(),
         "--config",
         "/cfg/endpoint.yaml",
     ]);
@@ -433,6 +448,16 @@ install:
         "the endpoint container did not start: {}",
         text(&docker(&["logs", &lab.containers[0]]).stderr)
     );
+    let ip = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &lab.containers[0],
+    ]);
+    let ready = reqwest::get(format!("http://{}:15014/readyz", ip.trim()))
+        .await
+        .expect("the endpoint container answers on its monitoring port");
+    assert!(ready.status().is_success(), "/readyz: {}", ready.status());
 
     // The VM: systemd as PID 1.
     docker_ok(&[
@@ -658,4 +683,87 @@ systemctl restart gangplank-agent",
     );
     world.removal_deregisters("rpm -e --nodeps gangplank-agent").await;
     vm.ok("test -f /etc/gangplank/onboarding.yaml.rpmsave");
+}
+
+/// The endpoint's image as `packaging/endpoint-image` builds it: non-root, an entrypoint,
+/// OCI labels, small; nothing in it but the binary, its libraries, CA certificates and the
+/// user's passwd entry.
+#[test]
+#[ignore = "needs Docker and packaging/endpoint-image; .ci/run runs it"]
+fn the_endpoint_image_is_non_root_labelled_and_small() {
+    let image = endpoint_image();
+    let inspect = docker_ok(&["image", "inspect", &image]);
+    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let config = &inspect[0]["Config"];
+    assert_eq!(config["User"], "65532:65532", "{config:#}");
+    assert_eq!(
+        config["Entrypoint"],
+        serde_json::json!(["/usr/bin/gangplank-endpoint"])
+    );
+    let labels = &config["Labels"];
+    for label in [
+        "org.opencontainers.image.title",
+        "org.opencontainers.image.version",
+        "org.opencontainers.image.revision",
+        "org.opencontainers.image.licenses",
+        "org.opencontainers.image.source",
+    ] {
+        assert!(
+            labels[label].as_str().is_some_and(|v| !v.is_empty()),
+            "{label}: {labels:#}"
+        );
+    }
+    assert_eq!(
+        labels["org.opencontainers.image.version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    let size = inspect[0]["Size"].as_u64().unwrap();
+    eprintln!("{image}: {size} bytes");
+    assert!(
+        size < 64 * 1024 * 1024,
+        "{image} is {size} bytes: it should hold only the endpoint"
+    );
+
+    // What is in it: the binary, the loader and libraries, CA certificates, passwd/group.
+    let name = format!("gp-image-{}", std::process::id());
+    docker_ok(&["create", "--name", &name, &image]);
+    let listing = Command::new("sh")
+        .arg("-c")
+        .arg(format!("docker export {name} | tar -t"))
+        .output()
+        .unwrap();
+    let _ = docker(&["rm", "-f", &name]);
+    let listing = text(&listing.stdout);
+    let files: Vec<&str> = listing.lines().filter(|l| !l.ends_with('/')).collect();
+    for want in [
+        "usr/bin/gangplank-endpoint",
+        "etc/passwd",
+        "etc/ssl/certs/ca-certificates.crt",
+    ] {
+        assert!(
+            files.iter().any(|f| f.trim_start_matches("./") == want),
+            "{want} missing: {files:#?}"
+        );
+    }
+    assert!(
+        files.iter().any(|f| f.contains("libssl.so.3")),
+        "OpenSSL (PKCS#7) is in it: {files:#?}"
+    );
+    let unexpected: Vec<&&str> = files
+        .iter()
+        .filter(|f| {
+            let f = f.trim_start_matches("./");
+            !(f.starts_with("usr/bin/gangplank-endpoint")
+                || f.starts_with("lib")
+                || f.starts_with("usr/lib")
+                || f.starts_with("etc/")
+                // What Docker adds to every container it creates.
+                || f == ".dockerenv"
+                || f.starts_with("dev/"))
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "unexpected files in the image: {unexpected:#?}"
+    );
 }
