@@ -48,10 +48,12 @@ fn entries(state: &Path) -> usize {
         .count()
 }
 
-/// Every file under `dir` with its bytes.
+/// Every file below `dir` with its bytes, but the agent's status file, which the running
+/// quickstart's own agent rewrites whenever its state changes (at most once a second).
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut files = Vec::new();
     support::walk(dir, &mut files);
+    files.retain(|p| !p.ends_with("var/lib/gangplank/status.json"));
     files.sort();
     files
         .into_iter()
