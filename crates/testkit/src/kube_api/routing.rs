@@ -306,15 +306,17 @@ pub(super) fn route(
                     ));
                 }
             }
-            st.delete(
-                shared,
-                &target.kind.group,
-                &target.kind.plural,
-                &target.ns(),
-                &name,
-            );
+            let out = st
+                .delete(
+                    shared,
+                    &target.kind.group,
+                    &target.kind.plural,
+                    &target.ns(),
+                    &name,
+                )
+                .unwrap_or(old);
             st.record("delete", &target, &name);
-            ok(served_as(&old, &target))
+            ok(served_as(&out, &target))
         }
         _ => Err(ApiError::new(
             405,
