@@ -12,7 +12,8 @@
 //!   objects;
 //! - for every kind: namespaced and cluster-wide get, list and watch, create, update (409 when
 //!   `metadata.resourceVersion` is stale), merge patch (`application/merge-patch+json`; a
-//!   strategic merge patch is treated as one), server-side apply, delete (with
+//!   strategic merge patch is treated as one), JSON patch (`application/json-patch+json`,
+//!   RFC 6902; a failed `test` is 422), server-side apply, delete (with
 //!   `preconditions.resourceVersion`), `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, exists,
 //!   `!`), `fieldSelector` on `metadata.name`/`metadata.namespace`, the `status` subresource when
 //!   the CRD declares it (writes to the object keep the status, writes to `/status` change only
