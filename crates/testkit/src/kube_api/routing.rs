@@ -277,12 +277,31 @@ pub(super) fn route(
                 "application/json-patch+json" => {
                     let old =
                         old.ok_or_else(|| ApiError::not_found(format!("{} not found", target.what(&name))))?;
-                    let patch: json_patch::Patch = serde_json::from_slice(body)
-                        .map_err(|e| ApiError::bad_request(format!("the request body is not a JSON patch: {e}")))?;
+                    let patch: json_patch::Patch = serde_json::from_slice(body).map_err(|e| {
+                        ApiError::bad_request(format!("the request body is not a JSON patch: {e}"))
+                    })?;
                     let mut new = old.clone();
+                    // As the API server's json-patch: `test` of a missing path against null passes.
+                    let patch = json_patch::Patch(
+                        patch
+                            .0
+                            .into_iter()
+                            .filter(|op| match op {
+                                json_patch::PatchOperation::Test(t) => {
+                                    !(t.value.is_null() && old.pointer(t.path.as_str()).is_none())
+                                }
+                                _ => true,
+                            })
+                            .collect(),
+                    );
                     // A failed `test` (or a path that does not exist) refuses the whole patch.
-                    json_patch::patch(&mut new, &patch)
-                        .map_err(|e| ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}")))?;
+                    json_patch::patch(&mut new, &patch).map_err(|e| {
+                        ApiError::new(
+                            422,
+                            "Invalid",
+                            format!("the server rejected our request due to an error in our request: {e}"),
+                        )
+                    })?;
                     if new["metadata"]["resourceVersion"] == old["metadata"]["resourceVersion"] {
                         // Not a precondition unless the patch changed it.
                         new["metadata"]["resourceVersion"] = Value::Null;

@@ -108,10 +108,31 @@ impl Store {
             Kind::builtin("", "v1", "namespaces", "Namespace", false, true),
             Kind::builtin("coordination.k8s.io", "v1", "leases", "Lease", true, false),
             Kind::builtin("apps", "v1", "deployments", "Deployment", true, true),
-            Kind::builtin("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", true, true),
+            Kind::builtin(
+                "policy",
+                "v1",
+                "poddisruptionbudgets",
+                "PodDisruptionBudget",
+                true,
+                true,
+            ),
             Kind::builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true, false),
-            Kind::builtin("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true, false),
-            Kind::builtin("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false, false),
+            Kind::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "rolebindings",
+                "RoleBinding",
+                true,
+                false,
+            ),
+            Kind::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterroles",
+                "ClusterRole",
+                false,
+                false,
+            ),
             Kind::builtin(
                 "rbac.authorization.k8s.io",
                 "v1",
@@ -386,7 +407,7 @@ impl Store {
         self.objects
             .entry((kind.group.clone(), kind.plural.clone()))
             .or_default()
-            .insert((t.ns(), name), body.clone());
+            .insert((t.ns(), name.clone()), body.clone());
         let ty = if old.is_some() {
             EventType::Modified
         } else {
@@ -425,13 +446,17 @@ impl Store {
             if let Some(m) = self.objects.get_mut(&key) {
                 m.insert(obj_key, marked.clone());
             }
-            self.emit(shared, group, plural, EventType::Modified, Some(current), marked.clone());
+            self.emit(
+                shared,
+                group,
+                plural,
+                EventType::Modified,
+                Some(current),
+                marked.clone(),
+            );
             return Some(marked);
         }
-        let removed = self
-            .objects
-            .get_mut(&key)
-            .and_then(|m| m.remove(&obj_key))?;
+        let removed = self.objects.get_mut(&key).and_then(|m| m.remove(&obj_key))?;
         self.applied
             .retain(|k, _| !(k.0 == group && k.1 == plural && k.2 == ns && k.3 == name));
         self.rv += 1;
