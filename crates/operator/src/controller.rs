@@ -85,7 +85,11 @@ pub fn backoff(failures: u32) -> Duration {
 
 /// Runs the controller until `shutdown` completes (then waits for running reconciles).
 /// `namespace`: watch planes there only; `None`: everywhere.
-pub async fn run(client: Client, namespace: Option<&str>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    namespace: Option<&str>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -110,12 +114,16 @@ pub async fn run(client: Client, namespace: Option<&str>, shutdown: impl Future<
         .owns(api::<RoleBinding>(c, namespace), children.clone())
         .owns(api::<PodDisruptionBudget>(c, namespace), children.clone())
         .owns(api::<Secret>(c, namespace), children.clone())
-        .watches(Api::<ClusterRole>::all(client.clone()), children.clone(), move |o| {
-            by_labels(&o.metadata)
-        })
-        .watches(Api::<ClusterRoleBinding>::all(client.clone()), children, move |o| {
-            by_labels(&o.metadata)
-        })
+        .watches(
+            Api::<ClusterRole>::all(client.clone()),
+            children.clone(),
+            move |o| by_labels(&o.metadata),
+        )
+        .watches(
+            Api::<ClusterRoleBinding>::all(client.clone()),
+            children,
+            move |o| by_labels(&o.metadata),
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, Context::new(client.clone()))
         .for_each(|res| async move {
@@ -166,7 +174,10 @@ where
     let name = obj.meta().name.clone().unwrap_or_default();
     api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj))
         .await
-        .map_err(kube_err(format!("applying {} {name}", K::kind(&K::DynamicType::default()))))
+        .map_err(kube_err(format!(
+            "applying {} {name}",
+            K::kind(&K::DynamicType::default())
+        )))
 }
 
 fn is_not_found(e: &kube::Error) -> bool {
@@ -237,13 +248,29 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
     let names = Names::of(&ns, &name);
     let mut conditions = Vec::new();
     if done {
-        conditions.push(condition("Ready", true, "Available", &format!("{ready}/{want} endpoint replicas ready")));
-        conditions.push(condition("Progressing", false, "Complete", "the Deployment is rolled out"));
+        conditions.push(condition(
+            "Ready",
+            true,
+            "Available",
+            &format!("{ready}/{want} endpoint replicas ready"),
+        ));
+        conditions.push(condition(
+            "Progressing",
+            false,
+            "Complete",
+            "the Deployment is rolled out",
+        ));
     } else {
         let why = if tls_missing {
-            format!("Secret {ns}/{tls} does not exist: create it (kubernetes.io/tls, with tls.crt and tls.key for {})", valid.spec.hosts.join(", "))
+            format!(
+                "Secret {ns}/{tls} does not exist: create it (kubernetes.io/tls, with tls.crt and tls.key for {})",
+                valid.spec.hosts.join(", ")
+            )
         } else {
-            format!("{ready}/{want} endpoint replicas ready, {updated} updated: Deployment {ns}/{} is rolling out", names.endpoint)
+            format!(
+                "{ready}/{want} endpoint replicas ready, {updated} updated: Deployment {ns}/{} is rolling out",
+                names.endpoint
+            )
         };
         conditions.push(condition("Ready", false, "PodsNotReady", &why));
         conditions.push(condition("Progressing", true, "RollingOut", &why));
@@ -253,10 +280,17 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
             "Degraded",
             true,
             "TLSSecretMissing",
-            &format!("Secret {ns}/{tls} does not exist: create it (kubernetes.io/tls), or fix spec.tls.secretName"),
+            &format!(
+                "Secret {ns}/{tls} does not exist: create it (kubernetes.io/tls), or fix spec.tls.secretName"
+            ),
         ));
     } else {
-        conditions.push(condition("Degraded", false, "Reconciled", "every child object is applied"));
+        conditions.push(condition(
+            "Degraded",
+            false,
+            "Reconciled",
+            "every child object is applied",
+        ));
     }
     let status = PlaneStatus {
         observed_generation: generation,
@@ -287,7 +321,16 @@ async fn ensure_keys(plane: &OnboardingPlane, ctx: &Context) -> Result<(), Error
     {
         return Ok(());
     }
-    match api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &render::keys_secret(plane)?).await {
+    match api
+        .create(
+            &PostParams {
+                field_manager: Some(MANAGER.into()),
+                ..Default::default()
+            },
+            &render::keys_secret(plane)?,
+        )
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(e) => Err(kube_err(format!("creating Secret {ns}/{name}"))(e)),
@@ -298,12 +341,22 @@ async fn cleanup(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error
     let ns = plane.namespace().unwrap_or_default();
     let names = Names::of(&ns, &plane.name_any());
     let dp = DeleteParams::default();
-    match Api::<ClusterRoleBinding>::all(ctx.client.clone()).delete(&names.cluster, &dp).await {
-        Err(e) if !is_not_found(&e) => return Err(kube_err(format!("deleting ClusterRoleBinding {}", names.cluster))(e)),
+    match Api::<ClusterRoleBinding>::all(ctx.client.clone())
+        .delete(&names.cluster, &dp)
+        .await
+    {
+        Err(e) if !is_not_found(&e) => {
+            return Err(kube_err(format!("deleting ClusterRoleBinding {}", names.cluster))(e));
+        }
         _ => {}
     }
-    match Api::<ClusterRole>::all(ctx.client.clone()).delete(&names.cluster, &dp).await {
-        Err(e) if !is_not_found(&e) => return Err(kube_err(format!("deleting ClusterRole {}", names.cluster))(e)),
+    match Api::<ClusterRole>::all(ctx.client.clone())
+        .delete(&names.cluster, &dp)
+        .await
+    {
+        Err(e) if !is_not_found(&e) => {
+            return Err(kube_err(format!("deleting ClusterRole {}", names.cluster))(e));
+        }
         _ => {}
     }
     tracing::info!(plane = %plane.name_any(), namespace = %ns, "plane deleted: cluster-scoped children removed");
@@ -328,7 +381,11 @@ async fn write_status(plane: &OnboardingPlane, ctx: &Context, mut status: PlaneS
     let old = plane.status.clone().unwrap_or_default();
     for c in &mut status.conditions {
         c.observed_generation = status.observed_generation;
-        if let Some(o) = old.conditions.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
+        if let Some(o) = old
+            .conditions
+            .iter()
+            .find(|o| o.type_ == c.type_ && o.status == c.status)
+        {
             c.last_transition_time = o.last_transition_time.clone();
         }
     }
@@ -338,8 +395,14 @@ async fn write_status(plane: &OnboardingPlane, ctx: &Context, mut status: PlaneS
     let ns = plane.namespace().unwrap_or_default();
     let name = plane.name_any();
     let api: Api<OnboardingPlane> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
-        .await
-        .map_err(kube_err(format!("writing the status of OnboardingPlane {ns}/{name}")))?;
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await
+    .map_err(kube_err(format!(
+        "writing the status of OnboardingPlane {ns}/{name}"
+    )))?;
     Ok(())
 }

@@ -71,7 +71,10 @@ async fn run(namespace: Option<String>) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes configuration: run in a pod, or set KUBECONFIG / ~/.kube/config")?;
     let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
-    tracing::info!(namespace = namespace.as_deref().unwrap_or("<all>"), "gangplank-operator running");
+    tracing::info!(
+        namespace = namespace.as_deref().unwrap_or("<all>"),
+        "gangplank-operator running"
+    );
     let shutdown = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

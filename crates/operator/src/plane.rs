@@ -30,7 +30,11 @@ const TOKEN_REQUEST_MINIMUM: Duration = Duration::from_secs(600);
     status = "PlaneStatus",
     shortname = "plane",
     doc = "An onboarding plane: the gangplank-endpoint Deployment VMs join the mesh through, reconciled by gangplank-operator.",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Address", type_ = "string", json_path = ".status.address")
 )]
@@ -288,10 +292,14 @@ pub enum Invalid {
         value: String,
     },
     /// A sidecar token lifetime TokenRequest refuses.
-    #[error("spec.sidecarToken.lifetime: {0} is shorter than 10m, which Kubernetes' TokenRequest refuses: set at least 10m")]
+    #[error(
+        "spec.sidecarToken.lifetime: {0} is shorter than 10m, which Kubernetes' TokenRequest refuses: set at least 10m"
+    )]
     TokenLifetime(String),
     /// A zero grace period.
-    #[error("spec.workloads.gracePeriod: must be longer than the endpoint's 10s heartbeat (5m is the default)")]
+    #[error(
+        "spec.workloads.gracePeriod: must be longer than the endpoint's 10s heartbeat (5m is the default)"
+    )]
     GracePeriod,
     /// No credential kind.
     #[error("spec.identities: no credential kind is enabled: set joinTokens: true or add jwt.issuers")]
@@ -330,7 +338,8 @@ fn is_dns_name(host: &str) -> bool {
         && host.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         })
@@ -356,7 +365,10 @@ impl PlaneSpec {
         if grace <= Duration::from_secs(10) {
             return Err(Invalid::GracePeriod);
         }
-        duration("spec.workloads.propagationDelay", &self.workloads.propagation_delay)?;
+        duration(
+            "spec.workloads.propagationDelay",
+            &self.workloads.propagation_delay,
+        )?;
         if !self.identities.join_tokens && self.identities.jwt.issuers.is_empty() {
             return Err(Invalid::NoIdentities);
         }

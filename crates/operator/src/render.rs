@@ -101,7 +101,10 @@ impl Names {
 
 fn manifests(text: &str) -> Result<Vec<Value>, Error> {
     text.split("\n---")
-        .filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
         .map(|d| serde_saphyr::from_str(d).map_err(|e| Error::Manifest(e.to_string())))
         .collect()
 }
@@ -120,7 +123,10 @@ fn decode<T: serde::de::DeserializeOwned>(kind: &'static str, v: Value) -> Resul
 /// The labels selecting a plane's endpoint pods.
 pub fn selector(plane: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), "gangplank-endpoint".to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "gangplank-endpoint".to_owned(),
+        ),
         ("app.kubernetes.io/instance".to_owned(), plane.to_owned()),
     ])
 }
@@ -270,8 +276,10 @@ pub fn children(plane: &OnboardingPlane, valid: &Valid) -> Result<Children, Erro
     svc["metadata"] = meta(&names.endpoint);
     svc["spec"]["selector"] = json!(selector(&name));
     if let Some(ports) = svc["spec"]["ports"].as_array_mut() {
-        ports.push(json!({"name": "http-monitoring", "port": 15014, "targetPort": "http-monitoring",
-                          "protocol": "TCP", "appProtocol": "http"}));
+        ports.push(
+            json!({"name": "http-monitoring", "port": 15014, "targetPort": "http-monitoring",
+                          "protocol": "TCP", "appProtocol": "http"}),
+        );
     }
     let service = decode("Service", svc)?;
 

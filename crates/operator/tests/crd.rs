@@ -11,7 +11,11 @@ use serde_json::{Value, json};
 fn deploy_crds_holds_the_generated_crd() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds/onboardingplane.yaml");
     let text = std::fs::read_to_string(&path).expect("deploy/crds/onboardingplane.yaml");
-    let body: String = text.lines().skip_while(|l| l.starts_with('#')).map(|l| format!("{l}\n")).collect();
+    let body: String = text
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
     assert_eq!(
         body,
         gangplank_operator::crd_yaml().expect("yaml"),
@@ -44,15 +48,23 @@ fn the_schema_refuses_bad_values_and_accepts_a_full_spec() {
         "mesh": {"istioNamespace": "istio-system", "revision": "1-24"},
         "tls": {"secretName": "mesh-tls"},
     });
-    schema.validate(&plane(full.clone())).expect("a full spec is valid");
+    schema
+        .validate(&plane(full.clone()))
+        .expect("a full spec is valid");
     serde_json::from_value::<PlaneSpec>(full).expect("and decodes");
     let base = json!({"hosts": ["a.example"], "tls": {"secretName": "t"}});
     for (patch, path) in [
         (json!({"hosts": []}), "spec.hosts"),
         (json!({"hosts": [""]}), "spec.hosts[0]"),
         (json!({"replicas": 0}), "spec.replicas"),
-        (json!({"sidecarToken": {"lifetime": "1 hour"}}), "spec.sidecarToken.lifetime"),
-        (json!({"workloads": {"gracePeriod": "-5m"}}), "spec.workloads.gracePeriod"),
+        (
+            json!({"sidecarToken": {"lifetime": "1 hour"}}),
+            "spec.sidecarToken.lifetime",
+        ),
+        (
+            json!({"workloads": {"gracePeriod": "-5m"}}),
+            "spec.workloads.gracePeriod",
+        ),
         (json!({"tls": {"secretName": ""}}), "spec.tls.secretName"),
     ] {
         let mut spec = base.clone();
@@ -60,14 +72,20 @@ fn the_schema_refuses_bad_values_and_accepts_a_full_spec() {
             spec[k] = v.clone();
         }
         let violations = schema.validate(&plane(spec)).expect_err(path);
-        assert!(violations.iter().any(|v| v.path.starts_with(path)), "{path}: {violations:?}");
+        assert!(
+            violations.iter().any(|v| v.path.starts_with(path)),
+            "{path}: {violations:?}"
+        );
     }
-    let no_tls = schema.validate(&plane(json!({"hosts": ["a.example"]}))).expect_err("tls is required");
+    let no_tls = schema
+        .validate(&plane(json!({"hosts": ["a.example"]})))
+        .expect_err("tls is required");
     assert!(no_tls.iter().any(|v| v.path.contains("tls")), "{no_tls:?}");
 }
 
 fn spec(patch: Value) -> PlaneSpec {
-    let mut s = json!({"hosts": ["a.example"], "identities": {"joinTokens": true}, "tls": {"secretName": "t"}});
+    let mut s =
+        json!({"hosts": ["a.example"], "identities": {"joinTokens": true}, "tls": {"secretName": "t"}});
     for (k, v) in patch.as_object().expect("object") {
         s[k] = v.clone();
     }
@@ -77,12 +95,21 @@ fn spec(patch: Value) -> PlaneSpec {
 #[test]
 fn validation_says_what_to_change() {
     let valid = spec(json!({})).validate().expect("valid");
-    assert_eq!(valid.image, format!("gangplank-endpoint:{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        valid.image,
+        format!("gangplank-endpoint:{}", env!("CARGO_PKG_VERSION"))
+    );
     assert_eq!(valid.spec.replicas, 2);
     for (patch, want) in [
-        (json!({"hosts": ["Not_A_Host"]}), Invalid::Host("Not_A_Host".into())),
+        (
+            json!({"hosts": ["Not_A_Host"]}),
+            Invalid::Host("Not_A_Host".into()),
+        ),
         (json!({"replicas": 0}), Invalid::Replicas(0)),
-        (json!({"sidecarToken": {"lifetime": "5m"}}), Invalid::TokenLifetime("5m".into())),
+        (
+            json!({"sidecarToken": {"lifetime": "5m"}}),
+            Invalid::TokenLifetime("5m".into()),
+        ),
         (json!({"workloads": {"gracePeriod": "10s"}}), Invalid::GracePeriod),
         (json!({"identities": {}}), Invalid::NoIdentities),
         (
@@ -91,11 +118,17 @@ fn validation_says_what_to_change() {
         ),
         (
             json!({"workloads": {"propagationDelay": "soon"}}),
-            Invalid::Duration { field: "spec.workloads.propagationDelay", value: "soon".into() },
+            Invalid::Duration {
+                field: "spec.workloads.propagationDelay",
+                value: "soon".into(),
+            },
         ),
     ] {
         assert_eq!(spec(patch.clone()).validate(), Err(want), "{patch}");
     }
-    let msg = spec(json!({"sidecarToken": {"lifetime": "5m"}})).validate().expect_err("short").to_string();
+    let msg = spec(json!({"sidecarToken": {"lifetime": "5m"}}))
+        .validate()
+        .expect_err("short")
+        .to_string();
     assert!(msg.contains("set at least 10m"), "{msg}");
 }

@@ -38,7 +38,8 @@ struct Env {
 impl Env {
     async fn stand_in() -> Self {
         let server = Server::start().await.expect("stand-in");
-        let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url"))).expect("client");
+        let client =
+            kube::Client::try_from(kube::Config::new(server.url().parse().expect("url"))).expect("client");
         Self::start(client, "gangplank-system".into(), Some(server)).await
     }
 
@@ -146,7 +147,11 @@ impl Env {
 
     async fn patch_spec(&self, spec: Value) {
         self.planes()
-            .patch(PLANE, &PatchParams::default(), &Patch::Merge(json!({"spec": spec})))
+            .patch(
+                PLANE,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": spec})),
+            )
             .await
             .expect("patching the plane");
     }
@@ -158,14 +163,19 @@ impl Env {
             let p = planes.get(PLANE).await.ok()?;
             let s = p.status?;
             (s.observed_generation == p.metadata.generation).then_some(())?;
-            s.conditions.into_iter().find(|c| c.type_ == type_ && c.status == status)
+            s.conditions
+                .into_iter()
+                .find(|c| c.type_ == type_ && c.status == status)
         })
         .await
     }
 
     async fn deployment(&self) -> Deployment {
         let api = self.api::<Deployment>();
-        eventually("the Deployment", || async { api.get_opt("mesh-endpoint").await.ok()? }).await
+        eventually("the Deployment", || async {
+            api.get_opt("mesh-endpoint").await.ok()?
+        })
+        .await
     }
 
     /// Plays the Deployment controller of an API server without kubelet... with pods.
@@ -196,7 +206,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -211,7 +224,9 @@ fn spec() -> Value {
 
 /// The manifests in `deploy/<file>`, by kind.
 fn deployed(file: &str, kind: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy")
+        .join(file);
     let text = std::fs::read_to_string(&path).expect("deploy/ manifest");
     text.split("\n---")
         .filter_map(|d| serde_saphyr::from_str::<Value>(d).ok())
@@ -229,12 +244,21 @@ fn endpoint_config(cm: &ConfigMap) -> gangplank_endpoint::Config {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join(CONFIG_KEY);
     std::fs::write(&path, text).expect("write");
-    gangplank_endpoint::Config::load(&path).unwrap_or_else(|e| panic!("the endpoint refuses its config: {e}\n{text}"))
+    gangplank_endpoint::Config::load(&path)
+        .unwrap_or_else(|e| panic!("the endpoint refuses its config: {e}\n{text}"))
 }
 
 fn hash(d: &Deployment) -> String {
-    d.spec.as_ref().expect("spec").template.metadata.as_ref().expect("meta").annotations.as_ref().expect("annotations")
-        [CONFIG_HASH]
+    d.spec
+        .as_ref()
+        .expect("spec")
+        .template
+        .metadata
+        .as_ref()
+        .expect("meta")
+        .annotations
+        .as_ref()
+        .expect("annotations")[CONFIG_HASH]
         .clone()
 }
 
@@ -245,7 +269,10 @@ async fn ready_with_every_child(env: &Env) {
     assert_eq!(c.reason, "RollingOut");
     let d = env.deployment().await;
     let owner = &d.metadata.owner_references.as_ref().expect("owner")[0];
-    assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("OnboardingPlane", uid.as_str(), Some(true)));
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("OnboardingPlane", uid.as_str(), Some(true))
+    );
     let spec = d.spec.as_ref().expect("spec");
     assert_eq!(spec.replicas, Some(2));
     let pod = to_value(spec.template.spec.as_ref().expect("pod spec"));
@@ -253,10 +280,22 @@ async fn ready_with_every_child(env: &Env) {
     // Hardened exactly as deploy/endpoint.yaml's endpoint.
     assert_eq!(pod["securityContext"], want["securityContext"]);
     let (got_c, want_c) = (&pod["containers"][0], &want["containers"][0]);
-    for field in ["securityContext", "readinessProbe", "livenessProbe", "ports", "args", "env", "volumeMounts", "resources"] {
+    for field in [
+        "securityContext",
+        "readinessProbe",
+        "livenessProbe",
+        "ports",
+        "args",
+        "env",
+        "volumeMounts",
+        "resources",
+    ] {
         assert_eq!(got_c[field], want_c[field], "container {field}");
     }
-    assert_eq!(got_c["image"], json!(format!("gangplank-endpoint:{}", env!("CARGO_PKG_VERSION"))));
+    assert_eq!(
+        got_c["image"],
+        json!(format!("gangplank-endpoint:{}", env!("CARGO_PKG_VERSION")))
+    );
     assert_eq!(pod["serviceAccountName"], "mesh-endpoint");
     let volumes: Vec<(String, Value)> = pod["volumes"]
         .as_array()
@@ -264,14 +303,24 @@ async fn ready_with_every_child(env: &Env) {
         .iter()
         .map(|v| (v["name"].as_str().unwrap_or_default().to_owned(), v.clone()))
         .collect();
-    let volume = |n: &str| volumes.iter().find(|(name, _)| name == n).map(|(_, v)| v.clone()).expect(n);
+    let volume = |n: &str| {
+        volumes
+            .iter()
+            .find(|(name, _)| name == n)
+            .map(|(_, v)| v.clone())
+            .expect(n)
+    };
     assert_eq!(volume("tls")["secret"]["secretName"], "mesh-tls");
     assert_eq!(volume("keys")["secret"]["secretName"], "mesh-endpoint-keys");
     assert_eq!(volume("keys")["secret"]["defaultMode"], 256);
     assert_eq!(volume("config")["configMap"]["name"], "mesh-endpoint");
 
     // The configuration is one the endpoint accepts, with the plane's values.
-    let cm = env.api::<ConfigMap>().get("mesh-endpoint").await.expect("ConfigMap");
+    let cm = env
+        .api::<ConfigMap>()
+        .get("mesh-endpoint")
+        .await
+        .expect("ConfigMap");
     let config = endpoint_config(&cm);
     assert_eq!(config.file.plane_id, PLANE);
     assert_eq!(config.token_issuer, "https://onboarding.example.com:15443");
@@ -281,34 +330,84 @@ async fn ready_with_every_child(env: &Env) {
     assert_eq!(config.file.mesh.istio_namespace, "istio-system");
 
     // RBAC: exactly deploy/rbac.yaml's rules, bound to the plane's ServiceAccount.
-    env.api::<ServiceAccount>().get("mesh-endpoint").await.expect("ServiceAccount");
+    env.api::<ServiceAccount>()
+        .get("mesh-endpoint")
+        .await
+        .expect("ServiceAccount");
     let cluster = format!("gangplank-endpoint.{}.{PLANE}", env.ns);
-    let cr = Api::<ClusterRole>::all(env.client.clone()).get(&cluster).await.expect("ClusterRole");
+    let cr = Api::<ClusterRole>::all(env.client.clone())
+        .get(&cluster)
+        .await
+        .expect("ClusterRole");
     assert_eq!(to_value(&cr.rules), deployed("rbac.yaml", "ClusterRole")["rules"]);
-    let crb = Api::<ClusterRoleBinding>::all(env.client.clone()).get(&cluster).await.expect("ClusterRoleBinding");
+    let crb = Api::<ClusterRoleBinding>::all(env.client.clone())
+        .get(&cluster)
+        .await
+        .expect("ClusterRoleBinding");
     assert_eq!(crb.role_ref.name, cluster);
     let subject = json!([{"kind": "ServiceAccount", "name": "mesh-endpoint", "namespace": env.ns}]);
     assert_eq!(to_value(&crb.subjects), subject);
     let role = env.api::<Role>().get("mesh-endpoint-leases").await.expect("Role");
     assert_eq!(to_value(&role.rules), deployed("rbac.yaml", "Role")["rules"]);
-    let rb = env.api::<RoleBinding>().get("mesh-endpoint-leases").await.expect("RoleBinding");
+    let rb = env
+        .api::<RoleBinding>()
+        .get("mesh-endpoint-leases")
+        .await
+        .expect("RoleBinding");
     assert_eq!(to_value(&rb.subjects), subject);
 
     let svc = env.api::<Service>().get("mesh-endpoint").await.expect("Service");
-    let ports: Vec<(Option<String>, i32)> =
-        svc.spec.as_ref().expect("spec").ports.iter().flatten().map(|p| (p.name.clone(), p.port)).collect();
-    assert_eq!(ports, [(Some("grpc-onboard".into()), 15443), (Some("http-monitoring".into()), 15014)]);
-    let pdb = env.api::<PodDisruptionBudget>().get("mesh-endpoint").await.expect("PodDisruptionBudget");
-    assert_eq!(to_value(&pdb.spec.as_ref().expect("spec").min_available), json!(1));
-    let keys = env.api::<Secret>().get("mesh-endpoint-keys").await.expect("keys Secret");
+    let ports: Vec<(Option<String>, i32)> = svc
+        .spec
+        .as_ref()
+        .expect("spec")
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone(), p.port))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (Some("grpc-onboard".into()), 15443),
+            (Some("http-monitoring".into()), 15014)
+        ]
+    );
+    let pdb = env
+        .api::<PodDisruptionBudget>()
+        .get("mesh-endpoint")
+        .await
+        .expect("PodDisruptionBudget");
+    assert_eq!(
+        to_value(&pdb.spec.as_ref().expect("spec").min_available),
+        json!(1)
+    );
+    let keys = env
+        .api::<Secret>()
+        .get("mesh-endpoint-keys")
+        .await
+        .expect("keys Secret");
     let data = keys.data.expect("data");
     assert!(String::from_utf8_lossy(&data["signing-key.pem"].0).starts_with("-----BEGIN PRIVATE KEY-----"));
     assert_eq!(data["nonce-key"].0.len(), 32);
 
-    let status = env.planes().get(PLANE).await.expect("plane").status.expect("status");
-    assert_eq!(status.address.as_deref(), Some(format!("mesh-endpoint.{}.svc:15443", env.ns).as_str()));
+    let status = env
+        .planes()
+        .get(PLANE)
+        .await
+        .expect("plane")
+        .status
+        .expect("status");
+    assert_eq!(
+        status.address.as_deref(),
+        Some(format!("mesh-endpoint.{}.svc:15443", env.ns).as_str())
+    );
     assert_eq!(status.ready_replicas, 0);
-    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").expect("Degraded");
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .expect("Degraded");
     assert_eq!(degraded.status, "False");
 
     if env.stand_in.is_some() {
@@ -316,7 +415,24 @@ async fn ready_with_every_child(env: &Env) {
         let ready = env.condition("Ready", "True").await;
         assert_eq!(ready.reason, "Available");
         env.condition("Progressing", "False").await;
-        assert_eq!(env.planes().get(PLANE).await.expect("plane").status.expect("status").ready_replicas, 2);
+        assert_eq!(
+            env.planes()
+                .get(PLANE)
+                .await
+                .expect("plane")
+                .status
+                .expect("status")
+                .ready_replicas,
+            2
+        );
+        // A steady plane costs no writes: applies that change nothing and an unchanged status
+        // are not written (or do not wake the controller into a loop).
+        let server = env.stand_in.as_ref().expect("stand-in");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.reset_writes();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let writes = server.writes();
+        assert!(writes.is_empty(), "writes while nothing changed: {writes:?}");
     }
 }
 
@@ -342,11 +458,19 @@ async fn spec_change_updates_children(env: &Env) {
         (hash(&d) != before).then_some(d)
     })
     .await;
-    let cm = env.api::<ConfigMap>().get("mesh-endpoint").await.expect("ConfigMap");
-    assert_eq!(endpoint_config(&cm).file.sidecar_token.lifetime, Duration::from_secs(7200));
+    let cm = env
+        .api::<ConfigMap>()
+        .get("mesh-endpoint")
+        .await
+        .expect("ConfigMap");
+    assert_eq!(
+        endpoint_config(&cm).file.sidecar_token.lifetime,
+        Duration::from_secs(7200)
+    );
 
     // The image.
-    env.patch_spec(json!({"image": "registry.example/gangplank-endpoint:9.9.9"})).await;
+    env.patch_spec(json!({"image": "registry.example/gangplank-endpoint:9.9.9"}))
+        .await;
     eventually("the new image", || async {
         let d = api.get("mesh-endpoint").await.ok()?;
         let image = d.spec?.template.spec?.containers.first()?.image.clone()?;
@@ -356,23 +480,46 @@ async fn spec_change_updates_children(env: &Env) {
     let _ = d;
     let plane = env.planes().get(PLANE).await.expect("plane");
     env.condition("Degraded", "False").await;
-    assert_eq!(plane.status.and_then(|s| s.observed_generation), plane.metadata.generation);
+    assert_eq!(
+        plane.status.and_then(|s| s.observed_generation),
+        plane.metadata.generation
+    );
 }
 
 async fn deleted_child_is_recreated(env: &Env) {
     env.create_plane(spec()).await.expect("creating the plane");
     let old = env.deployment().await.metadata.uid.expect("uid");
     let cm_api = env.api::<ConfigMap>();
-    eventually("the ConfigMap", || async { cm_api.get_opt("mesh-endpoint").await.ok()? }).await;
-    env.api::<Deployment>().delete("mesh-endpoint", &DeleteParams::default()).await.expect("delete");
-    cm_api.delete("mesh-endpoint", &DeleteParams::default()).await.expect("delete");
+    eventually("the ConfigMap", || async {
+        cm_api.get_opt("mesh-endpoint").await.ok()?
+    })
+    .await;
+    let deleted = tokio::time::Instant::now();
+    env.api::<Deployment>()
+        .delete("mesh-endpoint", &DeleteParams::default())
+        .await
+        .expect("delete");
+    cm_api
+        .delete("mesh-endpoint", &DeleteParams::default())
+        .await
+        .expect("delete");
     let api = env.api::<Deployment>();
     eventually("a new Deployment", || async {
         let d = api.get_opt("mesh-endpoint").await.ok()??;
-        (d.metadata.uid.as_deref() != Some(old.as_str()) && d.metadata.deletion_timestamp.is_none()).then_some(())
+        (d.metadata.uid.as_deref() != Some(old.as_str()) && d.metadata.deletion_timestamp.is_none())
+            .then_some(())
     })
     .await;
-    eventually("a new ConfigMap", || async { cm_api.get_opt("mesh-endpoint").await.ok()? }).await;
+    eventually("a new ConfigMap", || async {
+        cm_api.get_opt("mesh-endpoint").await.ok()?
+    })
+    .await;
+    // Through the watch on owned objects, not the periodic requeue (30s while rolling out).
+    assert!(
+        deleted.elapsed() < Duration::from_secs(10),
+        "recreated after {:?}",
+        deleted.elapsed()
+    );
     // An edit by someone else is put back.
     let crb = Api::<ClusterRole>::all(env.client.clone());
     let name = format!("gangplank-endpoint.{}.{PLANE}", env.ns);
@@ -393,8 +540,14 @@ async fn bad_spec_is_degraded_and_creates_nothing(env: &Env) {
     // The schema refuses what it can at apply time.
     for (bad, field) in [
         (json!({"hosts": [], "tls": {"secretName": "mesh-tls"}}), "hosts"),
-        (json!({"hosts": ["a.example"], "replicas": 0, "tls": {"secretName": "mesh-tls"}}), "replicas"),
-        (json!({"hosts": ["a.example"], "sidecarToken": {"lifetime": "an hour"}, "tls": {"secretName": "mesh-tls"}}), "lifetime"),
+        (
+            json!({"hosts": ["a.example"], "replicas": 0, "tls": {"secretName": "mesh-tls"}}),
+            "replicas",
+        ),
+        (
+            json!({"hosts": ["a.example"], "sidecarToken": {"lifetime": "an hour"}, "tls": {"secretName": "mesh-tls"}}),
+            "lifetime",
+        ),
     ] {
         let err = env.create_plane(bad).await.expect_err("the schema refuses it");
         match err {
@@ -411,14 +564,48 @@ async fn bad_spec_is_degraded_and_creates_nothing(env: &Env) {
     env.create_plane(bad).await.expect("the schema lets it through");
     let c = env.condition("Degraded", "True").await;
     assert_eq!(c.reason, "InvalidSpec");
-    assert!(c.message.contains("spec.sidecarToken.lifetime") && c.message.contains("set at least 10m"), "{}", c.message);
+    assert!(
+        c.message.contains("spec.sidecarToken.lifetime") && c.message.contains("set at least 10m"),
+        "{}",
+        c.message
+    );
     assert_eq!(env.condition("Ready", "False").await.reason, "InvalidSpec");
-    assert!(env.api::<Deployment>().get_opt("mesh-endpoint").await.expect("get").is_none());
-    assert!(env.api::<ConfigMap>().get_opt("mesh-endpoint").await.expect("get").is_none());
-    assert!(env.api::<ServiceAccount>().get_opt("mesh-endpoint").await.expect("get").is_none());
-    assert!(env.api::<Secret>().get_opt("mesh-endpoint-keys").await.expect("get").is_none());
+    assert!(
+        env.api::<Deployment>()
+            .get_opt("mesh-endpoint")
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(
+        env.api::<ConfigMap>()
+            .get_opt("mesh-endpoint")
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(
+        env.api::<ServiceAccount>()
+            .get_opt("mesh-endpoint")
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(
+        env.api::<Secret>()
+            .get_opt("mesh-endpoint-keys")
+            .await
+            .expect("get")
+            .is_none()
+    );
     let cluster = format!("gangplank-endpoint.{}.{PLANE}", env.ns);
-    assert!(Api::<ClusterRole>::all(env.client.clone()).get_opt(&cluster).await.expect("get").is_none());
+    assert!(
+        Api::<ClusterRole>::all(env.client.clone())
+            .get_opt(&cluster)
+            .await
+            .expect("get")
+            .is_none()
+    );
 
     // Fixed, it reconciles.
     env.patch_spec(json!({"sidecarToken": {"lifetime": "10m"}})).await;
@@ -433,9 +620,15 @@ async fn deleting_the_plane_removes_its_children(env: &Env) {
     let crs = Api::<ClusterRole>::all(env.client.clone());
     let crbs = Api::<ClusterRoleBinding>::all(env.client.clone());
     assert!(crs.get_opt(&cluster).await.expect("get").is_some());
-    env.planes().delete(PLANE, &DeleteParams::foreground()).await.expect("deleting the plane");
+    env.planes()
+        .delete(PLANE, &DeleteParams::foreground())
+        .await
+        .expect("deleting the plane");
     let planes = env.planes();
-    eventually("the plane gone", || async { planes.get_opt(PLANE).await.ok()?.is_none().then_some(()) }).await;
+    eventually("the plane gone", || async {
+        planes.get_opt(PLANE).await.ok()?.is_none().then_some(())
+    })
+    .await;
     let deployments = env.api::<Deployment>();
     let cms = env.api::<ConfigMap>();
     let sas = env.api::<ServiceAccount>();
@@ -499,7 +692,9 @@ async fn deleting_the_plane_removes_its_children_and_cluster_rbac() {
 #[ignore = "needs a real cluster: GANGPLANK_TEST_KUBECONFIG=<kubeconfig> and --ignored (README)"]
 async fn real_cluster() {
     let Some(kubeconfig) = std::env::var_os("GANGPLANK_TEST_KUBECONFIG") else {
-        panic!("set GANGPLANK_TEST_KUBECONFIG to the kubeconfig of a cluster to run the operator suite against it");
+        panic!(
+            "set GANGPLANK_TEST_KUBECONFIG to the kubeconfig of a cluster to run the operator suite against it"
+        );
     };
     let kubeconfig = kubeconfig.to_string_lossy().into_owned();
     macro_rules! run {
