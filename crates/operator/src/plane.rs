@@ -30,13 +30,11 @@ const TOKEN_REQUEST_MINIMUM: Duration = Duration::from_secs(600);
     status = "PlaneStatus",
     shortname = "plane",
     doc = "An onboarding plane: the gangplank-endpoint Deployment VMs join the mesh through, reconciled by gangplank-operator.",
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Address", type_ = "string", json_path = ".status.address")
+    // Raw JSON columns: the `printcolumn(type_ = ...)` form repeats `type_`, which clippy's
+    // duplicated_attributes misreads.
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"}"#,
+    printcolumn = r#"{"name": "Address", "type": "string", "jsonPath": ".status.address"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PlaneSpec {

@@ -410,7 +410,7 @@ async fn ready_with_every_child(env: &Env) {
         .expect("Degraded");
     assert_eq!(degraded.status, "False");
 
-    if env.stand_in.is_some() {
+    if let Some(server) = &env.stand_in {
         env.pods_ready(2).await;
         let ready = env.condition("Ready", "True").await;
         assert_eq!(ready.reason, "Available");
@@ -427,7 +427,6 @@ async fn ready_with_every_child(env: &Env) {
         );
         // A steady plane costs no writes: applies that change nothing and an unchanged status
         // are not written (or do not wake the controller into a loop).
-        let server = env.stand_in.as_ref().expect("stand-in");
         tokio::time::sleep(Duration::from_millis(500)).await;
         server.reset_writes();
         tokio::time::sleep(Duration::from_secs(2)).await;
