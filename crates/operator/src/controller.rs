@@ -105,7 +105,21 @@ pub async fn run(
         Some(ObjectRef::new(labels.get(PLANE_NAME)?).within(labels.get(PLANE_NAMESPACE)?))
     };
     let c = &client;
-    Controller::new(api::<OnboardingPlane>(c, namespace), watcher::Config::default())
+    let controller = Controller::new(api::<OnboardingPlane>(c, namespace), watcher::Config::default());
+    let planes = controller.store();
+    // A plane's TLS Secret is the user's (not owned): its creation or change wakes the planes
+    // that name it, so TLSSecretMissing clears at once.
+    let named_by = move |secret: Secret| {
+        let (ns, name) = (secret.namespace(), secret.name_any());
+        planes
+            .state()
+            .into_iter()
+            .filter(|p| p.namespace() == ns && p.spec.tls.secret_name == name)
+            .map(|p| ObjectRef::from_obj(&*p))
+            .collect::<Vec<_>>()
+    };
+    controller
+        .watches(api::<Secret>(c, namespace), watcher::Config::default(), named_by)
         .owns(api::<Deployment>(c, namespace), children.clone())
         .owns(api::<ConfigMap>(c, namespace), children.clone())
         .owns(api::<Service>(c, namespace), children.clone())
@@ -233,11 +247,18 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
 
     let secrets: Api<Secret> = Api::namespaced(c.clone(), &ns);
     let tls = &valid.spec.tls.secret_name;
-    let tls_missing = secrets
+    let tls_secret = secrets
         .get_opt(tls)
         .await
-        .map_err(kube_err(format!("reading Secret {ns}/{tls}")))?
-        .is_none();
+        .map_err(kube_err(format!("reading Secret {ns}/{tls}")))?;
+    let tls_missing = tls_secret.is_none();
+    let tls_keys = |s: &Secret| {
+        let data = s.data.as_ref();
+        ["tls.crt", "tls.key"]
+            .iter()
+            .all(|k| data.is_some_and(|d| d.get(*k).is_some_and(|v| !v.0.is_empty())))
+    };
+    let tls_invalid = tls_secret.as_ref().is_some_and(|s| !tls_keys(s));
 
     let want = valid.spec.replicas;
     let ds = deployment.status.clone().unwrap_or_default();
@@ -284,6 +305,13 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
                 "Secret {ns}/{tls} does not exist: create it (kubernetes.io/tls), or fix spec.tls.secretName"
             ),
         ));
+    } else if tls_invalid {
+        conditions.push(condition(
+            "Degraded",
+            true,
+            "TLSSecretInvalid",
+            &format!("Secret {ns}/{tls} has no tls.crt and tls.key: make it a kubernetes.io/tls Secret"),
+        ));
     } else {
         conditions.push(condition(
             "Degraded",
@@ -301,7 +329,7 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
     write_status(plane, ctx, status).await?;
     // Children's events trigger reconciles; this only bounds how stale the status can get
     // (and notices a TLS Secret created later).
-    Ok(Action::requeue(if tls_missing || !done {
+    Ok(Action::requeue(if tls_missing || tls_invalid || !done {
         Duration::from_secs(30)
     } else {
         Duration::from_secs(300)

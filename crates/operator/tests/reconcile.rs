@@ -612,6 +612,40 @@ async fn bad_spec_is_degraded_and_creates_nothing(env: &Env) {
     env.deployment().await;
 }
 
+async fn a_missing_tls_secret_is_degraded_until_created(env: &Env) {
+    let mut s = spec();
+    s["tls"]["secretName"] = json!("later-tls");
+    env.create_plane(s).await.expect("creating the plane");
+    let c = env.condition("Degraded", "True").await;
+    assert_eq!(c.reason, "TLSSecretMissing");
+    assert!(
+        c.message.contains("later-tls") && c.message.contains("create it"),
+        "{}",
+        c.message
+    );
+    // Not a spec problem: the children are there, the pods wait for the Secret.
+    env.deployment().await;
+    let created = tokio::time::Instant::now();
+    env.api::<Secret>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "later-tls"}, "type": "kubernetes.io/tls",
+                "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"},
+            }))
+            .expect("secret"),
+        )
+        .await
+        .expect("creating the TLS Secret");
+    assert_eq!(env.condition("Degraded", "False").await.reason, "Reconciled");
+    // Through the watch on Secrets, not the periodic requeue (30s).
+    assert!(
+        created.elapsed() < Duration::from_secs(10),
+        "noticed after {:?}",
+        created.elapsed()
+    );
+}
+
 async fn deleting_the_plane_removes_its_children(env: &Env) {
     env.create_plane(spec()).await.expect("creating the plane");
     env.condition("Progressing", "True").await;
@@ -681,6 +715,13 @@ async fn a_bad_spec_is_degraded_with_what_to_change_and_creates_nothing() {
 }
 
 #[tokio::test]
+async fn a_missing_tls_secret_is_degraded_until_it_is_created() {
+    let env = Env::stand_in().await;
+    a_missing_tls_secret_is_degraded_until_created(&env).await;
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn deleting_the_plane_removes_its_children_and_cluster_rbac() {
     let env = Env::stand_in().await;
     deleting_the_plane_removes_its_children(&env).await;
@@ -707,5 +748,6 @@ async fn real_cluster() {
     run!(spec_change_updates_children, "change");
     run!(deleted_child_is_recreated, "recreate");
     run!(bad_spec_is_degraded_and_creates_nothing, "invalid");
+    run!(a_missing_tls_secret_is_degraded_until_created, "tls");
     run!(deleting_the_plane_removes_its_children, "delete");
 }
