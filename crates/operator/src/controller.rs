@@ -202,7 +202,7 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
     let ns = plane.namespace().unwrap_or_default();
     let name = plane.name_any();
     let generation = plane.metadata.generation;
-    let valid = match plane.spec.validate() {
+    let valid = match crate::plane::validate_name(&name).and_then(|()| plane.spec.validate()) {
         Ok(v) => v,
         Err(invalid) => {
             // Nothing is created or changed: what runs keeps running on the last good spec.

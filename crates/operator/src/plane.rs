@@ -305,6 +305,11 @@ pub enum Invalid {
     /// An issuer with no (or two) key sources.
     #[error("spec.identities.jwt.issuers[{0}]: set exactly one of jwksUri: URL or discovery: true")]
     IssuerKeys(usize),
+    /// A plane name its children's names cannot be made from.
+    #[error(
+        "metadata.name: {0:?} makes child names Kubernetes refuses: use at most 54 lowercase letters, digits and '-', starting with a letter (the Service is <name>-endpoint)"
+    )]
+    Name(String),
     /// No TLS Secret.
     #[error("spec.tls.secretName: name a kubernetes.io/tls Secret in the plane's namespace")]
     TlsSecret,
@@ -341,6 +346,22 @@ fn is_dns_name(host: &str) -> bool {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         })
+}
+
+/// Checks that `<name>-endpoint` is a DNS-1035 label (the Service's name rule, the strictest
+/// of the children's).
+pub fn validate_name(name: &str) -> Result<(), Invalid> {
+    let ok = name.len() <= 54
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::Name(name.to_owned()))
+    }
 }
 
 impl PlaneSpec {

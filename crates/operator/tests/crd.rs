@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use gangplank_operator::plane::{Invalid, PlaneSpec};
+use gangplank_operator::plane::{Invalid, PlaneSpec, validate_name};
 use serde_json::{Value, json};
 
 #[test]
@@ -131,4 +131,14 @@ fn validation_says_what_to_change() {
         .expect_err("short")
         .to_string();
     assert!(msg.contains("set at least 10m"), "{msg}");
+}
+
+#[test]
+fn plane_names_must_make_valid_child_names() {
+    validate_name("mesh-1").expect("valid");
+    validate_name(&"a".repeat(54)).expect("54 characters");
+    for bad in ["1mesh", "mesh.a", &"a".repeat(55), "mesh-"] {
+        let err = validate_name(bad).expect_err(bad);
+        assert!(err.to_string().contains("at most 54"), "{err}");
+    }
 }
