@@ -221,7 +221,8 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
             return Ok(Action::await_change());
         }
     };
-    let children = render::children(plane, &valid)?;
+    let keys_uid = ensure_keys(plane, ctx).await?;
+    let children = render::children(plane, &valid, &keys_uid)?;
     let c = &ctx.client;
     let Children {
         service_account,
@@ -240,7 +241,6 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
     ssa(&Api::all(c.clone()), &cluster_role).await?;
     ssa(&Api::all(c.clone()), &cluster_role_binding).await?;
     ssa(&Api::namespaced(c.clone(), &ns), &config_map).await?;
-    ensure_keys(plane, ctx).await?;
     ssa(&Api::namespaced(c.clone(), &ns), &service).await?;
     ssa(&Api::namespaced(c.clone(), &ns), &pdb).await?;
     let deployment = ssa(&Api::namespaced(c.clone(), &ns), &deployment).await?;
@@ -337,17 +337,18 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
 }
 
 /// Creates the keys Secret when it does not exist; never rewrites one (the keys must survive).
-async fn ensure_keys(plane: &OnboardingPlane, ctx: &Context) -> Result<(), Error> {
+/// Returns its uid.
+async fn ensure_keys(plane: &OnboardingPlane, ctx: &Context) -> Result<String, Error> {
     let ns = plane.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = Names::of(&ns, &plane.name_any()).keys;
-    if api
-        .get_opt(&name)
-        .await
-        .map_err(kube_err(format!("reading Secret {ns}/{name}")))?
-        .is_some()
-    {
-        return Ok(());
+    let read = || async {
+        api.get_opt(&name)
+            .await
+            .map_err(kube_err(format!("reading Secret {ns}/{name}")))
+    };
+    if let Some(s) = read().await? {
+        return Ok(s.metadata.uid.unwrap_or_default());
     }
     match api
         .create(
@@ -359,8 +360,11 @@ async fn ensure_keys(plane: &OnboardingPlane, ctx: &Context) -> Result<(), Error
         )
         .await
     {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Ok(s) => Ok(s.metadata.uid.unwrap_or_default()),
+        // Created meanwhile (another reconcile): use that one.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            Ok(read().await?.and_then(|s| s.metadata.uid).unwrap_or_default())
+        }
         Err(e) => Err(kube_err(format!("creating Secret {ns}/{name}"))(e)),
     }
 }
@@ -433,4 +437,17 @@ async fn write_status(plane: &OnboardingPlane, ctx: &Context, mut status: PlaneS
         "writing the status of OnboardingPlane {ns}/{name}"
     )))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_a_second_up_to_five_minutes() {
+        let waits: Vec<u64> = [1, 2, 3, 4, 9, 10, 64, u32::MAX]
+            .map(|n| backoff(n).as_secs())
+            .to_vec();
+        assert_eq!(waits, [1, 2, 4, 8, 256, 300, 300, 300]);
+    }
 }

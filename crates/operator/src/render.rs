@@ -181,11 +181,13 @@ pub fn endpoint_config(name: &str, valid: &Valid) -> Result<String, Error> {
     serde_saphyr::to_string(&c).map_err(|e| Error::Manifest(e.to_string()))
 }
 
-/// What rolls the pods when it changes: the configuration and the Secrets' names (a renewed
-/// certificate does not need a roll: the endpoint reloads its files).
-pub fn config_hash(config: &str, tls_secret: &str, keys_secret: &str) -> String {
+/// What rolls the pods when it changes: the configuration, the TLS Secret's name (a renewed
+/// certificate does not need a roll: the endpoint reloads its files) and the keys Secret's uid
+/// (keys are read at start, so a recreated Secret must restart every replica, or they would
+/// disagree on sessions).
+pub fn config_hash(config: &str, tls_secret: &str, keys_uid: &str) -> String {
     let mut h = Sha256::new();
-    for part in [config, tls_secret, keys_secret] {
+    for part in [config, tls_secret, keys_uid] {
         h.update(part.as_bytes());
         h.update([0]);
     }
@@ -193,8 +195,9 @@ pub fn config_hash(config: &str, tls_secret: &str, keys_secret: &str) -> String 
     digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Renders every child of `plane` from its validated spec.
-pub fn children(plane: &OnboardingPlane, valid: &Valid) -> Result<Children, Error> {
+/// Renders every child of `plane` from its validated spec; `keys_uid` is the uid of its keys
+/// Secret ([`keys_secret`], created first).
+pub fn children(plane: &OnboardingPlane, valid: &Valid, keys_uid: &str) -> Result<Children, Error> {
     let name = plane.metadata.name.clone().unwrap_or_default();
     let ns = plane.metadata.namespace.clone().unwrap_or_default();
     let names = Names::of(&ns, &name);
@@ -247,7 +250,7 @@ pub fn children(plane: &OnboardingPlane, valid: &Valid) -> Result<Children, Erro
     let pod = &mut dep["spec"]["template"];
     pod["metadata"] = json!({
         "labels": labels(&ns, &name),
-        "annotations": {CONFIG_HASH: config_hash(&config, &s.tls.secret_name, &names.keys)},
+        "annotations": {CONFIG_HASH: config_hash(&config, &s.tls.secret_name, keys_uid)},
     });
     pod["spec"]["serviceAccountName"] = json!(names.endpoint);
     if let Some(t) = pod["spec"]["topologySpreadConstraints"].as_array_mut() {

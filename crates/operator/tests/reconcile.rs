@@ -519,6 +519,31 @@ async fn deleted_child_is_recreated(env: &Env) {
         "recreated after {:?}",
         deleted.elapsed()
     );
+    // A recreated keys Secret holds new keys, which the replicas read at start: they roll.
+    let before = hash(&env.deployment().await);
+    let secrets = env.api::<Secret>();
+    let old_keys = secrets
+        .get("mesh-endpoint-keys")
+        .await
+        .expect("keys")
+        .metadata
+        .uid;
+    secrets
+        .delete("mesh-endpoint-keys", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let new_keys = eventually("new keys", || async {
+        let s = secrets.get_opt("mesh-endpoint-keys").await.ok()??;
+        (s.metadata.uid != old_keys).then_some(s)
+    })
+    .await;
+    assert!(new_keys.data.expect("data").contains_key("signing-key.pem"));
+    eventually("a new config hash", || async {
+        let d = api.get("mesh-endpoint").await.ok()?;
+        (hash(&d) != before).then_some(())
+    })
+    .await;
+
     // An edit by someone else is put back.
     let crb = Api::<ClusterRole>::all(env.client.clone());
     let name = format!("gangplank-endpoint.{}.{PLANE}", env.ns);
