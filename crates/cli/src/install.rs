@@ -1,7 +1,8 @@
 //! `gangplank install crds`: prints Gangplank's CustomResourceDefinitions (OnboardingPolicy,
-//! JoinToken) as YAML, for `gangplank install crds | kubectl apply -f -`.
+//! JoinToken, WorkloadBinding, and the operator's OnboardingPlane) as YAML, for
+//! `gangplank install crds | kubectl apply -f -`.
 //!
-//! The same text is shipped as `deploy/crds/gangplank.yaml`.
+//! The same text is shipped as `deploy/crds/gangplank.yaml` and `deploy/crds/onboardingplane.yaml`.
 
 use std::process::ExitCode;
 
@@ -24,7 +25,10 @@ enum Command {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Crds => {
-            let yaml = gangplank_registry::crds::yaml().context("rendering Gangplank's CRDs")?;
+            let mut yaml = gangplank_registry::crds::yaml().context("rendering Gangplank's CRDs")?;
+            let plane = gangplank_operator::crd_yaml().context("rendering the OnboardingPlane CRD")?;
+            yaml.push_str("---\n");
+            yaml.push_str(&plane);
             gangplank_stdout::print(yaml)?;
             Ok(ExitCode::SUCCESS)
         }

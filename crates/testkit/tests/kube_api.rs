@@ -946,3 +946,165 @@ async fn token_request_lifetimes_are_bounded_as_the_api_servers() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn finalizers_defer_deletion_until_removed_by_json_patch() {
+    let (_server, c) = started().await;
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(c.clone(), "bookinfo");
+    let parent = cms
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "parent", "finalizers": ["example.com/hold"]}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let child = json!({"metadata": {"name": "child", "ownerReferences": [{
+        "apiVersion": "v1", "kind": "ConfigMap", "name": "parent", "uid": parent.metadata.uid.clone().unwrap(),
+    }]}});
+    cms.create(&PostParams::default(), &serde_json::from_value(child).unwrap())
+        .await
+        .unwrap();
+    // The delete only marks it; its dependents stay.
+    let marked = cms
+        .delete("parent", &DeleteParams::default())
+        .await
+        .unwrap()
+        .left()
+        .expect("still there");
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    let again = cms.get("parent").await.unwrap();
+    assert_eq!(
+        again.metadata.deletion_timestamp,
+        marked.metadata.deletion_timestamp
+    );
+    assert!(cms.get_opt("child").await.unwrap().is_some());
+    // No write clears deletionTimestamp.
+    cms.patch(
+        "parent",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"deletionTimestamp": null, "labels": {"a": "b"}}})),
+    )
+    .await
+    .unwrap();
+    assert!(
+        cms.get("parent")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+    // A JSON patch whose test fails is refused whole.
+    let wrong: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/metadata/finalizers/0", "value": "example.com/other"},
+        {"op": "remove", "path": "/metadata/finalizers/0"},
+    ]))
+    .unwrap();
+    assert_eq!(
+        code(
+            cms.patch("parent", &PatchParams::default(), &Patch::Json::<()>(wrong))
+                .await
+                .unwrap_err()
+        ),
+        422
+    );
+    assert!(cms.get_opt("parent").await.unwrap().is_some());
+    // Removing the last finalizer deletes it, and the collector takes its dependents.
+    let remove: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/metadata/finalizers/0", "value": "example.com/hold"},
+        {"op": "remove", "path": "/metadata/finalizers/0"},
+    ]))
+    .unwrap();
+    cms.patch("parent", &PatchParams::default(), &Patch::Json::<()>(remove))
+        .await
+        .unwrap();
+    assert!(cms.get_opt("parent").await.unwrap().is_none());
+    assert!(cms.get_opt("child").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn json_patch_test_of_a_missing_path_against_null_passes() {
+    let (_server, c) = started().await;
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(c.clone(), "bookinfo");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "cm"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    // What kube-runtime's finalizer helper sends to add the first finalizer.
+    let add: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/metadata/finalizers", "value": null},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["example.com/hold"]},
+    ]))
+    .unwrap();
+    let out = cms
+        .patch("cm", &PatchParams::default(), &Patch::Json::<()>(add))
+        .await
+        .unwrap();
+    assert_eq!(out.metadata.finalizers, Some(vec!["example.com/hold".to_owned()]));
+}
+
+#[tokio::test]
+async fn deployments_pdbs_and_rbac_are_served_with_status_subresources() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
+    let (_server, c) = started().await;
+    let deployments: Api<Deployment> = Api::namespaced(c.clone(), "bookinfo");
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}}},
+        "status": {"readyReplicas": 5},
+    }))
+    .unwrap();
+    let created = deployments
+        .patch("web", &PatchParams::apply("test"), &Patch::Apply(&d))
+        .await
+        .unwrap();
+    // A status sent with the object is dropped; only /status writes it.
+    assert!(created.status.is_none());
+    deployments
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"readyReplicas": 1}})),
+        )
+        .await
+        .unwrap();
+    let got = deployments.get("web").await.unwrap();
+    assert_eq!(got.status.unwrap().ready_replicas, Some(1));
+    assert_eq!(
+        got.metadata.generation,
+        Some(1),
+        "a status write is not a spec change"
+    );
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(c.clone(), "bookinfo");
+    pdbs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": {"minAvailable": 1}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let roles: Api<ClusterRole> = Api::all(c.clone());
+    let role = roles
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "reader.bookinfo"}, "rules": []})).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(role.metadata.namespace, None);
+    let bindings: Api<RoleBinding> = Api::namespaced(c.clone(), "bookinfo");
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "r"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "reader.bookinfo"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+}

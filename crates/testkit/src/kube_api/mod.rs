@@ -4,12 +4,16 @@
 //! Served:
 //! - discovery: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<group>`, `/apis/<group>/<version>`;
 //! - built-in kinds: ConfigMap, Secret, ServiceAccount (with the `token` subresource, i.e.
-//!   TokenRequest), Service, Namespace, Lease and CustomResourceDefinition; creating a CRD
+//!   TokenRequest), Service, Namespace, Lease, Deployment and PodDisruptionBudget (with their
+//!   `status` subresources; no controller acts on them, so a Deployment's status stays what
+//!   its writers make it, as on an API server without kube-controller-manager), Role,
+//!   RoleBinding, ClusterRole, ClusterRoleBinding and CustomResourceDefinition; creating a CRD
 //!   serves its kind at once (status `Established`), deleting it removes the kind and its
 //!   objects;
 //! - for every kind: namespaced and cluster-wide get, list and watch, create, update (409 when
 //!   `metadata.resourceVersion` is stale), merge patch (`application/merge-patch+json`; a
-//!   strategic merge patch is treated as one), server-side apply, delete (with
+//!   strategic merge patch is treated as one), JSON patch (`application/json-patch+json`,
+//!   RFC 6902; a failed `test` is 422), server-side apply, delete (with
 //!   `preconditions.resourceVersion`), `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, exists,
 //!   `!`), `fieldSelector` on `metadata.name`/`metadata.namespace`, the `status` subresource when
 //!   the CRD declares it (writes to the object keep the status, writes to `/status` change only
@@ -29,7 +33,10 @@
 //!   `ADDED`/`DELETED`, `timeoutSeconds` honoured;
 //! - garbage collection: deleting an object deletes, at once, every object whose
 //!   `ownerReferences` name it by uid and have no other live owner (the API server does this
-//!   in the background); deleting a Namespace deletes everything in it.
+//!   in the background); deleting a Namespace deletes everything in it;
+//! - finalizers: deleting an object whose `metadata.finalizers` is not empty only sets its
+//!   `deletionTimestamp` (a `MODIFIED` event); the write that empties the list deletes it.
+//!   Writes never set or clear `deletionTimestamp`.
 //!
 //! Server-side apply, documented simplification: there are no `managedFields`. The server keeps,
 //! per object and field manager, the configuration it last applied; a new apply first removes

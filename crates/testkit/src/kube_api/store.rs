@@ -107,6 +107,40 @@ impl Store {
             Kind::builtin("", "v1", "services", "Service", true, true),
             Kind::builtin("", "v1", "namespaces", "Namespace", false, true),
             Kind::builtin("coordination.k8s.io", "v1", "leases", "Lease", true, false),
+            Kind::builtin("apps", "v1", "deployments", "Deployment", true, true),
+            Kind::builtin(
+                "policy",
+                "v1",
+                "poddisruptionbudgets",
+                "PodDisruptionBudget",
+                true,
+                true,
+            ),
+            Kind::builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true, false),
+            Kind::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "rolebindings",
+                "RoleBinding",
+                true,
+                false,
+            ),
+            Kind::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterroles",
+                "ClusterRole",
+                false,
+                false,
+            ),
+            Kind::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterrolebindings",
+                "ClusterRoleBinding",
+                false,
+                false,
+            ),
             Kind::builtin(
                 "apiextensions.k8s.io",
                 "v1",
@@ -253,7 +287,11 @@ impl Store {
             ));
         }
         meta.remove("managedFields");
+        // Only a delete sets deletionTimestamp; no write sets or clears it.
         meta.remove("deletionTimestamp");
+        if let Some(ts) = old.and_then(|o| o["metadata"].get("deletionTimestamp")) {
+            meta.insert("deletionTimestamp".into(), ts.clone());
+        }
         // System fields.
         match old {
             Some(o) => {
@@ -369,13 +407,17 @@ impl Store {
         self.objects
             .entry((kind.group.clone(), kind.plural.clone()))
             .or_default()
-            .insert((t.ns(), name), body.clone());
+            .insert((t.ns(), name.clone()), body.clone());
         let ty = if old.is_some() {
             EventType::Modified
         } else {
             EventType::Added
         };
         self.emit(shared, &kind.group, &kind.plural, ty, old.cloned(), body.clone());
+        // The write that removes the last finalizer of an object being deleted deletes it.
+        if !body["metadata"]["deletionTimestamp"].is_null() && finalizers(&body).is_empty() {
+            self.delete(shared, &kind.group, &kind.plural, &t.ns(), &name);
+        }
         Ok(body)
     }
 
@@ -388,10 +430,33 @@ impl Store {
         ns: &str,
         name: &str,
     ) -> Option<Value> {
-        let removed = self
-            .objects
-            .get_mut(&(group.to_owned(), plural.to_owned()))
-            .and_then(|m| m.remove(&(ns.to_owned(), name.to_owned())))?;
+        let key = (group.to_owned(), plural.to_owned());
+        let obj_key = (ns.to_owned(), name.to_owned());
+        let current = self.objects.get(&key).and_then(|m| m.get(&obj_key))?.clone();
+        // An object with finalizers is only marked (deletionTimestamp, once); the write that
+        // removes its last finalizer deletes it, as in Kubernetes.
+        if !finalizers(&current).is_empty() {
+            if !current["metadata"]["deletionTimestamp"].is_null() {
+                return Some(current);
+            }
+            let mut marked = current.clone();
+            self.rv += 1;
+            marked["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+            marked["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+            if let Some(m) = self.objects.get_mut(&key) {
+                m.insert(obj_key, marked.clone());
+            }
+            self.emit(
+                shared,
+                group,
+                plural,
+                EventType::Modified,
+                Some(current),
+                marked.clone(),
+            );
+            return Some(marked);
+        }
+        let removed = self.objects.get_mut(&key).and_then(|m| m.remove(&obj_key))?;
         self.applied
             .retain(|k, _| !(k.0 == group && k.1 == plural && k.2 == ns && k.3 == name));
         self.rv += 1;
@@ -470,6 +535,14 @@ impl Store {
         }
         Some(removed)
     }
+}
+
+/// `metadata.finalizers`.
+fn finalizers(obj: &Value) -> &[Value] {
+    obj["metadata"]["finalizers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
 }
 
 /// `body` with `old`'s resourceVersion, to compare for "nothing changed".

@@ -1,0 +1,453 @@
+//! The reconciler: each `OnboardingPlane` into its children (server-side apply, field manager
+//! [`MANAGER`], forced), and its status from what the cluster has.
+//!
+//! Namespaced children carry a controller owner reference to the plane, so the garbage
+//! collector deletes them with it and `owns()` maps their events back to it. The ClusterRole
+//! and ClusterRoleBinding cannot be owned by a namespaced object (the collector ignores such
+//! references), so they carry the plane's name and namespace as labels, are watched through
+//! those, and are deleted by the plane's finalizer [`FINALIZER`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{self, Event};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::plane::{Condition, OnboardingPlane, PlaneStatus};
+use crate::render::{self, Children, MANAGED_BY, Names, PLANE_NAME, PLANE_NAMESPACE, PORT};
+
+/// The field manager of every write.
+pub const MANAGER: &str = "gangplank-operator";
+/// The plane's finalizer: removes its cluster-scoped children.
+pub const FINALIZER: &str = "onboarding.gangplank.dev/cleanup";
+
+/// Why a reconcile failed (it is retried with exponential backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the Kubernetes API failed.
+    #[error("{what}: {source}")]
+    Kube {
+        /// What was being done.
+        what: String,
+        /// The API's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The children could not be rendered (a bug in `deploy/`).
+    #[error(transparent)]
+    Render(#[from] render::Error),
+    /// The finalizer could not be added, run or removed.
+    #[error("finalizer {FINALIZER}: {0}")]
+    Finalizer(String),
+}
+
+fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Kube { what, source }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    client: Client,
+    /// Consecutive failures per plane, for the backoff.
+    failures: Mutex<HashMap<ObjectRef<OnboardingPlane>, u32>>,
+}
+
+impl Context {
+    /// A context on `client`.
+    pub fn new(client: Client) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// How long after `failures` consecutive failures to retry: 1s, doubling, at most 5 minutes.
+pub fn backoff(failures: u32) -> Duration {
+    let secs = 1u64.checked_shl(failures.saturating_sub(1)).unwrap_or(u64::MAX);
+    Duration::from_secs(secs.min(300))
+}
+
+/// Runs the controller until `shutdown` completes (then waits for running reconciles).
+/// `namespace`: watch planes there only; `None`: everywhere.
+pub async fn run(
+    client: Client,
+    namespace: Option<&str>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let by_labels = |meta: &kube::api::ObjectMeta| {
+        let labels = meta.labels.as_ref()?;
+        Some(ObjectRef::new(labels.get(PLANE_NAME)?).within(labels.get(PLANE_NAMESPACE)?))
+    };
+    let c = &client;
+    let controller = Controller::new(api::<OnboardingPlane>(c, namespace), watcher::Config::default());
+    let planes = controller.store();
+    // A plane's TLS Secret is the user's (not owned): its creation or change wakes the planes
+    // that name it, so TLSSecretMissing clears at once.
+    let named_by = move |secret: Secret| {
+        let (ns, name) = (secret.namespace(), secret.name_any());
+        planes
+            .state()
+            .into_iter()
+            .filter(|p| p.namespace() == ns && p.spec.tls.secret_name == name)
+            .map(|p| ObjectRef::from_obj(&*p))
+            .collect::<Vec<_>>()
+    };
+    controller
+        .watches(api::<Secret>(c, namespace), watcher::Config::default(), named_by)
+        .owns(api::<Deployment>(c, namespace), children.clone())
+        .owns(api::<ConfigMap>(c, namespace), children.clone())
+        .owns(api::<Service>(c, namespace), children.clone())
+        .owns(api::<ServiceAccount>(c, namespace), children.clone())
+        .owns(api::<Role>(c, namespace), children.clone())
+        .owns(api::<RoleBinding>(c, namespace), children.clone())
+        .owns(api::<PodDisruptionBudget>(c, namespace), children.clone())
+        .owns(api::<Secret>(c, namespace), children.clone())
+        .watches(
+            Api::<ClusterRole>::all(client.clone()),
+            children.clone(),
+            move |o| by_labels(&o.metadata),
+        )
+        .watches(
+            Api::<ClusterRoleBinding>::all(client.clone()),
+            children,
+            move |o| by_labels(&o.metadata),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, Context::new(client.clone()))
+        .for_each(|res| async move {
+            match res {
+                Ok((plane, _)) => tracing::debug!(plane = %plane, "reconciled"),
+                Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+}
+
+/// Reconciles one plane: its finalizer first, then its children and status, or (deleted) the
+/// cluster-scoped children.
+pub async fn reconcile(plane: Arc<OnboardingPlane>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = plane.namespace().unwrap_or_default();
+    let api: Api<OnboardingPlane> = Api::namespaced(ctx.client.clone(), &ns);
+    let action = finalizer::finalizer(&api, FINALIZER, plane.clone(), |event| async {
+        match event {
+            Event::Apply(p) => apply(&p, &ctx).await,
+            Event::Cleanup(p) => cleanup(&p, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()))?;
+    ctx.failures
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&ObjectRef::from_obj(&*plane));
+    Ok(action)
+}
+
+/// Retries with exponential backoff per plane.
+pub fn error_policy(plane: Arc<OnboardingPlane>, err: &Error, ctx: Arc<Context>) -> Action {
+    let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
+    let n = failures.entry(ObjectRef::from_obj(&*plane)).or_default();
+    *n = n.saturating_add(1);
+    let wait = backoff(*n);
+    tracing::warn!(plane = %plane.name_any(), namespace = ?plane.namespace(), error = %err,
+        retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+async fn ssa<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj))
+        .await
+        .map_err(kube_err(format!(
+            "applying {} {name}",
+            K::kind(&K::DynamicType::default())
+        )))
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> {
+    let ns = plane.namespace().unwrap_or_default();
+    let name = plane.name_any();
+    let generation = plane.metadata.generation;
+    let valid = match crate::plane::validate_name(&name).and_then(|()| plane.spec.validate()) {
+        Ok(v) => v,
+        Err(invalid) => {
+            // Nothing is created or changed: what runs keeps running on the last good spec.
+            tracing::warn!(plane = %name, namespace = %ns, problem = %invalid, "invalid spec");
+            let status = PlaneStatus {
+                observed_generation: generation,
+                conditions: vec![
+                    condition("Ready", false, "InvalidSpec", &invalid.to_string()),
+                    condition("Progressing", false, "InvalidSpec", "waiting for a valid spec"),
+                    condition("Degraded", true, "InvalidSpec", &invalid.to_string()),
+                ],
+                address: plane.status.as_ref().and_then(|s| s.address.clone()),
+                ready_replicas: plane.status.as_ref().map_or(0, |s| s.ready_replicas),
+            };
+            write_status(plane, ctx, status).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let keys_uid = ensure_keys(plane, ctx).await?;
+    let children = render::children(plane, &valid, &keys_uid)?;
+    let c = &ctx.client;
+    let Children {
+        service_account,
+        role,
+        role_binding,
+        cluster_role,
+        cluster_role_binding,
+        config_map,
+        deployment,
+        service,
+        pdb,
+    } = children;
+    ssa(&Api::namespaced(c.clone(), &ns), &service_account).await?;
+    ssa(&Api::namespaced(c.clone(), &ns), &role).await?;
+    ssa(&Api::namespaced(c.clone(), &ns), &role_binding).await?;
+    ssa(&Api::all(c.clone()), &cluster_role).await?;
+    ssa(&Api::all(c.clone()), &cluster_role_binding).await?;
+    ssa(&Api::namespaced(c.clone(), &ns), &config_map).await?;
+    ssa(&Api::namespaced(c.clone(), &ns), &service).await?;
+    ssa(&Api::namespaced(c.clone(), &ns), &pdb).await?;
+    let deployment = ssa(&Api::namespaced(c.clone(), &ns), &deployment).await?;
+
+    let secrets: Api<Secret> = Api::namespaced(c.clone(), &ns);
+    let tls = &valid.spec.tls.secret_name;
+    let tls_secret = secrets
+        .get_opt(tls)
+        .await
+        .map_err(kube_err(format!("reading Secret {ns}/{tls}")))?;
+    let tls_missing = tls_secret.is_none();
+    let tls_keys = |s: &Secret| {
+        let data = s.data.as_ref();
+        ["tls.crt", "tls.key"]
+            .iter()
+            .all(|k| data.is_some_and(|d| d.get(*k).is_some_and(|v| !v.0.is_empty())))
+    };
+    let tls_invalid = tls_secret.as_ref().is_some_and(|s| !tls_keys(s));
+
+    let want = valid.spec.replicas;
+    let ds = deployment.status.clone().unwrap_or_default();
+    let ready = ds.ready_replicas.unwrap_or(0);
+    let updated = ds.updated_replicas.unwrap_or(0);
+    let seen = ds.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
+    let done = seen && ready >= want && updated >= want;
+    let names = Names::of(&ns, &name);
+    let mut conditions = Vec::new();
+    if done {
+        conditions.push(condition(
+            "Ready",
+            true,
+            "Available",
+            &format!("{ready}/{want} endpoint replicas ready"),
+        ));
+        conditions.push(condition(
+            "Progressing",
+            false,
+            "Complete",
+            "the Deployment is rolled out",
+        ));
+    } else {
+        let why = if tls_missing {
+            format!(
+                "Secret {ns}/{tls} does not exist: create it (kubernetes.io/tls, with tls.crt and tls.key for {})",
+                valid.spec.hosts.join(", ")
+            )
+        } else {
+            format!(
+                "{ready}/{want} endpoint replicas ready, {updated} updated: Deployment {ns}/{} is rolling out",
+                names.endpoint
+            )
+        };
+        conditions.push(condition("Ready", false, "PodsNotReady", &why));
+        conditions.push(condition("Progressing", true, "RollingOut", &why));
+    }
+    if tls_missing {
+        conditions.push(condition(
+            "Degraded",
+            true,
+            "TLSSecretMissing",
+            &format!(
+                "Secret {ns}/{tls} does not exist: create it (kubernetes.io/tls), or fix spec.tls.secretName"
+            ),
+        ));
+    } else if tls_invalid {
+        conditions.push(condition(
+            "Degraded",
+            true,
+            "TLSSecretInvalid",
+            &format!("Secret {ns}/{tls} has no tls.crt and tls.key: make it a kubernetes.io/tls Secret"),
+        ));
+    } else {
+        conditions.push(condition(
+            "Degraded",
+            false,
+            "Reconciled",
+            "every child object is applied",
+        ));
+    }
+    let status = PlaneStatus {
+        observed_generation: generation,
+        conditions,
+        address: Some(format!("{}.{ns}.svc:{PORT}", names.endpoint)),
+        ready_replicas: ready,
+    };
+    write_status(plane, ctx, status).await?;
+    // Children's events trigger reconciles; this only bounds how stale the status can get
+    // (and notices a TLS Secret created later).
+    Ok(Action::requeue(if tls_missing || tls_invalid || !done {
+        Duration::from_secs(30)
+    } else {
+        Duration::from_secs(300)
+    }))
+}
+
+/// Creates the keys Secret when it does not exist; never rewrites one (the keys must survive).
+/// Returns its uid.
+async fn ensure_keys(plane: &OnboardingPlane, ctx: &Context) -> Result<String, Error> {
+    let ns = plane.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = Names::of(&ns, &plane.name_any()).keys;
+    let read = || async {
+        api.get_opt(&name)
+            .await
+            .map_err(kube_err(format!("reading Secret {ns}/{name}")))
+    };
+    if let Some(s) = read().await? {
+        return Ok(s.metadata.uid.unwrap_or_default());
+    }
+    match api
+        .create(
+            &PostParams {
+                field_manager: Some(MANAGER.into()),
+                ..Default::default()
+            },
+            &render::keys_secret(plane)?,
+        )
+        .await
+    {
+        Ok(s) => Ok(s.metadata.uid.unwrap_or_default()),
+        // Created meanwhile (another reconcile): use that one.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            Ok(read().await?.and_then(|s| s.metadata.uid).unwrap_or_default())
+        }
+        Err(e) => Err(kube_err(format!("creating Secret {ns}/{name}"))(e)),
+    }
+}
+
+async fn cleanup(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> {
+    let ns = plane.namespace().unwrap_or_default();
+    let names = Names::of(&ns, &plane.name_any());
+    let dp = DeleteParams::default();
+    match Api::<ClusterRoleBinding>::all(ctx.client.clone())
+        .delete(&names.cluster, &dp)
+        .await
+    {
+        Err(e) if !is_not_found(&e) => {
+            return Err(kube_err(format!("deleting ClusterRoleBinding {}", names.cluster))(e));
+        }
+        _ => {}
+    }
+    match Api::<ClusterRole>::all(ctx.client.clone())
+        .delete(&names.cluster, &dp)
+        .await
+    {
+        Err(e) if !is_not_found(&e) => {
+            return Err(kube_err(format!("deleting ClusterRole {}", names.cluster))(e));
+        }
+        _ => {}
+    }
+    tracing::info!(plane = %plane.name_any(), namespace = %ns, "plane deleted: cluster-scoped children removed");
+    Ok(Action::await_change())
+}
+
+fn condition(type_: &str, status: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        observed_generation: None,
+    }
+}
+
+/// Writes `status` unless the plane has it already; a condition keeps its transition time
+/// while its status stays, so a steady plane's status is not rewritten (and does not wake the
+/// controller again).
+async fn write_status(plane: &OnboardingPlane, ctx: &Context, mut status: PlaneStatus) -> Result<(), Error> {
+    let old = plane.status.clone().unwrap_or_default();
+    for c in &mut status.conditions {
+        c.observed_generation = status.observed_generation;
+        if let Some(o) = old
+            .conditions
+            .iter()
+            .find(|o| o.type_ == c.type_ && o.status == c.status)
+        {
+            c.last_transition_time = o.last_transition_time.clone();
+        }
+    }
+    if old == status {
+        return Ok(());
+    }
+    let ns = plane.namespace().unwrap_or_default();
+    let name = plane.name_any();
+    let api: Api<OnboardingPlane> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await
+    .map_err(kube_err(format!(
+        "writing the status of OnboardingPlane {ns}/{name}"
+    )))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_a_second_up_to_five_minutes() {
+        let waits: Vec<u64> = [1, 2, 3, 4, 9, 10, 64, u32::MAX]
+            .map(|n| backoff(n).as_secs())
+            .to_vec();
+        assert_eq!(waits, [1, 2, 4, 8, 256, 300, 300, 300]);
+    }
+}
