@@ -17,6 +17,8 @@
 pub mod binding;
 pub mod codec;
 #[cfg(feature = "resources")]
+pub mod crds;
+#[cfg(feature = "resources")]
 pub mod istio;
 pub mod meta;
 pub mod names;

@@ -26,11 +26,11 @@ use std::time::Duration;
 
 use gangplank_api::Resource;
 use gangplank_api::names::{annotation, label};
+use gangplank_lease::{LeaseLock, expiry, expiry_after, holder};
 use gangplank_registry::kube::ApiCall;
 use gangplank_registry::{AnnotationPatch, Registry};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
-use serde_json::{Value, json};
+use kube::api::ListParams;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
@@ -119,7 +119,7 @@ pub struct Options {
 /// One replica's membership.
 #[derive(Clone)]
 pub struct Membership {
-    leases: Api<Lease>,
+    lock: LeaseLock,
     options: Options,
 }
 
@@ -129,33 +129,6 @@ impl std::fmt::Debug for Membership {
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
-}
-
-fn micro(t: OffsetDateTime) -> String {
-    let t = t.replace_nanosecond(t.microsecond() * 1000).unwrap_or(t);
-    t.format(&Rfc3339).unwrap_or_default()
-}
-
-/// When `lease` expires, from its renew time and duration; `None` if it has neither.
-fn expiry(lease: &Lease) -> Option<OffsetDateTime> {
-    expiry_after(lease, 1)
-}
-
-/// `durations` of its own durations after `lease` was renewed; `None` without either.
-fn expiry_after(lease: &Lease, durations: i64) -> Option<OffsetDateTime> {
-    let v = serde_json::to_value(lease).ok()?;
-    let renewed = OffsetDateTime::parse(v["spec"]["renewTime"].as_str()?, &Rfc3339).ok()?;
-    let seconds = v["spec"]["leaseDurationSeconds"].as_i64()?;
-    Some(renewed + time::Duration::seconds(seconds.saturating_mul(durations)))
-}
-
-/// Who holds `lease`; `None` when nobody does (no holder, or an empty one: released).
-fn holder(lease: &Lease) -> Option<&str> {
-    lease
-        .spec
-        .as_ref()
-        .and_then(|s| s.holder_identity.as_deref())
-        .filter(|h| !h.is_empty())
 }
 
 fn is_replica_lease(lease: &Lease) -> bool {
@@ -178,8 +151,15 @@ fn live_among(leases: &[Lease], now: OffsetDateTime) -> Vec<String> {
 impl Membership {
     /// Membership of `options.replica` through `client`.
     pub fn new(client: kube::Client, options: Options) -> Self {
+        let labels = BTreeMap::from([(label::MANAGED_BY.to_owned(), label::MANAGED_BY_VALUE.to_owned())]);
         Self {
-            leases: Api::namespaced(client, &options.namespace),
+            lock: LeaseLock::new(
+                client,
+                &options.namespace,
+                &options.replica,
+                options.lease_duration,
+                labels,
+            ),
             options,
         }
     }
@@ -194,71 +174,8 @@ impl Membership {
         }
     }
 
-    fn lease_body(&self, name: &str, now: OffsetDateTime, old: Option<&Lease>) -> Result<Lease, Error> {
-        let seconds = i64::try_from(self.options.lease_duration.as_secs())
-            .unwrap_or(i64::MAX)
-            .max(1);
-        let mut v = json!({
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": name, "namespace": self.options.namespace,
-                "labels": {label::MANAGED_BY: label::MANAGED_BY_VALUE}},
-            "spec": {"holderIdentity": self.options.replica, "leaseDurationSeconds": seconds, "renewTime": micro(now)},
-        });
-        if let Some(old) = old {
-            let held_by_us = old.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
-                == Some(self.options.replica.as_str());
-            let old_v = serde_json::to_value(old).unwrap_or(Value::Null);
-            v["metadata"]["resourceVersion"] = old_v["metadata"]["resourceVersion"].clone();
-            let transitions = old_v["spec"]["leaseTransitions"].as_i64().unwrap_or(0);
-            if held_by_us {
-                v["spec"]["acquireTime"] = old_v["spec"]["acquireTime"].clone();
-                v["spec"]["leaseTransitions"] = json!(transitions);
-            } else {
-                v["spec"]["acquireTime"] = json!(micro(now));
-                v["spec"]["leaseTransitions"] = json!(transitions + 1);
-            }
-        } else {
-            v["spec"]["acquireTime"] = json!(micro(now));
-            v["spec"]["leaseTransitions"] = json!(0);
-        }
-        serde_json::from_value(v).map_err(|e| Error::Lease {
-            namespace: self.options.namespace.clone(),
-            name: name.to_owned(),
-            source: kube::Error::SerdeError(e),
-        })
-    }
-
-    fn ours(&self, lease: &Lease) -> bool {
-        holder(lease) == Some(self.options.replica.as_str())
-    }
-
-    /// Takes or renews the Lease `name` if it is free (absent, released or expired) or
-    /// already ours; `Ok(false)` when another replica holds it (or won a race for it).
     async fn hold(&self, name: &str, now: OffsetDateTime) -> Result<bool, Error> {
-        let old = self.leases.get_opt(name).await.map_err(self.err(name))?;
-        let pp = PostParams::default();
-        match old {
-            None => match self.leases.create(&pp, &self.lease_body(name, now, None)?).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-                Err(e) => Err(self.err(name)(e)),
-            },
-            Some(old) => {
-                let free = holder(&old).is_none() || expiry(&old).is_none_or(|t| t <= now);
-                if !self.ours(&old) && !free {
-                    return Ok(false);
-                }
-                match self
-                    .leases
-                    .replace(name, &pp, &self.lease_body(name, now, Some(&old))?)
-                    .await
-                {
-                    Ok(_) => Ok(true),
-                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-                    Err(e) => Err(self.err(name)(e)),
-                }
-            }
-        }
+        self.lock.hold(name, now).await.map_err(self.err(name))
     }
 
     /// Renews this replica's own Lease.
@@ -281,42 +198,20 @@ impl Membership {
     /// Conditional on the version read: a Lease another replica took meanwhile is left
     /// alone. Whether it was released.
     pub async fn release_sweeper(&self, now: OffsetDateTime) -> Result<bool, Error> {
-        let Some(old) = self
-            .leases
-            .get_opt(LEADER_LEASE)
+        self.lock
+            .release(LEADER_LEASE, now)
             .await
-            .map_err(self.err(LEADER_LEASE))?
-        else {
-            return Ok(false);
-        };
-        if !self.ours(&old) {
-            return Ok(false);
-        }
-        let mut released = self.lease_body(LEADER_LEASE, now, Some(&old))?;
-        if let Some(spec) = released.spec.as_mut() {
-            spec.holder_identity = Some(String::new());
-            spec.lease_duration_seconds = Some(1);
-            spec.acquire_time = spec.renew_time.clone();
-        }
-        match self
-            .leases
-            .replace(LEADER_LEASE, &PostParams::default(), &released)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(false),
-            Err(e) => Err(self.err(LEADER_LEASE)(e)),
-        }
+            .map_err(self.err(LEADER_LEASE))
     }
 
     /// Deletes this replica's own Lease, if it is still this replica's and unchanged since
     /// read, so the other replicas count it gone at once. Whether it was deleted.
     pub async fn leave(&self) -> Result<bool, Error> {
         let name = format!("{REPLICA_LEASE_PREFIX}{}", self.options.replica);
-        let Some(lease) = self.leases.get_opt(&name).await.map_err(self.err(&name))? else {
+        let Some(lease) = self.lock.api().get_opt(&name).await.map_err(self.err(&name))? else {
             return Ok(false);
         };
-        if !self.ours(&lease) {
+        if !self.lock.ours(&lease) {
             return Ok(false);
         }
         self.delete_unchanged(&lease).await
@@ -326,25 +221,15 @@ impl Membership {
     /// when it changed (renewed meanwhile) or is already gone.
     async fn delete_unchanged(&self, lease: &Lease) -> Result<bool, Error> {
         let name = lease.metadata.name.clone().unwrap_or_default();
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                resource_version: lease.metadata.resource_version.clone(),
-                uid: lease.metadata.uid.clone(),
-            }),
-            ..Default::default()
-        };
-        match self.leases.delete(&name, &dp).await {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(false),
-            Err(e) => Err(self.err(&name)(e)),
-        }
+        self.lock.delete_unchanged(lease).await.map_err(self.err(&name))
     }
 
     /// Every Gangplank replica Lease in the namespace (labelled `managed-by=gangplank`).
     pub async fn replica_leases(&self) -> Result<Vec<Lease>, Error> {
         let selector = format!("{}={}", label::MANAGED_BY, label::MANAGED_BY_VALUE);
         let list = self
-            .leases
+            .lock
+            .api()
             .list(&ListParams::default().labels(&selector))
             .await
             .map_err(self.err("*"))?;

@@ -27,6 +27,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::metrics::Metrics;
 use crate::plane::{Condition, OnboardingPlane, PlaneStatus};
 use crate::render::{self, Children, MANAGED_BY, Names, PLANE_NAME, PLANE_NAMESPACE, PORT};
 
@@ -50,6 +51,9 @@ pub enum Error {
     /// The children could not be rendered (a bug in `deploy/`).
     #[error(transparent)]
     Render(#[from] render::Error),
+    /// The serving certificate could not be made.
+    #[error("serving certificate: {0}")]
+    Certificate(String),
     /// The finalizer could not be added, run or removed.
     #[error("finalizer {FINALIZER}: {0}")]
     Finalizer(String),
@@ -63,15 +67,17 @@ fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
 /// What every reconcile shares.
 pub struct Context {
     client: Client,
+    metrics: Arc<Metrics>,
     /// Consecutive failures per plane, for the backoff.
     failures: Mutex<HashMap<ObjectRef<OnboardingPlane>, u32>>,
 }
 
 impl Context {
-    /// A context on `client`.
-    pub fn new(client: Client) -> Arc<Self> {
+    /// A context on `client`, counting into `metrics`.
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             client,
+            metrics,
             failures: Mutex::new(HashMap::new()),
         })
     }
@@ -88,6 +94,7 @@ pub fn backoff(failures: u32) -> Duration {
 pub async fn run(
     client: Client,
     namespace: Option<&str>,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
@@ -114,7 +121,12 @@ pub async fn run(
         planes
             .state()
             .into_iter()
-            .filter(|p| p.namespace() == ns && p.spec.tls.secret_name == name)
+            .filter(|p| {
+                p.namespace() == ns
+                    && p.spec
+                        .validate()
+                        .is_ok_and(|v| crate::tls::secret_name(&p.name_any(), &v.tls) == name)
+            })
             .map(|p| ObjectRef::from_obj(&*p))
             .collect::<Vec<_>>()
     };
@@ -139,7 +151,7 @@ pub async fn run(
             move |o| by_labels(&o.metadata),
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, Context::new(client.clone()))
+        .run(reconcile, error_policy, Context::new(client.clone(), metrics))
         .for_each(|res| async move {
             match res {
                 Ok((plane, _)) => tracing::debug!(plane = %plane, "reconciled"),
@@ -152,12 +164,20 @@ pub async fn run(
 /// Reconciles one plane: its finalizer first, then its children and status, or (deleted) the
 /// cluster-scoped children.
 pub async fn reconcile(plane: Arc<OnboardingPlane>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_plane(&plane, &ctx).await;
+    ctx.metrics
+        .reconciled(result.is_ok(), started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_plane(plane: &Arc<OnboardingPlane>, ctx: &Arc<Context>) -> Result<Action, Error> {
     let ns = plane.namespace().unwrap_or_default();
     let api: Api<OnboardingPlane> = Api::namespaced(ctx.client.clone(), &ns);
     let action = finalizer::finalizer(&api, FINALIZER, plane.clone(), |event| async {
         match event {
-            Event::Apply(p) => apply(&p, &ctx).await,
-            Event::Cleanup(p) => cleanup(&p, &ctx).await,
+            Event::Apply(p) => apply(&p, ctx).await,
+            Event::Cleanup(p) => cleanup(&p, ctx).await,
         }
     })
     .await
@@ -165,7 +185,7 @@ pub async fn reconcile(plane: Arc<OnboardingPlane>, ctx: Arc<Context>) -> Result
     ctx.failures
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .remove(&ObjectRef::from_obj(&*plane));
+        .remove(&ObjectRef::from_obj(&**plane));
     Ok(action)
 }
 
@@ -214,15 +234,15 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
                     condition("Progressing", false, "InvalidSpec", "waiting for a valid spec"),
                     condition("Degraded", true, "InvalidSpec", &invalid.to_string()),
                 ],
-                address: plane.status.as_ref().and_then(|s| s.address.clone()),
-                ready_replicas: plane.status.as_ref().map_or(0, |s| s.ready_replicas),
+                ..plane.status.clone().unwrap_or_default()
             };
             write_status(plane, ctx, status).await?;
             return Ok(Action::await_change());
         }
     };
     let keys_uid = ensure_keys(plane, ctx).await?;
-    let children = render::children(plane, &valid, &keys_uid)?;
+    let serving = crate::tls::ensure(plane, &valid, &ctx.client).await?;
+    let children = render::children(plane, &valid, &keys_uid, &serving)?;
     let c = &ctx.client;
     let Children {
         service_account,
@@ -244,21 +264,6 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
     ssa(&Api::namespaced(c.clone(), &ns), &service).await?;
     ssa(&Api::namespaced(c.clone(), &ns), &pdb).await?;
     let deployment = ssa(&Api::namespaced(c.clone(), &ns), &deployment).await?;
-
-    let secrets: Api<Secret> = Api::namespaced(c.clone(), &ns);
-    let tls = &valid.spec.tls.secret_name;
-    let tls_secret = secrets
-        .get_opt(tls)
-        .await
-        .map_err(kube_err(format!("reading Secret {ns}/{tls}")))?;
-    let tls_missing = tls_secret.is_none();
-    let tls_keys = |s: &Secret| {
-        let data = s.data.as_ref();
-        ["tls.crt", "tls.key"]
-            .iter()
-            .all(|k| data.is_some_and(|d| d.get(*k).is_some_and(|v| !v.0.is_empty())))
-    };
-    let tls_invalid = tls_secret.as_ref().is_some_and(|s| !tls_keys(s));
 
     let want = valid.spec.replicas;
     let ds = deployment.status.clone().unwrap_or_default();
@@ -282,58 +287,46 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
             "the Deployment is rolled out",
         ));
     } else {
-        let why = if tls_missing {
-            format!(
-                "Secret {ns}/{tls} does not exist: create it (kubernetes.io/tls, with tls.crt and tls.key for {})",
-                valid.spec.hosts.join(", ")
-            )
-        } else {
-            format!(
+        let why = match &serving.problem {
+            Some((_, problem)) => problem.clone(),
+            None => format!(
                 "{ready}/{want} endpoint replicas ready, {updated} updated: Deployment {ns}/{} is rolling out",
                 names.endpoint
-            )
+            ),
         };
         conditions.push(condition("Ready", false, "PodsNotReady", &why));
         conditions.push(condition("Progressing", true, "RollingOut", &why));
     }
-    if tls_missing {
-        conditions.push(condition(
-            "Degraded",
-            true,
-            "TLSSecretMissing",
-            &format!(
-                "Secret {ns}/{tls} does not exist: create it (kubernetes.io/tls), or fix spec.tls.secretName"
-            ),
-        ));
-    } else if tls_invalid {
-        conditions.push(condition(
-            "Degraded",
-            true,
-            "TLSSecretInvalid",
-            &format!("Secret {ns}/{tls} has no tls.crt and tls.key: make it a kubernetes.io/tls Secret"),
-        ));
-    } else {
-        conditions.push(condition(
+    match &serving.problem {
+        Some((reason, message)) => conditions.push(condition("Degraded", true, reason, message)),
+        None => conditions.push(condition(
             "Degraded",
             false,
             "Reconciled",
             "every child object is applied",
-        ));
+        )),
     }
     let status = PlaneStatus {
         observed_generation: generation,
         conditions,
         address: Some(format!("{}.{ns}.svc:{PORT}", names.endpoint)),
         ready_replicas: ready,
+        tls_secret_name: Some(serving.secret_name.clone()),
+        ca_config_map: serving.ca_config_map.clone(),
     };
     write_status(plane, ctx, status).await?;
     // Children's events trigger reconciles; this only bounds how stale the status can get
     // (and notices a TLS Secret created later).
-    Ok(Action::requeue(if tls_missing || tls_invalid || !done {
+    let every = if serving.problem.is_some() || !done {
         Duration::from_secs(30)
     } else {
         Duration::from_secs(300)
-    }))
+    };
+    Ok(Action::requeue(
+        serving
+            .recheck
+            .map_or(every, |r| r.clamp(Duration::from_secs(1), every)),
+    ))
 }
 
 /// Creates the keys Secret when it does not exist; never rewrites one (the keys must survive).
@@ -369,29 +362,65 @@ async fn ensure_keys(plane: &OnboardingPlane, ctx: &Context) -> Result<String, E
     }
 }
 
+/// Deletes `name` through `api`; gone already is fine.
+async fn delete<K>(api: Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Err(e) if !is_not_found(&e) => Err(kube_err(format!(
+            "deleting {} {name}",
+            K::kind(&K::DynamicType::default())
+        ))(e)),
+        _ => Ok(()),
+    }
+}
+
+/// A deleted plane's children: the cluster-scoped ones (no owner reference can reach them),
+/// and the namespaced ones too, so that a cluster without a garbage collector (a bare API
+/// server) is left as clean as one with it.
 async fn cleanup(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> {
     let ns = plane.namespace().unwrap_or_default();
-    let names = Names::of(&ns, &plane.name_any());
-    let dp = DeleteParams::default();
-    match Api::<ClusterRoleBinding>::all(ctx.client.clone())
-        .delete(&names.cluster, &dp)
-        .await
-    {
-        Err(e) if !is_not_found(&e) => {
-            return Err(kube_err(format!("deleting ClusterRoleBinding {}", names.cluster))(e));
-        }
-        _ => {}
+    let name = plane.name_any();
+    let names = Names::of(&ns, &name);
+    let c = &ctx.client;
+    delete(Api::<ClusterRoleBinding>::all(c.clone()), &names.cluster).await?;
+    delete(Api::<ClusterRole>::all(c.clone()), &names.cluster).await?;
+    let (tls_secret, ca) = crate::tls::names(&name);
+    delete(Api::<Deployment>::namespaced(c.clone(), &ns), &names.endpoint).await?;
+    delete(Api::<Service>::namespaced(c.clone(), &ns), &names.endpoint).await?;
+    delete(
+        Api::<PodDisruptionBudget>::namespaced(c.clone(), &ns),
+        &names.endpoint,
+    )
+    .await?;
+    delete(Api::<RoleBinding>::namespaced(c.clone(), &ns), &names.leases).await?;
+    delete(Api::<Role>::namespaced(c.clone(), &ns), &names.leases).await?;
+    delete(Api::<ServiceAccount>::namespaced(c.clone(), &ns), &names.endpoint).await?;
+    for cm in [&names.endpoint, &ca] {
+        delete(Api::<ConfigMap>::namespaced(c.clone(), &ns), cm).await?;
     }
-    match Api::<ClusterRole>::all(ctx.client.clone())
-        .delete(&names.cluster, &dp)
-        .await
-    {
-        Err(e) if !is_not_found(&e) => {
-            return Err(kube_err(format!("deleting ClusterRole {}", names.cluster))(e));
+    // The user's own Secret (spec.tls.secretName) is not the plane's: it stays.
+    for secret in [&names.keys, &ca, &tls_secret] {
+        if plane.spec.tls.secret_name.as_deref() != Some(secret.as_str()) {
+            delete(Api::<Secret>::namespaced(c.clone(), &ns), secret).await?;
         }
-        _ => {}
     }
-    tracing::info!(plane = %plane.name_any(), namespace = %ns, "plane deleted: cluster-scoped children removed");
+    if plane.spec.tls.cert_manager.is_some() {
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(c.clone(), &ns, &crate::tls::certificate_resource());
+        match api.delete(&names.endpoint, &DeleteParams::background()).await {
+            // Gone, or cert-manager's CRD is not installed.
+            Err(e) if !is_not_found(&e) => {
+                return Err(kube_err(format!("deleting Certificate {ns}/{}", names.endpoint))(
+                    e,
+                ));
+            }
+            _ => {}
+        }
+    }
+    tracing::info!(plane = %name, namespace = %ns, "plane deleted: its children removed");
     Ok(Action::await_change())
 }
 

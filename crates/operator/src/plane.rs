@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use kube::CustomResource;
+use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,9 @@ pub const GROUP: &str = "onboarding.gangplank.dev";
 
 /// A duration as the endpoint's configuration writes it: `90s`, `10m`, `1h30m`.
 const DURATION: &str = r"^([0-9]+(ms|s|m|h|d))+$";
+
+/// A DNS name as the endpoint's certificate carries it: lowercase RFC 1123 labels.
+const DNS_NAME: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
 /// The shortest sidecar token Kubernetes' TokenRequest issues (the endpoint refuses less).
 const TOKEN_REQUEST_MINIMUM: Duration = Duration::from_secs(600);
@@ -40,11 +44,11 @@ const TOKEN_REQUEST_MINIMUM: Duration = Duration::from_secs(600);
 pub struct PlaneSpec {
     /// DNS names agents reach the endpoint at (its certificate's SANs); the first is the
     /// issuer of the sidecar tokens it mints.
-    #[schemars(length(min = 1), inner(length(min = 1)))]
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 253), regex(pattern = DNS_NAME)))]
     pub hosts: Vec<String>,
     /// Endpoint replicas.
     #[serde(default = "defaults::replicas")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 50))]
     pub replicas: i32,
     /// The endpoint's image; default `gangplank-endpoint:<the operator's version>`, so an
     /// operator upgrade rolls the planes that do not pin one.
@@ -70,7 +74,8 @@ pub struct PlaneSpec {
     /// The Istio control plane.
     #[serde(default)]
     pub mesh: Mesh,
-    /// The serving certificate.
+    /// The serving certificate (default: issued by the operator).
+    #[serde(default)]
     pub tls: Tls,
 }
 
@@ -96,6 +101,76 @@ pub struct Identities {
     /// Accept OIDC JWTs from these issuers.
     #[serde(default)]
     pub jwt: Jwt,
+    /// Accept AWS EC2 instance identity documents (present, even `{}`: on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_ec2: Option<AwsEc2>,
+    /// Accept GCP GCE instance identity tokens (present, even `{}`: on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gcp_gce: Option<GcpGce>,
+    /// Accept Azure VM attested documents (present, even `{}`: on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_vm: Option<AzureVm>,
+}
+
+/// `identities.awsEc2`, as the endpoint's configuration has it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsEc2 {
+    /// How long after the instance's `pendingTime` a first join is accepted (default 15m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub first_join_window: Option<String>,
+    /// How instance profile IAM roles are verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sts: Option<Sts>,
+}
+
+/// `identities.awsEc2.sts`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Sts {
+    /// Verify IAM roles (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// The STS URL; `{region}` is replaced by the instance's region (default
+    /// `https://sts.{region}.amazonaws.com/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https://"))]
+    pub url: Option<String>,
+    /// How long to wait for STS (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub timeout: Option<String>,
+}
+
+/// `identities.gcpGce`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GcpGce {
+    /// Google's JWKS URL, overridden (air-gapped mirrors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https://"))]
+    pub jwks_url: Option<String>,
+    /// How old a token may be (default 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub max_age: Option<String>,
+}
+
+/// `identities.azureVm`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureVm {
+    /// Accepted signer names (default: the public and sovereign clouds').
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signer_names: Vec<String>,
+    /// How old a document may be (default 10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub max_age: Option<String>,
+    /// Hosts the signer's issuing CA may be fetched from (default `www.microsoft.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_hosts: Option<Vec<String>>,
 }
 
 /// `identities.jwt`.
@@ -189,14 +264,89 @@ impl Default for Mesh {
     }
 }
 
-/// `tls`: where the serving certificate comes from.
+/// `tls`: where the serving certificate comes from: a Secret you name, a cert-manager
+/// Certificate, or (neither set, the default) a certificate the operator issues and renews
+/// from a CA it keeps in a Secret.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.secretName) && has(self.certManager)) && !(has(self.secretName) && has(self.issued)) && !(has(self.certManager) && has(self.issued))").message("spec.tls: set at most one of secretName, certManager and issued"))]
+pub struct Tls {
+    /// A `kubernetes.io/tls` Secret in the plane's namespace (`tls.crt`, `tls.key`), kept
+    /// by you; a new certificate in it rolls the endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
+    /// Have cert-manager issue it: the operator writes a Certificate for the hosts
+    /// (cert-manager's CRDs must be installed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_manager: Option<CertManager>,
+    /// Have the operator issue it (the default): from a CA kept in Secret
+    /// `<plane>-endpoint-ca`, published for agents in ConfigMap `<plane>-endpoint-ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued: Option<Issued>,
+}
+
+/// `tls.certManager`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct Tls {
-    /// A `kubernetes.io/tls` Secret in the plane's namespace (`tls.crt`, `tls.key`), for
-    /// example a cert-manager Certificate's; the endpoint reloads it when it is renewed.
+pub struct CertManager {
+    /// The cert-manager issuer.
+    pub issuer_ref: IssuerRef,
+}
+
+/// A cert-manager issuer reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    /// The issuer's name.
     #[schemars(length(min = 1))]
-    pub secret_name: String,
+    pub name: String,
+    /// `Issuer` (in the plane's namespace) or `ClusterIssuer`.
+    #[serde(default = "defaults::issuer_kind")]
+    #[schemars(regex(pattern = r"^(Issuer|ClusterIssuer)$"))]
+    pub kind: String,
+    /// The issuer's API group.
+    #[serde(default = "defaults::issuer_group")]
+    pub group: String,
+}
+
+/// `tls.issued`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Issued {
+    /// How long each serving certificate is valid.
+    #[serde(default = "defaults::validity")]
+    #[schemars(regex(pattern = DURATION))]
+    pub validity: String,
+    /// How long before it expires it is renewed (less than `validity`).
+    #[serde(default = "defaults::renew_before")]
+    #[schemars(regex(pattern = DURATION))]
+    pub renew_before: String,
+}
+
+impl Default for Issued {
+    fn default() -> Self {
+        Self {
+            validity: defaults::validity(),
+            renew_before: defaults::renew_before(),
+        }
+    }
+}
+
+/// Where a valid spec's serving certificate comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TlsSource {
+    /// The user's Secret.
+    Secret(String),
+    /// A cert-manager Certificate writing `<plane>-endpoint-tls`.
+    CertManager(IssuerRef),
+    /// Issued by the operator into `<plane>-endpoint-tls`.
+    Issued {
+        /// Each certificate's validity.
+        validity: Duration,
+        /// Renewed this long before it expires.
+        renew_before: Duration,
+    },
 }
 
 /// What the operator observed, in the plane's status subresource.
@@ -215,6 +365,13 @@ pub struct PlaneStatus {
     /// Endpoint pods ready, from the Deployment's status.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// The Secret the endpoint serves its certificate from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_name: Option<String>,
+    /// The ConfigMap (key `ca.crt`) with the CA agents trust the endpoint by (their
+    /// `caBundle`), when the operator or cert-manager issues the certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_config_map: Option<String>,
 }
 
 /// A condition, as `metav1.Condition` has it.
@@ -267,6 +424,22 @@ pub mod defaults {
     pub fn istio_namespace() -> String {
         "istio-system".into()
     }
+    /// A namespaced cert-manager `Issuer`.
+    pub fn issuer_kind() -> String {
+        "Issuer".into()
+    }
+    /// cert-manager's group.
+    pub fn issuer_group() -> String {
+        "cert-manager.io".into()
+    }
+    /// 90 days, as cert-manager's default.
+    pub fn validity() -> String {
+        "2160h".into()
+    }
+    /// 30 days, as cert-manager's default (a third of the validity).
+    pub fn renew_before() -> String {
+        "720h".into()
+    }
 }
 
 /// Why a plane's spec cannot be reconciled, and what to change (shown in `Degraded`).
@@ -300,7 +473,9 @@ pub enum Invalid {
     )]
     GracePeriod,
     /// No credential kind.
-    #[error("spec.identities: no credential kind is enabled: set joinTokens: true or add jwt.issuers")]
+    #[error(
+        "spec.identities: no credential kind is enabled: set joinTokens: true, add jwt.issuers, or add awsEc2: {{}}, gcpGce: {{}} or azureVm: {{}}"
+    )]
     NoIdentities,
     /// An issuer with no (or two) key sources.
     #[error("spec.identities.jwt.issuers[{0}]: set exactly one of jwksUri: URL or discovery: true")]
@@ -313,6 +488,22 @@ pub enum Invalid {
     /// No TLS Secret.
     #[error("spec.tls.secretName: name a kubernetes.io/tls Secret in the plane's namespace")]
     TlsSecret,
+    /// More than one certificate source.
+    #[error("spec.tls: set at most one of secretName, certManager and issued")]
+    TlsSources,
+    /// A renewal window not shorter than the validity.
+    #[error(
+        "spec.tls.issued: renewBefore ({renew_before}) must be shorter than validity ({validity}), and validity at least 1h"
+    )]
+    Renewal {
+        /// The validity.
+        validity: String,
+        /// The renewal window.
+        renew_before: String,
+    },
+    /// An issuer kind cert-manager does not have.
+    #[error("spec.tls.certManager.issuerRef.kind: {0:?} is not Issuer or ClusterIssuer")]
+    IssuerKind(String),
 }
 
 /// A spec checked by [`PlaneSpec::validate`]: what the children are rendered from.
@@ -322,6 +513,8 @@ pub struct Valid {
     pub spec: PlaneSpec,
     /// The image, defaulted.
     pub image: String,
+    /// Where the serving certificate comes from.
+    pub tls: TlsSource,
 }
 
 fn duration(field: &'static str, value: &str) -> Result<Duration, Invalid> {
@@ -388,20 +581,64 @@ impl PlaneSpec {
             "spec.workloads.propagationDelay",
             &self.workloads.propagation_delay,
         )?;
-        if !self.identities.join_tokens && self.identities.jwt.issuers.is_empty() {
+        let ids = &self.identities;
+        if !ids.join_tokens
+            && ids.jwt.issuers.is_empty()
+            && ids.aws_ec2.is_none()
+            && ids.gcp_gce.is_none()
+            && ids.azure_vm.is_none()
+        {
             return Err(Invalid::NoIdentities);
         }
-        for (i, issuer) in self.identities.jwt.issuers.iter().enumerate() {
+        for (i, issuer) in ids.jwt.issuers.iter().enumerate() {
             if issuer.jwks_uri.is_some() == issuer.discovery.unwrap_or(false) {
                 return Err(Invalid::IssuerKeys(i));
             }
         }
-        if self.tls.secret_name.is_empty() {
-            return Err(Invalid::TlsSecret);
+        if let Some(aws) = &ids.aws_ec2 {
+            if let Some(w) = &aws.first_join_window {
+                duration("spec.identities.awsEc2.firstJoinWindow", w)?;
+            }
+            if let Some(t) = aws.sts.as_ref().and_then(|s| s.timeout.as_ref()) {
+                duration("spec.identities.awsEc2.sts.timeout", t)?;
+            }
         }
+        if let Some(a) = ids.gcp_gce.as_ref().and_then(|g| g.max_age.as_ref()) {
+            duration("spec.identities.gcpGce.maxAge", a)?;
+        }
+        if let Some(a) = ids.azure_vm.as_ref().and_then(|z| z.max_age.as_ref()) {
+            duration("spec.identities.azureVm.maxAge", a)?;
+        }
+        let tls = match (&self.tls.secret_name, &self.tls.cert_manager, &self.tls.issued) {
+            (Some(name), None, None) if name.is_empty() => return Err(Invalid::TlsSecret),
+            (Some(name), None, None) => TlsSource::Secret(name.clone()),
+            (None, Some(cm), None) => {
+                if !matches!(cm.issuer_ref.kind.as_str(), "Issuer" | "ClusterIssuer") {
+                    return Err(Invalid::IssuerKind(cm.issuer_ref.kind.clone()));
+                }
+                TlsSource::CertManager(cm.issuer_ref.clone())
+            }
+            (None, None, issued) => {
+                let issued = issued.clone().unwrap_or_default();
+                let validity = duration("spec.tls.issued.validity", &issued.validity)?;
+                let renew_before = duration("spec.tls.issued.renewBefore", &issued.renew_before)?;
+                if renew_before >= validity || validity < Duration::from_secs(3600) {
+                    return Err(Invalid::Renewal {
+                        validity: issued.validity,
+                        renew_before: issued.renew_before,
+                    });
+                }
+                TlsSource::Issued {
+                    validity,
+                    renew_before,
+                }
+            }
+            _ => return Err(Invalid::TlsSources),
+        };
         Ok(Valid {
             spec: self.clone(),
             image: self.image.clone().unwrap_or_else(defaults::image),
+            tls,
         })
     }
 }

@@ -131,7 +131,8 @@ pub fn selector(plane: &str) -> BTreeMap<String, String> {
     ])
 }
 
-fn labels(namespace: &str, plane: &str) -> Value {
+/// The labels on every child of a plane.
+pub fn labels(namespace: &str, plane: &str) -> Value {
     let mut l = selector(plane);
     l.insert("app.kubernetes.io/part-of".into(), "gangplank".into());
     l.insert("app.kubernetes.io/managed-by".into(), MANAGED_BY.into());
@@ -174,20 +175,31 @@ pub fn endpoint_config(name: &str, valid: &Valid) -> Result<String, Error> {
         .iter()
         .map(|i| serde_json::to_value(i).unwrap_or_default())
         .collect();
-    c["identities"] = json!({"joinTokens": s.identities.join_tokens, "jwt": {"issuers": issuers}});
+    let ids = &s.identities;
+    c["identities"] = json!({"joinTokens": ids.join_tokens, "jwt": {"issuers": issuers}});
+    if let Some(aws) = &ids.aws_ec2 {
+        c["identities"]["awsEc2"] = serde_json::to_value(aws).unwrap_or_default();
+    }
+    if let Some(gcp) = &ids.gcp_gce {
+        c["identities"]["gcpGce"] = serde_json::to_value(gcp).unwrap_or_default();
+    }
+    if let Some(azure) = &ids.azure_vm {
+        c["identities"]["azureVm"] = serde_json::to_value(azure).unwrap_or_default();
+    }
     c["workloads"]["gracePeriod"] = json!(s.workloads.grace_period);
     c["workloads"]["propagationDelay"] = json!(s.workloads.propagation_delay);
     c["workloads"]["healthChecks"] = json!(s.workloads.health_checks);
     serde_saphyr::to_string(&c).map_err(|e| Error::Manifest(e.to_string()))
 }
 
-/// What rolls the pods when it changes: the configuration, the TLS Secret's name (a renewed
-/// certificate does not need a roll: the endpoint reloads its files) and the keys Secret's uid
-/// (keys are read at start, so a recreated Secret must restart every replica, or they would
-/// disagree on sessions).
-pub fn config_hash(config: &str, tls_secret: &str, keys_uid: &str) -> String {
+/// What rolls the pods when it changes: the configuration, the TLS Secret's name and the
+/// digest of its certificate (the endpoint also reloads a renewed certificate, but a roll
+/// makes every replica serve it at a known time, visible in `kubectl rollout status`), and the
+/// keys Secret's uid (keys are read at start, so a recreated Secret must restart every
+/// replica, or they would disagree on sessions).
+pub fn config_hash(config: &str, tls_secret: &str, cert_digest: &str, keys_uid: &str) -> String {
     let mut h = Sha256::new();
-    for part in [config, tls_secret, keys_uid] {
+    for part in [config, tls_secret, cert_digest, keys_uid] {
         h.update(part.as_bytes());
         h.update([0]);
     }
@@ -197,7 +209,12 @@ pub fn config_hash(config: &str, tls_secret: &str, keys_uid: &str) -> String {
 
 /// Renders every child of `plane` from its validated spec; `keys_uid` is the uid of its keys
 /// Secret ([`keys_secret`], created first).
-pub fn children(plane: &OnboardingPlane, valid: &Valid, keys_uid: &str) -> Result<Children, Error> {
+pub fn children(
+    plane: &OnboardingPlane,
+    valid: &Valid,
+    keys_uid: &str,
+    serving: &crate::tls::Serving,
+) -> Result<Children, Error> {
     let name = plane.metadata.name.clone().unwrap_or_default();
     let ns = plane.metadata.namespace.clone().unwrap_or_default();
     let names = Names::of(&ns, &name);
@@ -250,7 +267,12 @@ pub fn children(plane: &OnboardingPlane, valid: &Valid, keys_uid: &str) -> Resul
     let pod = &mut dep["spec"]["template"];
     pod["metadata"] = json!({
         "labels": labels(&ns, &name),
-        "annotations": {CONFIG_HASH: config_hash(&config, &s.tls.secret_name, keys_uid)},
+        "annotations": {CONFIG_HASH: config_hash(
+            &config,
+            &serving.secret_name,
+            serving.cert_digest.as_deref().unwrap_or_default(),
+            keys_uid,
+        )},
     });
     pod["spec"]["serviceAccountName"] = json!(names.endpoint);
     if let Some(t) = pod["spec"]["topologySpreadConstraints"].as_array_mut() {
@@ -267,7 +289,7 @@ pub fn children(plane: &OnboardingPlane, valid: &Valid, keys_uid: &str) -> Resul
         for v in vols {
             match v["name"].as_str() {
                 Some("config") => v["configMap"]["name"] = json!(names.endpoint),
-                Some("tls") => v["secret"]["secretName"] = json!(s.tls.secret_name),
+                Some("tls") => v["secret"]["secretName"] = json!(serving.secret_name),
                 Some("keys") => v["secret"]["secretName"] = json!(names.keys),
                 _ => {}
             }

@@ -66,6 +66,19 @@ fn the_schema_refuses_bad_values_and_accepts_a_full_spec() {
             "spec.workloads.gracePeriod",
         ),
         (json!({"tls": {"secretName": ""}}), "spec.tls.secretName"),
+        (json!({"hosts": ["Not_A_Host"]}), "spec.hosts[0]"),
+        (
+            json!({"tls": {"issued": {"validity": "soon"}}}),
+            "spec.tls.issued.validity",
+        ),
+        (
+            json!({"tls": {"certManager": {"issuerRef": {"name": "ca", "kind": "Vault"}}}}),
+            "spec.tls.certManager.issuerRef.kind",
+        ),
+        (
+            json!({"identities": {"gcpGce": {"jwksUrl": "http://plain"}}}),
+            "spec.identities.gcpGce.jwksUrl",
+        ),
     ] {
         let mut spec = base.clone();
         for (k, v) in patch.as_object().expect("object") {
@@ -77,10 +90,67 @@ fn the_schema_refuses_bad_values_and_accepts_a_full_spec() {
             "{path}: {violations:?}"
         );
     }
-    let no_tls = schema
+    // No tls: the operator issues the certificate.
+    schema
         .validate(&plane(json!({"hosts": ["a.example"]})))
-        .expect_err("tls is required");
-    assert!(no_tls.iter().any(|v| v.path.contains("tls")), "{no_tls:?}");
+        .expect("tls is optional");
+}
+
+#[test]
+fn every_identity_kind_and_certificate_source_is_in_the_schema() {
+    let schema = schema();
+    for tls in [
+        json!({"secretName": "mesh-tls"}),
+        json!({"certManager": {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}}),
+        json!({"issued": {"validity": "720h", "renewBefore": "240h"}}),
+        json!({}),
+    ] {
+        let full = json!({
+            "hosts": ["onboarding.example.com"],
+            "identities": {
+                "joinTokens": true,
+                "awsEc2": {"firstJoinWindow": "10m", "sts": {"enabled": true, "url": "https://sts.{region}.amazonaws.com/", "timeout": "5s"}},
+                "gcpGce": {"jwksUrl": "https://www.googleapis.com/oauth2/v3/certs", "maxAge": "30m"},
+                "azureVm": {"signerNames": ["metadata.azure.com"], "maxAge": "5m", "issuerHosts": []},
+            },
+            "tls": tls,
+        });
+        schema.validate(&plane(full.clone())).expect("valid");
+        serde_json::from_value::<PlaneSpec>(full)
+            .expect("decodes")
+            .validate()
+            .expect("and is valid");
+    }
+}
+
+/// CEL rules refuse at apply time on API servers that evaluate them (1.25 and later); the
+/// operator's own validation refuses the same, with the same message, on older ones.
+#[test]
+fn the_crd_carries_cel_rules_the_operator_also_enforces() {
+    let crd = serde_json::to_value(gangplank_operator::crd()).expect("crd");
+    let tls =
+        &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["tls"];
+    let rules = tls["x-kubernetes-validations"]
+        .as_array()
+        .expect("rules on spec.tls");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let message = rules[0]["message"].as_str().expect("message");
+    let err = spec(json!({"tls": {"secretName": "t", "issued": {}}}))
+        .validate()
+        .expect_err("two sources");
+    assert_eq!(err, Invalid::TlsSources);
+    assert_eq!(err.to_string(), message);
+}
+
+#[test]
+fn deploy_operator_yaml_is_the_generated_manifest() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/operator.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/operator.yaml");
+    assert_eq!(
+        text,
+        gangplank_operator::manifest::yaml(&Default::default()).expect("yaml"),
+        "deploy/operator.yaml is stale: regenerate it with `gangplank install operator > deploy/operator.yaml`"
+    );
 }
 
 fn spec(patch: Value) -> PlaneSpec {
@@ -115,6 +185,35 @@ fn validation_says_what_to_change() {
         (
             json!({"identities": {"jwt": {"issuers": [{"issuer": "https://idp"}]}}}),
             Invalid::IssuerKeys(0),
+        ),
+        (
+            json!({"tls": {"secretName": "t", "certManager": {"issuerRef": {"name": "ca"}}}}),
+            Invalid::TlsSources,
+        ),
+        (
+            json!({"tls": {"issued": {"validity": "1h", "renewBefore": "2h"}}}),
+            Invalid::Renewal {
+                validity: "1h".into(),
+                renew_before: "2h".into(),
+            },
+        ),
+        (
+            json!({"tls": {"issued": {"validity": "30m", "renewBefore": "10m"}}}),
+            Invalid::Renewal {
+                validity: "30m".into(),
+                renew_before: "10m".into(),
+            },
+        ),
+        (
+            json!({"tls": {"certManager": {"issuerRef": {"name": "ca", "kind": "Vault"}}}}),
+            Invalid::IssuerKind("Vault".into()),
+        ),
+        (
+            json!({"identities": {"azureVm": {"maxAge": "ten minutes"}}}),
+            Invalid::Duration {
+                field: "spec.identities.azureVm.maxAge",
+                value: "ten minutes".into(),
+            },
         ),
         (
             json!({"workloads": {"propagationDelay": "soon"}}),

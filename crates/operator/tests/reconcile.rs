@@ -37,13 +37,22 @@ struct Env {
 
 impl Env {
     async fn stand_in() -> Self {
+        Self::stand_in_with(true).await
+    }
+
+    /// Without the Env's controller, for scenarios that run whole operators.
+    async fn stand_in_bare() -> Self {
+        Self::stand_in_with(false).await
+    }
+
+    async fn stand_in_with(controller: bool) -> Self {
         let server = Server::start().await.expect("stand-in");
         let client =
             kube::Client::try_from(kube::Config::new(server.url().parse().expect("url"))).expect("client");
-        Self::start(client, "gangplank-system".into(), Some(server)).await
+        Self::start(client, "gangplank-system".into(), Some(server), controller).await
     }
 
-    async fn cluster(kubeconfig: &str, scenario: &str) -> Self {
+    async fn cluster(kubeconfig: &str, scenario: &str, controller: bool) -> Self {
         let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("reading GANGPLANK_TEST_KUBECONFIG");
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
             .await
@@ -58,11 +67,11 @@ impl Env {
             )
             .await
             .expect("creating the test namespace");
-        Self::start(client, ns, None).await
+        Self::start(client, ns, None, controller).await
     }
 
     /// Installs the CRD, a TLS Secret, and starts the controller on the namespace.
-    async fn start(client: kube::Client, ns: String, stand_in: Option<Server>) -> Self {
+    async fn start(client: kube::Client, ns: String, stand_in: Option<Server>, controller: bool) -> Self {
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
         crds.patch(
             "onboardingplanes.onboarding.gangplank.dev",
@@ -95,18 +104,21 @@ impl Env {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let c = client.clone();
         let n = ns.clone();
-        let controller = tokio::spawn(async move {
-            controller::run(c, Some(&n), async {
-                let _ = stopped.await;
+        let controller = controller.then(|| {
+            tokio::spawn(async move {
+                let metrics = std::sync::Arc::new(gangplank_operator::metrics::Metrics::default());
+                controller::run(c, Some(&n), metrics, async {
+                    let _ = stopped.await;
+                })
+                .await;
             })
-            .await;
         });
         Self {
             client,
             ns,
             stand_in,
             stop: Some(stop),
-            controller: Some(controller),
+            controller,
         }
     }
 
@@ -176,6 +188,18 @@ impl Env {
             s.conditions
                 .into_iter()
                 .find(|c| c.type_ == type_ && c.status == status)
+        })
+        .await
+    }
+
+    /// Waits for the plane's condition `type_` to have `reason`, and returns it.
+    async fn condition_because(&self, type_: &str, reason: &str) -> Condition {
+        let planes = self.planes();
+        eventually(&format!("{type_} because {reason}"), || async {
+            let s = planes.get(PLANE).await.ok()?.status?;
+            s.conditions
+                .into_iter()
+                .find(|c| c.type_ == type_ && c.reason == reason)
         })
         .await
     }
@@ -712,8 +736,10 @@ async fn deleting_the_plane_removes_its_children(env: &Env) {
     let crs = Api::<ClusterRole>::all(env.client.clone());
     let crbs = Api::<ClusterRoleBinding>::all(env.client.clone());
     assert!(crs.get_opt(&cluster).await.expect("get").is_some());
+    // Background (kubectl's default): foreground deletion waits for a garbage collector, which
+    // a bare API server does not have; the operator's finalizer removes the children itself.
     env.planes()
-        .delete(PLANE, &DeleteParams::foreground())
+        .delete(PLANE, &DeleteParams::default())
         .await
         .expect("deleting the plane");
     let planes = env.planes();
@@ -743,6 +769,436 @@ async fn deleting_the_plane_removes_its_children(env: &Env) {
     .await;
     // The user's TLS Secret is not the plane's.
     assert!(secrets.get_opt("mesh-tls").await.expect("get").is_some());
+}
+
+/// Whether `cert_pem` (a chain) is valid for `host` and signed by `ca_pem`.
+fn verifies(cert_pem: &[u8], ca_pem: &[u8], host: &str) -> Result<(), String> {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+            .build()
+            .map_err(|e| e.to_string())?;
+    let chain: Vec<CertificateDer<'_>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let (leaf, rest) = chain.split_first().ok_or("no certificate")?;
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    verifier
+        .verify_server_cert(leaf, rest, &name, &[], UnixTime::now())
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+fn secret_data(s: &Secret, key: &str) -> Vec<u8> {
+    s.data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|v| v.0.clone())
+        .unwrap_or_default()
+}
+
+async fn issued_certificate_is_served_and_renewed(env: &Env) {
+    let mut s = spec();
+    s.as_object_mut().expect("object").remove("tls");
+    env.create_plane(s).await.expect("creating the plane");
+    env.condition("Progressing", "True").await;
+    assert_eq!(env.condition("Degraded", "False").await.reason, "Reconciled");
+    let secrets = env.api::<Secret>();
+    let cms = env.api::<ConfigMap>();
+    let tls = eventually("the serving Secret", || async {
+        secrets.get_opt("mesh-endpoint-tls").await.ok()?
+    })
+    .await;
+    let ca_cm = eventually("the CA ConfigMap", || async {
+        cms.get_opt("mesh-endpoint-ca").await.ok()?
+    })
+    .await;
+    let ca = ca_cm.data.as_ref().expect("data")["ca.crt"].clone().into_bytes();
+    assert_eq!(tls.type_.as_deref(), Some("kubernetes.io/tls"));
+    // Agents that trust ca.crt accept the endpoint for its host, and for no other.
+    verifies(&secret_data(&tls, "tls.crt"), &ca, "onboarding.example.com")
+        .expect("the served certificate verifies");
+    assert!(verifies(&secret_data(&tls, "tls.crt"), &ca, "other.example.com").is_err());
+    assert!(String::from_utf8_lossy(&secret_data(&tls, "tls.key")).contains("PRIVATE KEY"));
+    // The CA's key stays in its own Secret, which the endpoint does not mount.
+    let ca_secret = secrets.get("mesh-endpoint-ca").await.expect("the CA Secret");
+    assert_eq!(secret_data(&ca_secret, "tls.crt"), ca);
+    let d = env.deployment().await;
+    let pod = to_value(
+        d.spec
+            .as_ref()
+            .expect("spec")
+            .template
+            .spec
+            .as_ref()
+            .expect("pod"),
+    );
+    let tls_volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "tls")
+        .cloned()
+        .expect("tls volume");
+    assert_eq!(tls_volume["secret"]["secretName"], "mesh-endpoint-tls");
+    let status = env
+        .planes()
+        .get(PLANE)
+        .await
+        .expect("plane")
+        .status
+        .expect("status");
+    assert_eq!(status.tls_secret_name.as_deref(), Some("mesh-endpoint-tls"));
+    assert_eq!(status.ca_config_map.as_deref(), Some("mesh-endpoint-ca"));
+
+    // A new host: a new certificate for both hosts, from the same CA; the pods roll.
+    let before = hash(&d);
+    env.patch_spec(json!({"hosts": ["onboarding.example.com", "vms.example.net"]}))
+        .await;
+    let tls2 = eventually("a certificate for the new host", || async {
+        let t = secrets.get("mesh-endpoint-tls").await.ok()?;
+        verifies(&secret_data(&t, "tls.crt"), &ca, "vms.example.net")
+            .ok()
+            .map(|()| t)
+    })
+    .await;
+    verifies(&secret_data(&tls2, "tls.crt"), &ca, "onboarding.example.com").expect("still the first host");
+    let api = env.api::<Deployment>();
+    eventually("the pods roll for the new certificate", || async {
+        (hash(&api.get("mesh-endpoint").await.ok()?) != before).then_some(())
+    })
+    .await;
+
+    // A Secret that no longer holds what the operator wrote is issued again.
+    let foreign = gangplank_tls_dev_cert();
+    secrets
+        .patch(
+            "mesh-endpoint-tls",
+            &PatchParams::apply("someone-else").force(),
+            &Patch::Apply(
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mesh-endpoint-tls"},
+                                  "data": {"tls.crt": foreign}}),
+            ),
+        )
+        .await
+        .expect("overwriting the certificate");
+    eventually("the certificate issued again", || async {
+        let t = secrets.get("mesh-endpoint-tls").await.ok()?;
+        verifies(&secret_data(&t, "tls.crt"), &ca, "vms.example.net").ok()
+    })
+    .await;
+    // The CA is kept: agents need not change their caBundle.
+    let ca_after = cms.get("mesh-endpoint-ca").await.expect("CA ConfigMap");
+    assert_eq!(ca_after.data.expect("data")["ca.crt"].as_bytes(), ca.as_slice());
+}
+
+/// A self-signed certificate that is not the operator's, base64.
+fn gangplank_tls_dev_cert() -> String {
+    use base64::Engine;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["vms.example.net".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    base64::engine::general_purpose::STANDARD.encode(cert.pem())
+}
+
+async fn an_issued_certificate_is_renewed_before_it_expires_(env: &Env) {
+    let mut s = spec();
+    // Renewed 2 s after it is issued.
+    s["tls"] = json!({"issued": {"validity": "1h", "renewBefore": "59m58s"}});
+    env.create_plane(s).await.expect("creating the plane");
+    let secrets = env.api::<Secret>();
+    let first = eventually("the serving Secret", || async {
+        secrets.get_opt("mesh-endpoint-tls").await.ok()?
+    })
+    .await;
+    let first = secret_data(&first, "tls.crt");
+    eventually("a renewed certificate, with no change to the plane", || async {
+        let t = secrets.get("mesh-endpoint-tls").await.ok()?;
+        (secret_data(&t, "tls.crt") != first).then_some(())
+    })
+    .await;
+}
+
+/// cert-manager's Certificate CRD, reduced to what the operator writes (a real cert-manager
+/// installs the full one).
+fn cert_manager_crd() -> Value {
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "certificates.cert-manager.io"},
+        "spec": {"group": "cert-manager.io", "scope": "Namespaced",
+                 "names": {"plural": "certificates", "singular": "certificate", "kind": "Certificate", "listKind": "CertificateList"},
+                 "versions": [{"name": "v1", "served": true, "storage": true,
+                               "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                                   "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                                   "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}]},
+    })
+}
+
+async fn a_cert_manager_certificate_is_requested(env: &Env) {
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let had_cert_manager = crds
+        .get_opt("certificates.cert-manager.io")
+        .await
+        .expect("get")
+        .is_some();
+    let mut s = spec();
+    s["tls"] = json!({"certManager": {"issuerRef": {"name": "mesh-ca", "kind": "ClusterIssuer"}}});
+    env.create_plane(s).await.expect("creating the plane");
+    if !had_cert_manager {
+        let c = env.condition("Degraded", "True").await;
+        assert_eq!(c.reason, "CertManagerMissing");
+        assert!(c.message.contains("install cert-manager"), "{}", c.message);
+        crds.patch(
+            "certificates.cert-manager.io",
+            &PatchParams::apply("gangplank-conformance").force(),
+            &Patch::Apply(cert_manager_crd()),
+        )
+        .await
+        .expect("installing the Certificate CRD");
+        eventually("the Certificate CRD established", || async {
+            let crd = crds.get("certificates.cert-manager.io").await.ok()?;
+            crd.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        })
+        .await;
+        // A change of the plane wakes the operator at once (otherwise: its 30 s recheck).
+        env.planes()
+            .patch(
+                PLANE,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"touch": "1"}}})),
+            )
+            .await
+            .expect("touching the plane");
+    }
+    let certs: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &env.ns,
+        &gangplank_operator::tls::certificate_resource(),
+    );
+    let cert = eventually("the Certificate", || async {
+        certs.get_opt("mesh-endpoint").await.ok()?
+    })
+    .await;
+    assert_subset(
+        &json!({"secretName": "mesh-endpoint-tls", "dnsNames": ["onboarding.example.com"],
+                "issuerRef": {"name": "mesh-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}}),
+        &cert.data["spec"],
+        "Certificate spec",
+    );
+    assert_eq!(
+        cert.metadata.owner_references.as_ref().expect("owner")[0].kind,
+        "OnboardingPlane"
+    );
+    // Until cert-manager issues it, the plane says so.
+    let c = env.condition_because("Degraded", "TLSSecretMissing").await;
+    assert_eq!(c.status, "True");
+    assert!(
+        c.message.contains("cert-manager has not issued it yet"),
+        "{}",
+        c.message
+    );
+    let before = hash(&env.deployment().await);
+    // Play cert-manager: the Secret, with the issuer's CA.
+    env.api::<Secret>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "mesh-endpoint-tls"}, "type": "kubernetes.io/tls",
+                "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5", "ca.crt": "Y2E="},
+            }))
+            .expect("secret"),
+        )
+        .await
+        .expect("creating the Secret");
+    assert_eq!(env.condition("Degraded", "False").await.reason, "Reconciled");
+    let cms = env.api::<ConfigMap>();
+    let ca = eventually("the CA published", || async {
+        cms.get_opt("mesh-endpoint-ca").await.ok()?
+    })
+    .await;
+    assert_eq!(ca.data.expect("data")["ca.crt"], "ca");
+    let api = env.api::<Deployment>();
+    eventually("the pods roll for the certificate", || async {
+        (hash(&api.get("mesh-endpoint").await.ok()?) != before).then_some(())
+    })
+    .await;
+    // Deleting the plane deletes its Certificate.
+    env.planes()
+        .delete(PLANE, &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("the Certificate gone", || async {
+        certs.get_opt("mesh-endpoint").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    if !had_cert_manager {
+        let _ = crds
+            .delete("certificates.cert-manager.io", &DeleteParams::default())
+            .await;
+    }
+}
+
+/// Two whole operators (CRD install, leader election, controller) on one namespace.
+async fn two_operators_elect_one_leader(env: &Env) {
+    use gangplank_operator::metrics::Metrics;
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+    let start = |identity: &str| {
+        let options = gangplank_operator::Options {
+            namespace: Some(env.ns.clone()),
+            install_crds: true,
+            leader_elect: true,
+            lease_namespace: env.ns.clone(),
+            identity: identity.to_owned(),
+            lease_duration: Duration::from_secs(3),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(gangplank_operator::run(
+            env.client.clone(),
+            options,
+            metrics.clone(),
+            stop.clone(),
+        ));
+        (metrics, stop, task)
+    };
+    let (ma, stop_a, task_a) = start("operator-a");
+    let (mb, stop_b, task_b) = start("operator-b");
+    eventually("a leader", || async {
+        (ma.is_leader() || mb.is_leader()).then_some(())
+    })
+    .await;
+    env.create_plane(spec()).await.expect("creating the plane");
+    env.condition("Progressing", "True").await;
+    // For 3 s (a Lease duration), sampled every 50 ms: never two leaders, and the standby
+    // reconciles nothing.
+    for _ in 0..60 {
+        assert!(!(ma.is_leader() && mb.is_leader()), "two leaders");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (leader, standby, stop_leader, task_leader, stop_standby, task_standby, standby_name) =
+        if ma.is_leader() {
+            (ma, mb, stop_a, task_a, stop_b, task_b, "operator-b")
+        } else {
+            (mb, ma, stop_b, task_b, stop_a, task_a, "operator-a")
+        };
+    assert!(leader.reconciles() > 0);
+    assert_eq!(standby.reconciles(), 0, "the standby reconciled");
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(env.client.clone(), &env.ns)
+        .get(gangplank_operator::election::LEASE)
+        .await
+        .expect("the leader Lease");
+    assert_ne!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some(standby_name)
+    );
+
+    // The leader stops (a rollout): it releases the Lease, the standby takes over and
+    // reconciles the next change.
+    stop_leader.cancel();
+    task_leader
+        .await
+        .expect("join")
+        .expect("the leader stops cleanly");
+    assert!(!leader.is_leader());
+    eventually("the standby leads", || async {
+        standby.is_leader().then_some(())
+    })
+    .await;
+    env.patch_spec(json!({"replicas": 3})).await;
+    let api = env.api::<Deployment>();
+    eventually("3 replicas, from the new leader", || async {
+        (api.get("mesh-endpoint").await.ok()?.spec?.replicas == Some(3)).then_some(())
+    })
+    .await;
+    assert!(standby.reconciles() > 0);
+    delete_plane(env).await;
+    stop_standby.cancel();
+    task_standby.await.expect("join").expect("stops cleanly");
+}
+
+async fn crds_are_installed_and_upgraded_at_start_up(env: &Env) {
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    // An older OnboardingPlane CRD, without the printer columns.
+    let mut old = to_value(&gangplank_operator::crd());
+    old["spec"]["versions"][0]["additionalPrinterColumns"] = json!([]);
+    crds.patch(
+        "onboardingplanes.onboarding.gangplank.dev",
+        &PatchParams::apply("gangplank-conformance").force(),
+        &Patch::Apply(old),
+    )
+    .await
+    .expect("an old CRD");
+    let metrics = Arc::new(gangplank_operator::metrics::Metrics::default());
+    let stop = CancellationToken::new();
+    let options = gangplank_operator::Options {
+        namespace: Some(env.ns.clone()),
+        install_crds: true,
+        leader_elect: false,
+        lease_namespace: env.ns.clone(),
+        identity: "operator".into(),
+        lease_duration: Duration::from_secs(3),
+    };
+    let task = tokio::spawn(gangplank_operator::run(
+        env.client.clone(),
+        options,
+        metrics.clone(),
+        stop.clone(),
+    ));
+    eventually("every CRD current and established", || async {
+        for want in gangplank_operator::crds::all().ok()? {
+            let name = want.metadata.name.clone()?;
+            let got = crds.get(&name).await.ok()?;
+            let established = got
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            let columns =
+                |c: &CustomResourceDefinition| to_value(&c.spec.versions[0].additional_printer_columns);
+            (established && columns(&got) == columns(&want)).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    eventually("ready", || async { metrics.is_ready().then_some(()) }).await;
+    env.create_plane(spec()).await.expect("creating the plane");
+    env.deployment().await;
+    delete_plane(env).await;
+    stop.cancel();
+    task.await.expect("join").expect("stops cleanly");
+}
+
+/// Deletes the plane and waits until its finalizer has run (while an operator runs).
+async fn delete_plane(env: &Env) {
+    let planes = env.planes();
+    planes
+        .delete(PLANE, &DeleteParams::default())
+        .await
+        .expect("deleting the plane");
+    eventually("the plane deleted", || async {
+        planes.get_opt(PLANE).await.ok()?.is_none().then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -788,6 +1244,41 @@ async fn deleting_the_plane_removes_its_children_and_cluster_rbac() {
 }
 
 #[tokio::test]
+async fn the_operator_issues_the_serving_certificate_from_its_own_ca() {
+    let env = Env::stand_in().await;
+    issued_certificate_is_served_and_renewed(&env).await;
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_issued_certificate_is_renewed_before_it_expires() {
+    let env = Env::stand_in().await;
+    an_issued_certificate_is_renewed_before_it_expires_(&env).await;
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_cert_manager_certificate_is_requested_when_cert_manager_is_installed() {
+    let env = Env::stand_in().await;
+    a_cert_manager_certificate_is_requested(&env).await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operator_replicas_never_fight_one_leads() {
+    let env = Env::stand_in_bare().await;
+    two_operators_elect_one_leader(&env).await;
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn the_operator_installs_and_upgrades_its_crds_at_start_up() {
+    let env = Env::stand_in_bare().await;
+    crds_are_installed_and_upgraded_at_start_up(&env).await;
+    env.stop().await;
+}
+
+#[tokio::test]
 #[ignore = "needs a real cluster: GANGPLANK_TEST_KUBECONFIG=<kubeconfig> and --ignored (README)"]
 async fn real_cluster() {
     let Some(kubeconfig) = std::env::var_os("GANGPLANK_TEST_KUBECONFIG") else {
@@ -798,7 +1289,12 @@ async fn real_cluster() {
     let kubeconfig = kubeconfig.to_string_lossy().into_owned();
     macro_rules! run {
         ($scenario:ident, $short:literal) => {{
-            let env = Env::cluster(&kubeconfig, $short).await;
+            let env = Env::cluster(&kubeconfig, $short, true).await;
+            $scenario(&env).await;
+            env.stop().await;
+        }};
+        (bare $scenario:ident, $short:literal) => {{
+            let env = Env::cluster(&kubeconfig, $short, false).await;
             $scenario(&env).await;
             env.stop().await;
         }};
@@ -809,4 +1305,9 @@ async fn real_cluster() {
     run!(bad_spec_is_degraded_and_creates_nothing, "invalid");
     run!(a_missing_tls_secret_is_degraded_until_created, "tls");
     run!(deleting_the_plane_removes_its_children, "delete");
+    run!(issued_certificate_is_served_and_renewed, "issued");
+    run!(an_issued_certificate_is_renewed_before_it_expires_, "renew");
+    run!(a_cert_manager_certificate_is_requested, "certmgr");
+    run!(bare two_operators_elect_one_leader, "leader");
+    run!(bare crds_are_installed_and_upgraded_at_start_up, "crds");
 }

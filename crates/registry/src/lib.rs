@@ -14,7 +14,7 @@ use gangplank_api::istio::{WorkloadEntry, WorkloadGroup};
 use gangplank_api::policy::OnboardingPolicy;
 use gangplank_api::token::JoinToken;
 
-pub mod crds;
+pub use gangplank_api::crds;
 pub mod dir;
 mod identity;
 pub mod kube;

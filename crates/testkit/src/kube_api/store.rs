@@ -233,6 +233,21 @@ impl Store {
         }
         obj.insert("apiVersion".into(), json!(api_version));
         obj.insert("kind".into(), json!(kind.kind));
+        // A Secret's write-only `stringData` is merged into `data` (base64), winning over it,
+        // and never stored or served, as the API server does.
+        if kind.group.is_empty()
+            && kind.plural == "secrets"
+            && let Some(Value::Object(strings)) = obj.remove("stringData")
+        {
+            use base64::Engine;
+            let data = obj.entry("data").or_insert_with(|| json!({}));
+            if let Some(data) = data.as_object_mut() {
+                for (k, v) in strings {
+                    let text = v.as_str().unwrap_or_default();
+                    data.insert(k, json!(base64::engine::general_purpose::STANDARD.encode(text)));
+                }
+            }
+        }
         let meta = obj.entry("metadata").or_insert_with(|| json!({}));
         let Some(meta) = meta.as_object_mut() else {
             return Err(ApiError::bad_request("metadata must be an object"));

@@ -1,16 +1,16 @@
 //! Gangplank's own CustomResourceDefinitions: `OnboardingPolicy`, `JoinToken` and `WorkloadBinding`
 //! (`onboarding.gangplank.dev/v1alpha1`), with structural schemas and printer columns.
 //!
-//! The schemas mirror the Rust types in `gangplank_api::{policy, token}` field for field (the
+//! The schemas mirror the Rust types in `crate::{policy, token}` field for field (the
 //! names are the types' serde names; required fields are those without a serde default); the
 //! crate's tests check both directions: a fully populated object of each type validates
 //! against its schema, and every property of the schema is a field the type serialises.
 //! `gangplank install crds` prints [`yaml`]; `deploy/crds/` holds the same text.
 
-use gangplank_api::Resource;
-use gangplank_api::binding::WorkloadBinding;
-use gangplank_api::policy::OnboardingPolicy;
-use gangplank_api::token::JoinToken;
+use crate::Resource;
+use crate::binding::WorkloadBinding;
+use crate::policy::OnboardingPolicy;
+use crate::token::JoinToken;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::{Value, json};
 
