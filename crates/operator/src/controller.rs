@@ -180,8 +180,13 @@ async fn reconcile_plane(plane: &Arc<OnboardingPlane>, ctx: &Arc<Context>) -> Re
             Event::Cleanup(p) => cleanup(&p, ctx).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(e.to_string()))?;
+    .await;
+    let action = match action {
+        Ok(a) => a,
+        // A second reconcile of a plane whose cleanup already ran and which is gone now.
+        Err(finalizer::Error::RemoveFinalizer(e)) if is_not_found(&e) => Action::await_change(),
+        Err(e) => return Err(Error::Finalizer(e.to_string())),
+    };
     ctx.failures
         .lock()
         .unwrap_or_else(PoisonError::into_inner)

@@ -1311,3 +1311,117 @@ async fn real_cluster() {
     run!(bare two_operators_elect_one_leader, "leader");
     run!(bare crds_are_installed_and_upgraded_at_start_up, "crds");
 }
+
+/// The operator as `deploy/operator.yaml` installs it, authorised only by that manifest's RBAC
+/// (its ServiceAccount's token, from TokenRequest): a real API server enforces RBAC, including
+/// the escalation check on the endpoint's Role and ClusterRole, which the stand-in does not.
+#[tokio::test]
+#[ignore = "needs a real cluster: GANGPLANK_TEST_KUBECONFIG=<kubeconfig> and --ignored (README)"]
+async fn real_cluster_the_operator_needs_only_its_manifest_rbac() {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+    let Some(path) = std::env::var_os("GANGPLANK_TEST_KUBECONFIG") else {
+        panic!("set GANGPLANK_TEST_KUBECONFIG to the kubeconfig of a cluster");
+    };
+    let admin_kc = kube::config::Kubeconfig::read_from(&path).expect("reading GANGPLANK_TEST_KUBECONFIG");
+    let admin = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(admin_kc.clone(), &Default::default())
+            .await
+            .expect("config"),
+    )
+    .expect("client");
+    // Install the manifest (server-side apply, as `kubectl apply --server-side` would).
+    let settings = gangplank_operator::manifest::Settings::default();
+    let discovery = kube::discovery::Discovery::new(admin.clone())
+        .run()
+        .await
+        .expect("discovery");
+    for obj in gangplank_operator::manifest::objects(&settings).expect("manifest") {
+        let obj: kube::api::DynamicObject = serde_json::from_value(obj).expect("object");
+        let gvk = kube::api::GroupVersionKind::try_from(obj.types.as_ref().expect("types")).expect("gvk");
+        let (ar, caps) = discovery.resolve_gvk(&gvk).expect("a served kind");
+        let api: Api<kube::api::DynamicObject> = match caps.scope {
+            kube::discovery::Scope::Namespaced => {
+                Api::namespaced_with(admin.clone(), obj.metadata.namespace.as_deref().expect("ns"), &ar)
+            }
+            kube::discovery::Scope::Cluster => Api::all_with(admin.clone(), &ar),
+        };
+        let name = obj.metadata.name.clone().expect("name");
+        api.patch(
+            &name,
+            &PatchParams::apply("gangplank-conformance").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying {name}: {e}"));
+    }
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), &settings.namespace)
+        .create_token_request(
+            "gangplank-operator",
+            &PostParams::default(),
+            &serde_json::from_value::<TokenRequest>(
+                json!({"spec": {"audiences": [], "expirationSeconds": 3600}}),
+            )
+            .expect("request"),
+        )
+        .await
+        .expect("a token for the operator's ServiceAccount")
+        .status
+        .expect("status")
+        .token;
+    // The same cluster, as the operator's ServiceAccount.
+    let mut kc = serde_json::to_value(&admin_kc).expect("kubeconfig");
+    for user in kc["users"].as_array_mut().expect("users") {
+        user["user"] = json!({"token": token});
+    }
+    let kc = kube::config::Kubeconfig::from_yaml(&serde_saphyr::to_string(&kc).expect("yaml"))
+        .expect("kubeconfig");
+    let operator = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("config"),
+    )
+    .expect("client");
+    let ns = format!("gangplank-operator-rbac-{}", std::process::id());
+    Api::<Namespace>::all(admin.clone())
+        .patch(
+            &ns,
+            &PatchParams::apply("gangplank-conformance"),
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})),
+        )
+        .await
+        .expect("namespace");
+    let env = Env::start(admin.clone(), ns, None, false).await;
+    let metrics = Arc::new(gangplank_operator::metrics::Metrics::default());
+    let stop = CancellationToken::new();
+    let options = gangplank_operator::Options {
+        namespace: None,
+        install_crds: true,
+        leader_elect: true,
+        lease_namespace: settings.namespace.clone(),
+        identity: "conformance".into(),
+        lease_duration: Duration::from_secs(15),
+    };
+    let task = tokio::spawn(gangplank_operator::run(
+        operator,
+        options,
+        metrics.clone(),
+        stop.clone(),
+    ));
+    let mut s = spec();
+    s.as_object_mut().expect("object").remove("tls");
+    env.create_plane(s).await.expect("creating the plane");
+    env.condition("Progressing", "True").await;
+    assert_eq!(env.condition("Degraded", "False").await.reason, "Reconciled");
+    env.deployment().await;
+    let cluster = format!("gangplank-endpoint.{}.{PLANE}", env.ns);
+    Api::<ClusterRole>::all(admin.clone())
+        .get(&cluster)
+        .await
+        .expect("the endpoint's ClusterRole");
+    delete_plane(&env).await;
+    stop.cancel();
+    task.await.expect("join").expect("the operator stops cleanly");
+    env.stop().await;
+}
