@@ -8,7 +8,8 @@
 //! (`gangplank_endpoint::membership`), the operator for its leader election.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
@@ -52,7 +53,13 @@ pub struct LeaseLock {
     holder: String,
     duration: Duration,
     labels: BTreeMap<String, String>,
+    /// With [`LeaseLock::observing`]: the version of another holder's Lease last seen, and
+    /// since when (this process's monotonic clock).
+    observed: Option<Arc<Mutex<Option<Seen>>>>,
 }
+
+/// Another holder's Lease version, and since when this process has seen it unchanged.
+type Seen = (String, Instant);
 
 impl std::fmt::Debug for LeaseLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,7 +87,43 @@ impl LeaseLock {
             holder: holder.to_owned(),
             duration,
             labels,
+            observed: None,
         }
+    }
+
+    /// Judges another holder's Lease expired only once it has stayed unchanged (same
+    /// `resourceVersion`) for its duration on this process's monotonic clock, as client-go's
+    /// leader election does, instead of from its `renewTime`: clock skew between the holder's
+    /// node and this one cannot then end a Lease its holder still renews. A new candidate waits
+    /// one Lease duration before taking a Lease it finds abandoned.
+    #[must_use]
+    pub fn observing(mut self) -> Self {
+        self.observed = Some(Arc::default());
+        self
+    }
+
+    /// Whether another holder's `lease` has expired at `now`.
+    fn expired(&self, lease: &Lease, now: OffsetDateTime) -> bool {
+        let Some(observed) = &self.observed else {
+            return expiry(lease).is_none_or(|t| t <= now);
+        };
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
+        let seconds = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.lease_duration_seconds)
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(self.duration.as_secs());
+        let mut seen = observed.lock().unwrap_or_else(PoisonError::into_inner);
+        let since = match &*seen {
+            Some((v, since)) if *v == version => *since,
+            _ => {
+                let t = Instant::now();
+                *seen = Some((version, t));
+                t
+            }
+        };
+        since.elapsed() >= Duration::from_secs(seconds)
     }
 
     /// The Leases of the namespace.
@@ -146,7 +189,7 @@ impl LeaseLock {
                 Err(e) => Err(e),
             },
             Some(old) => {
-                let free = holder(&old).is_none() || expiry(&old).is_none_or(|t| t <= now);
+                let free = holder(&old).is_none() || self.expired(&old, now);
                 if !self.ours(&old) && !free {
                     return Ok(false);
                 }

@@ -131,7 +131,12 @@ pub async fn run(
             .collect::<Vec<_>>()
     };
     controller
-        .watches(api::<Secret>(c, namespace), watcher::Config::default(), named_by)
+        // Only TLS Secrets can be a plane's: the others are never listed into the operator.
+        .watches(
+            api::<Secret>(c, namespace),
+            watcher::Config::default().fields("type=kubernetes.io/tls"),
+            named_by,
+        )
         .owns(api::<Deployment>(c, namespace), children.clone())
         .owns(api::<ConfigMap>(c, namespace), children.clone())
         .owns(api::<Service>(c, namespace), children.clone())
@@ -166,6 +171,11 @@ pub async fn run(
 pub async fn reconcile(plane: Arc<OnboardingPlane>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let result = reconcile_plane(&plane, &ctx).await;
+    if let Err(err) = &result
+        && plane.metadata.deletion_timestamp.is_none()
+    {
+        report_failure(&plane, &ctx, err).await;
+    }
     ctx.metrics
         .reconciled(result.is_ok(), started.elapsed().as_secs_f64());
     result
@@ -185,6 +195,7 @@ async fn reconcile_plane(plane: &Arc<OnboardingPlane>, ctx: &Arc<Context>) -> Re
         Ok(a) => a,
         // A second reconcile of a plane whose cleanup already ran and which is gone now.
         Err(finalizer::Error::RemoveFinalizer(e)) if is_not_found(&e) => Action::await_change(),
+        Err(finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e)) => return Err(e),
         Err(e) => return Err(Error::Finalizer(e.to_string())),
     };
     ctx.failures
@@ -192,6 +203,20 @@ async fn reconcile_plane(plane: &Arc<OnboardingPlane>, ctx: &Arc<Context>) -> Re
         .unwrap_or_else(PoisonError::into_inner)
         .remove(&ObjectRef::from_obj(&**plane));
     Ok(action)
+}
+
+/// Shows a failed reconcile on the plane (`Degraded=True`, `ReconcileError`): the operator's
+/// log is not where a platform engineer looks first. Best effort: the failure is retried.
+async fn report_failure(plane: &OnboardingPlane, ctx: &Context, err: &Error) {
+    let mut status = plane.status.clone().unwrap_or_default();
+    let message = format!("{err}: retrying with backoff; the operator's log has each attempt");
+    status.conditions.retain(|c| c.type_ != "Degraded");
+    status
+        .conditions
+        .push(condition("Degraded", true, "ReconcileError", &message));
+    if let Err(e) = write_status(plane, ctx, status).await {
+        tracing::debug!(error = %e, "could not record the failure on the plane");
+    }
 }
 
 /// Retries with exponential backoff per plane.
@@ -275,7 +300,13 @@ async fn apply(plane: &OnboardingPlane, ctx: &Context) -> Result<Action, Error> 
     let ready = ds.ready_replicas.unwrap_or(0);
     let updated = ds.updated_replicas.unwrap_or(0);
     let seen = ds.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
-    let done = seen && ready >= want && updated >= want;
+    // As `kubectl rollout status`: every replica updated and available, no old one left.
+    let done = seen
+        && ready >= want
+        && updated >= want
+        && ds.replicas.unwrap_or(0) == want
+        && ds.available_replicas.unwrap_or(0) >= want
+        && ds.unavailable_replicas.unwrap_or(0) == 0;
     let names = Names::of(&ns, &name);
     let mut conditions = Vec::new();
     if done {
@@ -461,10 +492,16 @@ async fn write_status(plane: &OnboardingPlane, ctx: &Context, mut status: PlaneS
     let ns = plane.namespace().unwrap_or_default();
     let name = plane.name_any();
     let api: Api<OnboardingPlane> = Api::namespaced(ctx.client.clone(), &ns);
+    // Every field, absent ones as null, so a merge patch clears what no longer applies.
+    let mut body = serde_json::to_value(&status).unwrap_or_default();
+    for field in ["observedGeneration", "address", "tlsSecretName", "caConfigMap"] {
+        body.as_object_mut()
+            .map(|o| o.entry(field).or_insert(serde_json::Value::Null));
+    }
     api.patch_status(
         &name,
         &PatchParams::default(),
-        &Patch::Merge(json!({"status": status})),
+        &Patch::Merge(json!({"status": body})),
     )
     .await
     .map_err(kube_err(format!(

@@ -42,11 +42,41 @@ pub enum Error {
     },
 }
 
-/// Every CRD the operator installs.
+/// The annotation recording which operator version wrote a CRD.
+pub const VERSION_ANNOTATION: &str = "onboarding.gangplank.dev/operator-version";
+
+/// Every CRD the operator installs, annotated with its version.
 pub fn all() -> Result<Vec<CustomResourceDefinition>, Error> {
     let mut crds = gangplank_api::crds::all().map_err(|e| Error::Render(e.to_string()))?;
     crds.push(crate::crd());
+    for crd in &mut crds {
+        crd.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(VERSION_ANNOTATION.into(), env!("CARGO_PKG_VERSION").into());
+    }
     Ok(crds)
+}
+
+/// `major.minor.patch` as numbers (anything else: zeros).
+fn version(v: &str) -> (u64, u64, u64) {
+    let mut n = v.split(['.', '-', '+']).map(|p| p.parse().unwrap_or(0));
+    (
+        n.next().unwrap_or(0),
+        n.next().unwrap_or(0),
+        n.next().unwrap_or(0),
+    )
+}
+
+/// Whether `installed` was written by a newer operator than this one (then it is left
+/// alone: an old replica restarting during a rolling upgrade must not downgrade the schema).
+fn newer(installed: &CustomResourceDefinition) -> bool {
+    installed
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(VERSION_ANNOTATION))
+        .is_some_and(|v| version(v) > version(env!("CARGO_PKG_VERSION")))
 }
 
 fn established(crd: &CustomResourceDefinition) -> bool {
@@ -63,6 +93,14 @@ pub async fn install(client: &Client, wait: Duration) -> Result<(), Error> {
     let crds = all()?;
     for crd in &crds {
         let name = crd.name_any();
+        let installed = api.get_opt(&name).await.map_err(|source| Error::Apply {
+            name: name.clone(),
+            source,
+        })?;
+        if installed.as_ref().is_some_and(newer) {
+            tracing::info!(crd = %name, "installed by a newer operator: left as it is");
+            continue;
+        }
         api.patch(&name, &pp, &Patch::Apply(crd))
             .await
             .map_err(|source| Error::Apply {
@@ -92,4 +130,26 @@ pub async fn install(client: &Client, wait: Duration) -> Result<(), Error> {
     }
     tracing::info!(crds = crds.len(), "CRDs installed and established");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crd_of_a_newer_operator_is_newer_and_ours_or_an_older_one_is_not() {
+        let crd = |v: Option<&str>| {
+            let mut c = crate::crd();
+            if let Some(v) = v {
+                c.metadata.annotations = Some([(VERSION_ANNOTATION.to_owned(), v.to_owned())].into());
+            }
+            c
+        };
+        assert!(newer(&crd(Some("99.0.0"))));
+        assert!(newer(&crd(Some("0.99.1-rc.1"))));
+        assert!(!newer(&crd(Some(env!("CARGO_PKG_VERSION")))));
+        assert!(!newer(&crd(Some("0.0.1"))));
+        assert!(!newer(&crd(None)));
+        assert!(all().expect("crds").iter().all(|c| !newer(c)));
+    }
 }

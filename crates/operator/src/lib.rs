@@ -56,6 +56,9 @@ pub enum Error {
     /// The CRDs could not be installed.
     #[error(transparent)]
     Crds(#[from] crds::Error),
+    /// The controller ended while leading.
+    #[error(transparent)]
+    Election(#[from] election::ControllerEnded),
 }
 
 /// Runs the operator on `client` until `stopping` is cancelled: CRDs first (when
@@ -95,11 +98,12 @@ pub async fn run(
         &options.identity,
         options.lease_duration,
         labels,
-    );
+    )
+    .observing();
     let m = metrics.clone();
     election::run(lock, metrics, stopping, move |token| {
         controller(token, client.clone(), m.clone(), options.namespace.clone())
     })
-    .await;
+    .await?;
     Ok(())
 }

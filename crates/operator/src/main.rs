@@ -128,9 +128,20 @@ async fn run(args: Run) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes configuration: run in a pod, or set KUBECONFIG / ~/.kube/config")?;
     let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+    if args.lease_duration < gangplank_operator::election::MIN_LEASE
+        || args.lease_duration.subsec_nanos() != 0
+    {
+        anyhow::bail!(
+            "--lease-duration {}: use whole seconds, at least {}s (15s is the default)",
+            humantime::format_duration(args.lease_duration),
+            gangplank_operator::election::MIN_LEASE.as_secs()
+        );
+    }
+    // Unique even when two replicas share a host name (host network) and a pid (1).
     let identity = args.identity.unwrap_or_else(|| {
+        use rand::RngCore;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
+        format!("{}-{:08x}", host.trim(), rand::rng().next_u32())
     });
     tracing::info!(
         namespace = args.namespace.as_deref().unwrap_or("<all>"),

@@ -42,10 +42,12 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
     json!({"apiGroups": groups, "resources": resources, "verbs": verbs})
 }
 
-/// The operator's cluster-wide rules: exactly the calls it makes.
-pub fn cluster_rules() -> Vec<Value> {
+/// The operator's cluster-wide rules: the calls it makes, and what the endpoint's Role and
+/// ClusterRole grant (the API server lets it write a role only with every permission in it;
+/// holding them is narrower than `escalate`, which would let it grant anything).
+pub fn cluster_rules() -> Result<Vec<Value>, crate::render::Error> {
     let crud = ["get", "list", "watch", "create", "patch", "update", "delete"];
-    vec![
+    let mut rules = vec![
         // The planes: watched, their finalizer added and removed (patch), their status written.
         rule(
             &["onboarding.gangplank.dev"],
@@ -63,7 +65,8 @@ pub fn cluster_rules() -> Vec<Value> {
             &["onboardingplanes/finalizers"],
             &["update"],
         ),
-        // Its CRDs, installed and upgraded at start-up (server-side apply), waited for.
+        // Its CRDs, installed and upgraded at start-up (server-side apply), waited for; and
+        // whether cert-manager's is installed.
         rule(
             &["apiextensions.k8s.io"],
             &["customresourcedefinitions"],
@@ -77,25 +80,23 @@ pub fn cluster_rules() -> Vec<Value> {
         ),
         rule(&["apps"], &["deployments"], &crud),
         rule(&["policy"], &["poddisruptionbudgets"], &crud),
-        // The endpoint's Role and ClusterRole grant what the endpoint needs, which the
-        // operator does not use itself: `escalate` lets it write them, `bind` bind them.
         rule(
             &["rbac.authorization.k8s.io"],
             &["roles", "rolebindings", "clusterroles", "clusterrolebindings"],
             &crud,
         ),
-        rule(
-            &["rbac.authorization.k8s.io"],
-            &["roles", "clusterroles"],
-            &["escalate", "bind"],
-        ),
         // spec.tls.certManager: a cert-manager Certificate per plane.
         rule(&["cert-manager.io"], &["certificates"], &crud),
-    ]
+    ];
+    let (cluster, role) = crate::render::endpoint_rules()?;
+    rules.extend(cluster);
+    rules.extend(role);
+    Ok(rules)
 }
 
 /// The manifest's objects, in apply order.
 pub fn objects(settings: &Settings) -> Result<Vec<Value>, crate::crds::Error> {
+    let rules = cluster_rules().map_err(|e| crate::crds::Error::Render(e.to_string()))?;
     let ns = &settings.namespace;
     let mut out = vec![json!({
         "apiVersion": "v1", "kind": "Namespace",
@@ -112,7 +113,7 @@ pub fn objects(settings: &Settings) -> Result<Vec<Value>, crate::crds::Error> {
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
         "metadata": {"name": "gangplank-operator", "labels": labels()},
-        "rules": cluster_rules(),
+        "rules": rules,
     }));
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",

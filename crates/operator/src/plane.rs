@@ -318,7 +318,7 @@ pub struct Issued {
     #[serde(default = "defaults::validity")]
     #[schemars(regex(pattern = DURATION))]
     pub validity: String,
-    /// How long before it expires it is renewed (less than `validity`).
+    /// How long before it expires it is renewed (at most two thirds of `validity`).
     #[serde(default = "defaults::renew_before")]
     #[schemars(regex(pattern = DURATION))]
     pub renew_before: String,
@@ -493,7 +493,7 @@ pub enum Invalid {
     TlsSources,
     /// A renewal window not shorter than the validity.
     #[error(
-        "spec.tls.issued: renewBefore ({renew_before}) must be shorter than validity ({validity}), and validity at least 1h"
+        "spec.tls.issued: renewBefore ({renew_before}) must be at most two thirds of validity ({validity}), and validity at least 1h (defaults: 2160h and 720h)"
     )]
     Renewal {
         /// The validity.
@@ -622,7 +622,9 @@ impl PlaneSpec {
                 let issued = issued.clone().unwrap_or_default();
                 let validity = duration("spec.tls.issued.validity", &issued.validity)?;
                 let renew_before = duration("spec.tls.issued.renewBefore", &issued.renew_before)?;
-                if renew_before >= validity || validity < Duration::from_secs(3600) {
+                if renew_before.as_secs_f64() > validity.as_secs_f64() * 2.0 / 3.0
+                    || validity < Duration::from_secs(3600)
+                {
                     return Err(Invalid::Renewal {
                         validity: issued.validity,
                         renew_before: issued.renew_before,

@@ -120,6 +120,17 @@ fn decode<T: serde::de::DeserializeOwned>(kind: &'static str, v: Value) -> Resul
     serde_json::from_value(v).map_err(|source| Error::Encode { kind, source })
 }
 
+/// The endpoint's rules, from `deploy/rbac.yaml`: its ClusterRole's and its (Leases) Role's.
+pub fn endpoint_rules() -> Result<(Vec<Value>, Vec<Value>), Error> {
+    let rules = |kind: &str| -> Result<Vec<Value>, Error> {
+        base(RBAC_YAML, kind)?["rules"]
+            .as_array()
+            .cloned()
+            .ok_or_else(|| Error::Manifest(format!("{kind} without rules")))
+    };
+    Ok((rules("ClusterRole")?, rules("Role")?))
+}
+
 /// The labels selecting a plane's endpoint pods.
 pub fn selector(plane: &str) -> BTreeMap<String, String> {
     BTreeMap::from([

@@ -116,6 +116,9 @@ pub async fn ensure(plane: &OnboardingPlane, valid: &Valid, client: &Client) -> 
         problem: None,
         recheck: None,
     };
+    if !matches!(valid.tls, TlsSource::CertManager(_)) {
+        remove_certificate(plane, client).await?;
+    }
     match &valid.tls {
         TlsSource::Secret(_) => {
             check_secret(
@@ -325,8 +328,12 @@ async fn issue(
     );
     let mut params = CertificateParams::new(hosts.clone()).map_err(cert_err)?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, hosts[0].clone());
+    if let Some(cn) = common_name(&hosts[0]) {
+        dn.push(DnType::CommonName, cn);
+    }
     params.distinguished_name = dn;
+    // Names the signing key, so verifiers find the CA by key as well as by name.
+    params.use_authority_key_identifier_extension = true;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let now = OffsetDateTime::now_utc();
@@ -380,6 +387,29 @@ async fn publish_ca(plane: &OnboardingPlane, ca: &[u8], client: &Client) -> Resu
     Ok(cm_name)
 }
 
+/// Deletes the plane's cert-manager Certificate, if any: after a switch to another source it
+/// would keep writing `<plane>-endpoint-tls` against the operator. Gone already, or no
+/// cert-manager at all, is fine.
+async fn remove_certificate(plane: &OnboardingPlane, client: &Client) -> Result<(), Error> {
+    let ns = plane.namespace().unwrap_or_default();
+    let name = format!("{}-endpoint", plane.name_any());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &certificate_resource());
+    match api.delete(&name, &kube::api::DeleteParams::background()).await {
+        Ok(_) => {
+            tracing::info!(plane = %plane.name_any(), namespace = %ns, "cert-manager Certificate of a former spec.tls removed");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(kube_err(format!("deleting Certificate {ns}/{name}"))(e)),
+    }
+}
+
+/// A common name, when the host fits RFC 5280's 64 characters (cert-manager refuses longer);
+/// the SANs carry the names either way.
+fn common_name(host: &str) -> Option<&str> {
+    (host.len() <= 64).then_some(host)
+}
+
 /// The cert-manager `Certificate` kind.
 pub fn certificate_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
@@ -402,13 +432,15 @@ pub fn certificate(
     obj.metadata.owner_references = Some(vec![render::owner(plane)]);
     obj.data = json!({"spec": {
         "secretName": secret_name,
-        "commonName": valid.spec.hosts[0],
         "dnsNames": valid.spec.hosts,
         "issuerRef": {"name": issuer.name, "kind": issuer.kind, "group": issuer.group},
         "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
         "usages": ["server auth", "digital signature"],
         "secretTemplate": {"labels": render::labels(&ns, &name)},
     }});
+    if let Some(cn) = common_name(&valid.spec.hosts[0]) {
+        obj.data["spec"]["commonName"] = json!(cn);
+    }
     obj
 }
 

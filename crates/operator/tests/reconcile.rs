@@ -535,8 +535,8 @@ async fn spec_change_updates_children(env: &Env) {
     })
     .await;
     let _ = d;
-    let plane = env.planes().get(PLANE).await.expect("plane");
     env.condition("Degraded", "False").await;
+    let plane = env.planes().get(PLANE).await.expect("plane");
     assert_eq!(
         plane.status.and_then(|s| s.observed_generation),
         plane.metadata.generation
@@ -807,9 +807,9 @@ fn secret_data(s: &Secret, key: &str) -> Vec<u8> {
 }
 
 async fn issued_certificate_is_served_and_renewed(env: &Env) {
-    let mut s = spec();
-    s.as_object_mut().expect("object").remove("tls");
-    env.create_plane(s).await.expect("creating the plane");
+    env.create_plane(spec_without_tls())
+        .await
+        .expect("creating the plane");
     env.condition("Progressing", "True").await;
     assert_eq!(env.condition("Degraded", "False").await.reason, "Reconciled");
     let secrets = env.api::<Secret>();
@@ -913,21 +913,45 @@ fn gangplank_tls_dev_cert() -> String {
 }
 
 async fn an_issued_certificate_is_renewed_before_it_expires_(env: &Env) {
-    let mut s = spec();
-    // Renewed 2 s after it is issued.
-    s["tls"] = json!({"issued": {"validity": "1h", "renewBefore": "59m58s"}});
-    env.create_plane(s).await.expect("creating the plane");
+    env.create_plane(spec_without_tls())
+        .await
+        .expect("creating the plane");
     let secrets = env.api::<Secret>();
     let first = eventually("the serving Secret", || async {
         secrets.get_opt("mesh-endpoint-tls").await.ok()?
     })
     .await;
-    let first = secret_data(&first, "tls.crt");
-    eventually("a renewed certificate, with no change to the plane", || async {
+    let cert = secret_data(&first, "tls.crt");
+    // The certificate is as it was written, but now expires within renewBefore (720h): as if
+    // 61 days had passed. The operator renews it without any change to the plane.
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::days(29);
+    let soon = soon
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("time");
+    secrets
+        .patch(
+            "mesh-endpoint-tls",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {gangplank_operator::tls::ISSUED_NOT_AFTER: soon}}}),
+            ),
+        )
+        .await
+        .expect("ageing the certificate");
+    let renewed = eventually("a renewed certificate", || async {
         let t = secrets.get("mesh-endpoint-tls").await.ok()?;
-        (secret_data(&t, "tls.crt") != first).then_some(())
+        (secret_data(&t, "tls.crt") != cert).then_some(t)
     })
     .await;
+    let not_after = &renewed.metadata.annotations.as_ref().expect("annotations")
+        [gangplank_operator::tls::ISSUED_NOT_AFTER];
+    assert!(not_after.as_str() > soon.as_str(), "renewed until {not_after}");
+}
+
+fn spec_without_tls() -> Value {
+    let mut s = spec();
+    s.as_object_mut().expect("object").remove("tls");
+    s
 }
 
 /// cert-manager's Certificate CRD, reduced to what the operator writes (a real cert-manager
@@ -1110,6 +1134,7 @@ async fn two_operators_elect_one_leader(env: &Env) {
 
     // The leader stops (a rollout): it releases the Lease, the standby takes over and
     // reconciles the next change.
+    let released = tokio::time::Instant::now();
     stop_leader.cancel();
     task_leader
         .await
@@ -1120,6 +1145,12 @@ async fn two_operators_elect_one_leader(env: &Env) {
         standby.is_leader().then_some(())
     })
     .await;
+    // Released, not left to expire: taken within a Lease duration (3 s).
+    assert!(
+        released.elapsed() < Duration::from_secs(3),
+        "the standby took over after {:?}",
+        released.elapsed()
+    );
     env.patch_spec(json!({"replicas": 3})).await;
     let api = env.api::<Deployment>();
     eventually("3 replicas, from the new leader", || async {
@@ -1337,8 +1368,14 @@ async fn real_cluster_the_operator_needs_only_its_manifest_rbac() {
         .run()
         .await
         .expect("discovery");
-    for obj in gangplank_operator::manifest::objects(&settings).expect("manifest") {
-        let obj: kube::api::DynamicObject = serde_json::from_value(obj).expect("object");
+    // Without the operator's Deployment: on a cluster with kubelet it would run and compete.
+    let manifest: Vec<Value> = gangplank_operator::manifest::objects(&settings)
+        .expect("manifest")
+        .into_iter()
+        .filter(|o| o["kind"] != "Deployment")
+        .collect();
+    for obj in &manifest {
+        let obj: kube::api::DynamicObject = serde_json::from_value(obj.clone()).expect("object");
         let gvk = kube::api::GroupVersionKind::try_from(obj.types.as_ref().expect("types")).expect("gvk");
         let (ar, caps) = discovery.resolve_gvk(&gvk).expect("a served kind");
         let api: Api<kube::api::DynamicObject> = match caps.scope {
@@ -1424,4 +1461,33 @@ async fn real_cluster_the_operator_needs_only_its_manifest_rbac() {
     stop.cancel();
     task.await.expect("join").expect("the operator stops cleanly");
     env.stop().await;
+    // The operator's RBAC goes again (its namespace and the CRDs stay, as other suites use them).
+    let dp = DeleteParams::default();
+    let sys = &settings.namespace;
+    for obj in &manifest {
+        let name = obj["metadata"]["name"].as_str().expect("name");
+        let _ = match obj["kind"].as_str() {
+            Some("ClusterRole") => Api::<ClusterRole>::all(admin.clone())
+                .delete(name, &dp)
+                .await
+                .map(drop),
+            Some("ClusterRoleBinding") => Api::<ClusterRoleBinding>::all(admin.clone())
+                .delete(name, &dp)
+                .await
+                .map(drop),
+            Some("Role") => Api::<Role>::namespaced(admin.clone(), sys)
+                .delete(name, &dp)
+                .await
+                .map(drop),
+            Some("RoleBinding") => Api::<RoleBinding>::namespaced(admin.clone(), sys)
+                .delete(name, &dp)
+                .await
+                .map(drop),
+            Some("ServiceAccount") => Api::<ServiceAccount>::namespaced(admin.clone(), sys)
+                .delete(name, &dp)
+                .await
+                .map(drop),
+            _ => Ok(()),
+        };
+    }
 }

@@ -80,7 +80,9 @@ pub(super) fn label_matches(reqs: &[Req], obj: &Value) -> bool {
     })
 }
 
-pub(super) fn parse_field_selector(s: &str) -> ApiResult<Vec<(String, bool, String)>> {
+/// A field selector; `plural` is the resource's (Secrets also select by `type`, as the API
+/// server's field label conversion allows).
+pub(super) fn parse_field_selector(s: &str, plural: &str) -> ApiResult<Vec<(String, bool, String)>> {
     let mut out = Vec::new();
     for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
         let (k, neg, v) = if let Some((k, v)) = t.split_once("!=") {
@@ -90,9 +92,10 @@ pub(super) fn parse_field_selector(s: &str) -> ApiResult<Vec<(String, bool, Stri
         } else {
             return Err(ApiError::bad_request(format!("invalid field selector {t:?}")));
         };
-        if !matches!(k.trim(), "metadata.name" | "metadata.namespace") {
+        let secret_type = plural == "secrets" && k.trim() == "type";
+        if !matches!(k.trim(), "metadata.name" | "metadata.namespace") && !secret_type {
             return Err(ApiError::bad_request(format!(
-                "field label not supported: {k} (the stand-in supports metadata.name and metadata.namespace)"
+                "field label not supported: {k} (the stand-in supports metadata.name and metadata.namespace, and type for secrets)"
             )));
         }
         out.push((k.trim().to_owned(), neg, v.trim().to_owned()));
@@ -102,8 +105,10 @@ pub(super) fn parse_field_selector(s: &str) -> ApiResult<Vec<(String, bool, Stri
 
 pub(super) fn field_matches(reqs: &[(String, bool, String)], obj: &Value) -> bool {
     reqs.iter().all(|(k, neg, v)| {
-        let field = k.strip_prefix("metadata.").unwrap_or(k);
-        let actual = obj["metadata"][field].as_str().unwrap_or_default();
+        let actual = match k.strip_prefix("metadata.") {
+            Some(field) => obj["metadata"][field].as_str().unwrap_or_default(),
+            None => obj[k.as_str()].as_str().unwrap_or_default(),
+        };
         (actual == v) != *neg
     })
 }
@@ -123,7 +128,10 @@ impl Filter {
             plural: t.kind.plural.clone(),
             namespace: t.namespace.clone(),
             labels: parse_label_selector(query.get("labelSelector").map_or("", String::as_str))?,
-            fields: parse_field_selector(query.get("fieldSelector").map_or("", String::as_str))?,
+            fields: parse_field_selector(
+                query.get("fieldSelector").map_or("", String::as_str),
+                &t.kind.plural,
+            )?,
         })
     }
     pub(super) fn matches(&self, obj: &Value) -> bool {
