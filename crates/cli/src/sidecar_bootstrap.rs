@@ -72,7 +72,7 @@ pub struct Args {
     cluster_id: String,
     /// Lifetime of the requested tokens (cluster mode).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    duration: Duration,
+    duration: humantime::Duration,
     /// Also (re)start the sidecar: `docker run` istio-proxy, or `systemctl restart istio`.
     #[arg(long)]
     start_istio_proxy: bool,
@@ -109,12 +109,15 @@ pub struct Args {
     /// systemd runtime: prefix of Istio's native file layout on the VMs.
     #[arg(long, default_value = "/")]
     remote_root: String,
-    /// Time limit per host, connection included.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    timeout: Duration,
-    /// Hosts in parallel.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    concurrency: u32,
+    /// Time limit for the steps on one host, once connected.
+    #[arg(long, value_name = "DURATION", default_value_t = fleet::DEFAULT_TIMEOUT.into(), value_parser = parse_duration)]
+    timeout: humantime::Duration,
+    /// Time limit for reaching one host: TCP connection, SSH banner, key exchange and login.
+    #[arg(long, value_name = "DURATION", default_value_t = fleet::DEFAULT_CONNECT_TIMEOUT.into(), value_parser = parse_duration)]
+    connect_timeout: humantime::Duration,
+    /// Hosts in parallel (1-4096).
+    #[arg(long, value_name = "N", default_value_t = fleet::DEFAULT_CONCURRENCY, value_parser = parse_concurrency)]
+    concurrency: usize,
     /// Accept any host key (StrictHostKeyChecking=no, UserKnownHostsFile=/dev/null). Unsafe.
     #[arg(long)]
     ignore_host_keys: bool,
@@ -135,12 +138,19 @@ enum Format {
     Json,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+fn parse_duration(s: &str) -> Result<humantime::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 5m, 24h)"))?;
     if d.is_zero() {
         return Err("must be more than zero".into());
     }
-    Ok(d)
+    Ok(d.into())
+}
+
+fn parse_concurrency(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=4096) => Ok(n),
+        _ => Err("must be a number of hosts from 1 to 4096".into()),
+    }
 }
 
 /// Runs the command. The exit code is 0 only if every host succeeded.
@@ -198,7 +208,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         let accounts: BTreeSet<(String, String)> = entries.iter().map(sa_key).collect();
         for (ns, sa) in accounts {
             let token = cluster
-                .token(&ns, &sa, args.duration)
+                .token(&ns, &sa, *args.duration)
                 .await
                 .map_err(|e| e.to_string());
             tokens.insert((ns, sa), token);
@@ -239,13 +249,13 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     }
 
     let options = fleet::Options {
-        concurrency: usize::try_from(args.concurrency).unwrap_or(16),
-        timeout: args.timeout,
+        concurrency: args.concurrency,
+        timeout: *args.timeout,
         ssh: ssh::Options {
             key: args.ssh_key.clone(),
             config_file: args.ssh_config.clone(),
             ignore_host_keys: args.ignore_host_keys,
-            connect_timeout: Some(args.timeout),
+            connect_timeout: Some(*args.connect_timeout),
         },
     };
     let observer: Arc<dyn Observer> = if std::io::stderr().is_terminal() && args.output == Format::Text {

@@ -341,3 +341,82 @@ async fn entries_token_and_certificate_from_the_cluster() {
     assert!(env.ends_with("\nISTIO_META_MESH_ID=cluster.local"), "{env}");
     assert!(vm.commands().is_empty(), "no --start-istio-proxy, no commands");
 }
+
+/// Accepts TCP connections on loopback and never says anything (a hung host); stops when
+/// dropped, or after a minute.
+struct SilentHost {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilentHost {
+    fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for _ in 0..6_000 {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok((stream, _)) = listener.accept() {
+                    held.push(stream);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+        Self { port, stop }
+    }
+}
+
+impl Drop for SilentHost {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_hung_host_fails_at_the_default_connect_timeout_not_the_step_timeout() {
+    let fleet = Fleet::start(1).expect("fleet");
+    let silent = SilentHost::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut hung = entry(&fleet.vms[0], "b-hung");
+    hung["metadata"]["annotations"]["sidecar-bootstrap.istio.io/ssh-host"] = json!("127.0.0.1");
+    hung["metadata"]["annotations"]["sidecar-bootstrap.istio.io/ssh-port"] = json!(silent.port.to_string());
+    write_inputs(dir.path(), &[entry(&fleet.vms[0], "a-good"), hung]);
+
+    let started = std::time::Instant::now();
+    // Defaults: --timeout 60s, --connect-timeout 10s.
+    let out = gangplank_command(&[])
+        .arg("sidecar-bootstrap")
+        .arg("-f")
+        .arg(dir.path().join("entries"))
+        .arg("--token")
+        .arg(dir.path().join("token"))
+        .arg("--root-cert")
+        .arg(dir.path().join("root-cert.pem"))
+        .arg("--ssh-config")
+        .arg(fleet.ssh_config())
+        .args(["--all", "-o", "json"])
+        .output()
+        .expect("run gangplank");
+    let elapsed = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["succeeded"], 1, "{report}");
+    let hosts = report["hosts"].as_array().expect("hosts");
+    assert_eq!(hosts[1]["entry"], "bookinfo/b-hung");
+    let err = hosts[1]["error"].as_str().expect("error");
+    assert!(err.contains("no SSH session within 10s"), "{err}");
+    let ms = hosts[1]["durationMs"].as_u64().expect("duration");
+    assert!(
+        (9_000..16_000).contains(&ms),
+        "failed after {ms} ms; the connect timeout is 10 s"
+    );
+    assert!(elapsed < std::time::Duration::from_secs(30), "{elapsed:?}");
+    assert!(fleet.vms[0].root.join("etc/istio-proxy/istio-token").exists());
+}

@@ -22,7 +22,8 @@ pub struct Options {
     /// Accept any host key and remember none (`StrictHostKeyChecking=no`,
     /// `UserKnownHostsFile=/dev/null`).
     pub ignore_host_keys: bool,
-    /// `ConnectTimeout`.
+    /// Limit for reaching a host: TCP connection, SSH banner, key exchange and login
+    /// (also given to ssh as `ConnectTimeout`). `None` leaves it to the ssh config.
     pub connect_timeout: Option<Duration>,
 }
 
@@ -59,16 +60,39 @@ pub enum Error {
         /// Exit status and stderr.
         detail: String,
     },
+    /// No SSH session within the connect timeout (a dead host, or one that accepts TCP but
+    /// never speaks SSH).
+    #[error(
+        "cannot connect to {destination}: no SSH session within {after} (the host does not answer, or does not speak SSH): check that sshd runs there and the ssh-host and ssh-port annotations, or raise --connect-timeout"
+    )]
+    ConnectTimeout {
+        /// `[user@]host[:port]`.
+        destination: String,
+        /// The limit, human-readable (`10s`).
+        after: String,
+    },
+    /// Connected, but the steps did not finish in time.
+    #[error(
+        "the steps on {destination} did not finish within {after}: check what hangs there (docker, systemctl), or raise --timeout"
+    )]
+    StepsTimeout {
+        /// `[user@]host[:port]`.
+        destination: String,
+        /// The limit, human-readable (`60s`).
+        after: String,
+    },
     /// The local temporary directory for the control socket could not be used.
     #[error("cannot create the SSH control socket directory: {0}")]
     ControlDir(std::io::Error),
 }
 
 /// Runs `plan` on its host, calling `progress` with each step's line (present tense) and
-/// any output of commands.
+/// any output of commands. Connecting is limited by [`Options::connect_timeout`], the steps
+/// once connected by `step_timeout`.
 pub async fn execute(
     plan: &Plan,
     options: &Options,
+    step_timeout: Duration,
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> Result<(), Error> {
     let target = &plan.target;
@@ -102,14 +126,33 @@ pub async fn execute(
         builder.config_file(config);
     }
     if let Some(t) = options.connect_timeout {
-        builder.connect_timeout(t.max(Duration::from_secs(1)));
+        // ssh's own limit covers the TCP connection and the banner; it also ends an ssh
+        // left behind when the limit below gives up on it (whole seconds, at least 1).
+        let secs = t.as_secs() + u64::from(t.subsec_nanos() > 0);
+        builder.connect_timeout(Duration::from_secs(secs.max(1)));
     }
-    let session = builder
-        .connect(&target.host)
-        .await
-        .map_err(|e| connect_error(&destination, e))?;
+    let connect = builder.connect(&target.host);
+    let connected = match options.connect_timeout {
+        // The whole way to a session (key exchange and login too): a host that accepts TCP
+        // and then stalls fails here, not at the per-host --timeout.
+        Some(limit) => tokio::time::timeout(limit, connect)
+            .await
+            .map_err(|_| Error::ConnectTimeout {
+                destination: destination.clone(),
+                after: humantime::format_duration(limit).to_string(),
+            })?,
+        None => connect.await,
+    };
+    let session = connected.map_err(|e| connect_error(&destination, e))?;
 
-    let result = run_steps(&session, plan, &destination, progress).await;
+    let result = tokio::time::timeout(step_timeout, run_steps(&session, plan, &destination, progress))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::StepsTimeout {
+                destination: destination.clone(),
+                after: humantime::format_duration(step_timeout).to_string(),
+            })
+        });
     progress(close_line(Tense::Present));
     // Closing can only fail in cleanup; the steps' result is what matters.
     let _ = session.close().await;

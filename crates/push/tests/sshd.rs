@@ -267,3 +267,91 @@ async fn failing_command_fails_only_its_host() {
 fn argv(line: &str) -> Vec<String> {
     line.split_whitespace().map(str::to_string).collect()
 }
+
+/// A host on loopback that accepts TCP connections and holds them: silent, or sending an SSH
+/// banner and then nothing (stalled in the key exchange). Stops when dropped, or after 60 s.
+struct HungHost {
+    port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HungHost {
+    fn start(banner: bool) -> Self {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            // 6,000 × 10 ms: never longer than a minute.
+            for _ in 0..6_000 {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok((mut stream, _)) = listener.accept() {
+                    if banner {
+                        let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n");
+                    }
+                    held.push(stream);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Self { port, stop }
+    }
+}
+
+impl Drop for HungHost {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn hung_entry(vm: &Vm, name: &str, port: u16) -> WorkloadEntry {
+    let mut e = entry(vm, name);
+    let annotations = e.metadata.annotations.as_mut().expect("annotations");
+    annotations.insert(annotation::SSH_HOST.to_string(), "127.0.0.1".to_string());
+    annotations.insert(annotation::SSH_PORT.to_string(), port.to_string());
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_hosts_fail_within_the_connect_timeout_while_the_others_finish() {
+    let fleet = Fleet::start(2).expect("fleet");
+    let silent = HungHost::start(false);
+    let stalled = HungHost::start(true);
+    let entries = vec![
+        entry(&fleet.vms[0], "a-good"),
+        hung_entry(&fleet.vms[1], "b-silent", silent.port),
+        hung_entry(&fleet.vms[1], "c-stalled-after-banner", stalled.port),
+        entry(&fleet.vms[1], "d-good"),
+    ];
+    let mut opts = options(&fleet);
+    opts.timeout = Duration::from_secs(60);
+    opts.ssh.connect_timeout = Some(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let outcomes = fleet::run(jobs_for(&entries), &opts, Arc::new(Recorder::default())).await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    assert!(outcomes[3].ok, "{outcomes:?}");
+    for hung in &outcomes[1..3] {
+        assert!(!hung.ok);
+        let err = hung.error.clone().unwrap_or_default();
+        assert!(
+            err.contains("no SSH session within 2s") && err.contains("--connect-timeout"),
+            "{err}"
+        );
+        assert!(
+            hung.duration < Duration::from_secs(6),
+            "{} took {:?}, the connect timeout is 2 s",
+            hung.entry,
+            hung.duration
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
