@@ -109,6 +109,10 @@ pub struct Args {
     /// systemd runtime: prefix of Istio's native file layout on the VMs.
     #[arg(long, default_value = "/")]
     remote_root: String,
+    /// systemd runtime: the gateway IP the VMs reach istiod through; its entry
+    /// (`IP istiod.<istio-namespace>.svc`) goes into the VMs' /etc/hosts.
+    #[arg(long, value_name = "IP")]
+    ingress_ip: Option<std::net::IpAddr>,
     /// Time limit for the steps on one host, once connected.
     #[arg(long, value_name = "DURATION", default_value_t = fleet::DEFAULT_TIMEOUT.into(), value_parser = parse_duration)]
     timeout: humantime::Duration,
@@ -164,6 +168,11 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     };
     if selection.name.is_none() && !selection.all && selection.selector.is_none() {
         bail!(source::Error::NoSelection);
+    }
+    if args.ingress_ip.is_some() && matches!(args.proxy_runtime, RuntimeArg::Docker) {
+        bail!(
+            "--ingress-ip is for --proxy-runtime systemd (the hosts file of Istio's package); the docker runtime does not use it"
+        );
     }
 
     let (entries, mesh_config, root_cert, tokens) = if let Some(path) = &args.file {
@@ -229,6 +238,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             RuntimeArg::Systemd => Runtime::Systemd,
         },
         start: args.start_istio_proxy,
+        ingress_ip: args.ingress_ip,
     };
     let overrides = Overrides {
         ssh_user: args.ssh_user.clone(),

@@ -97,10 +97,10 @@ fn dry_run_prints_every_step_in_order_and_touches_no_host() {
         format!("[SSH client] going to connect to root@{}", vm.endpoint()),
         format!("[SSH client] going to execute a command remotely: mkdir -p {d}"),
         format!(
-            "[SSH client] going to copy into a remote file: {d}/sidecar.env\nJWT_POLICY=third-party-jwt\n"
+            "[SSH client] going to copy into a remote file: {d}/sidecar.env (mode 0644)\nJWT_POLICY=third-party-jwt\n"
         ),
-        format!("[SSH client] going to copy into a remote file: {d}/istio-ca.pem\n{ROOT_CERT}"),
-        format!("[SSH client] going to copy into a remote file: {d}/istio-token\n<redacted"),
+        format!("[SSH client] going to copy into a remote file: {d}/istio-ca.pem (mode 0644)\n{ROOT_CERT}"),
+        format!("[SSH client] going to copy into a remote file: {d}/istio-token (mode 0600)\n<redacted"),
         "[SSH client] going to execute a command remotely: docker rm --force istio-proxy".to_string(),
         format!(
             "[SSH client] going to execute a command remotely: docker run -d --name istio-proxy --restart unless-stopped --network host -v {d}/istio-ca.pem:/var/run/secrets/istio/root-cert.pem"
@@ -139,7 +139,7 @@ fn dry_run_prints_every_step_in_order_and_touches_no_host() {
     let stdout = text(&out.stdout);
     assert!(out.status.success());
     assert!(
-        stdout.contains(&format!("{d}/istio-token\n{TOKEN}\n")),
+        stdout.contains(&format!("{d}/istio-token (mode 0600)\n{TOKEN}\n")),
         "{stdout}"
     );
     assert!(!stdout.contains("ratings-b"), "only the named entry: {stdout}");
@@ -340,6 +340,59 @@ async fn entries_token_and_certificate_from_the_cluster() {
     assert!(env.contains("\nCA_ADDR=istiod.istio-system.svc:15012\n"), "{env}");
     assert!(env.ends_with("\nISTIO_META_MESH_ID=cluster.local"), "{env}");
     assert!(vm.commands().is_empty(), "no --start-istio-proxy, no commands");
+}
+
+#[test]
+fn dry_run_of_the_systemd_runtime_shows_modes_owner_and_the_hosts_block() {
+    let fleet = Fleet::start(1).expect("fleet");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_inputs(dir.path(), &[entry(&fleet.vms[0], "ratings-a")]);
+    let out = push_from_files(
+        &fleet,
+        dir.path(),
+        &[
+            "--all",
+            "--dry-run",
+            "--proxy-runtime",
+            "systemd",
+            "--ingress-ip",
+            "203.0.113.10",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for (path, mode) in [
+        ("/var/lib/istio/envoy/cluster.env", "0644"),
+        ("/etc/istio/config/mesh", "0644"),
+        ("/etc/certs/root-cert.pem", "0644"),
+        ("/var/run/secrets/tokens/istio-token", "0600"),
+    ] {
+        let line = format!(
+            "[SSH client] going to copy into a remote file: {path} (mode {mode}, owner istio-proxy if that user exists)\n"
+        );
+        assert!(stdout.contains(&line), "missing {line:?} in:\n{stdout}");
+    }
+    assert!(
+        stdout.contains(
+            "block of a remote file: /etc/hosts\n# BEGIN gangplank sidecar-bootstrap\n203.0.113.10 istiod.istio-system.svc\n# END gangplank sidecar-bootstrap\n"
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(TOKEN), "token still redacted:\n{stdout}");
+    assert_eq!(fleet.vms[0].connections(), 0);
+
+    // The docker runtime has no hosts file to write: said, not ignored.
+    let out = push_from_files(
+        &fleet,
+        dir.path(),
+        &["--all", "--dry-run", "--ingress-ip", "203.0.113.10"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--proxy-runtime systemd"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// Accepts TCP connections on loopback and never says anything (a hung host); stops when

@@ -10,7 +10,7 @@ use std::time::Duration;
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use tokio::io::AsyncWriteExt;
 
-use crate::plan::{Plan, Step, Tense, close_line, connect_line};
+use crate::plan::{HOSTS_BEGIN, HOSTS_END, Plan, Step, Tense, close_line, connect_line};
 
 /// How to talk SSH.
 #[derive(Debug, Clone, Default)]
@@ -166,12 +166,28 @@ const MARK: &str = "@@gangplank-step ";
 /// SSH round trip and one login shell whatever the number of steps; secrets travel on stdin,
 /// never in a command line. Each step prints a marker first, so progress and failures are
 /// attributed to the step. Files are written atomically: decoded (base64, any bytes) into a
-/// temporary file in the target's directory under umask 077, chmod, then renamed. Paths are
-/// plain (checked when the plan was made) and need no quoting.
+/// temporary file in the target's directory under umask 077, chmod (and chown), then
+/// renamed. Paths are plain (checked when the plan was made) and need no quoting.
 pub fn script(plan: &Plan) -> String {
-    use base64::Engine;
-    let mut out = String::from("set -e\numask 077\nt=\ntrap 'rm -f \"$t\"' EXIT\n");
+    let mut script = Script::new();
     for (i, step) in plan.steps.iter().enumerate() {
+        script.step(i, step);
+    }
+    script.finish()
+}
+
+/// A script being written (see [`script`]).
+struct Script(String);
+
+impl Script {
+    fn new() -> Self {
+        Self(String::from("set -e\numask 077\nt=\ntrap 'rm -f \"$t\"' EXIT\n"))
+    }
+
+    /// Step `i`.
+    fn step(&mut self, i: usize, step: &Step) {
+        use base64::Engine;
+        let out = &mut self.0;
         out.push_str(&format!("echo '{MARK}{i}'\n"));
         match step {
             Step::Exec {
@@ -185,30 +201,77 @@ pub fn script(plan: &Plan) -> String {
                 }
             }
             Step::Copy {
-                path, content, mode, ..
+                path,
+                content,
+                mode,
+                owner,
+                ..
             } => {
-                let (dir, name) = path.rsplit_once('/').unwrap_or((".", path));
-                let dir = if dir.is_empty() { "/" } else { dir };
+                let (dir, name) = split_path(path);
                 let b64 = base64::engine::general_purpose::STANDARD.encode(content);
                 out.push_str(&format!(
                     "t=$(mktemp {dir}/.{name}.XXXXXX)\nbase64 -d > \"$t\" <<'GANGPLANK_EOF'\n"
                 ));
-                for chunk in b64.as_bytes().chunks(76) {
-                    out.push_str(&String::from_utf8_lossy(chunk));
-                    out.push('\n');
+                push_base64(out, &b64);
+                out.push_str("GANGPLANK_EOF\n");
+                out.push_str(&format!("chmod {mode:04o} \"$t\"\n"));
+                if let Some(user) = owner {
+                    out.push_str(&format!(
+                        "if o=$(id -u {user} 2>/dev/null):$(id -g {user} 2>/dev/null); then chown \"$o\" \"$t\"; fi\n"
+                    ));
                 }
+                out.push_str(&format!("mv -f \"$t\" {path}\nt=\n"));
+            }
+            Step::Hosts { path, entries } => {
+                // Rewritten in place, not renamed: /etc/hosts may be a mount point, and
+                // keeps its owner and mode; not written at all when nothing changes.
+                let b64 = base64::engine::general_purpose::STANDARD.encode(entries);
                 out.push_str(&format!(
-                    "GANGPLANK_EOF\nchmod {mode:04o} \"$t\"\nmv -f \"$t\" {path}\nt=\n"
+                    "[ -e {path} ] || {{ : > {path}; chmod 0644 {path}; }}\n\
+                     t=$(mktemp)\n\
+                     {{ awk -v b='{HOSTS_BEGIN}' -v e='{HOSTS_END}' '$0==b{{s=1;next}} $0==e{{s=0;next}} !s' {path}\n\
+                     echo '{HOSTS_BEGIN}'\nbase64 -d <<'GANGPLANK_EOF'\n"
+                ));
+                push_base64(out, &b64);
+                out.push_str(&format!(
+                    "GANGPLANK_EOF\necho '{HOSTS_END}'\n}} > \"$t\"\n\
+                     cmp -s \"$t\" {path} || cat \"$t\" > {path}\nrm -f \"$t\"\nt=\n"
                 ));
             }
         }
     }
-    out.push_str(&format!("echo '{MARK}done'\n"));
-    out
+
+    fn finish(mut self) -> String {
+        self.0.push_str(&format!("echo '{MARK}done'\n"));
+        self.0
+    }
+}
+
+fn push_base64(out: &mut String, b64: &str) {
+    for chunk in b64.as_bytes().chunks(76) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+}
+
+/// `/a/b/c` as (`/a/b`, `c`); a file at the root as (`/`, `c`).
+fn split_path(path: &str) -> (&str, &str) {
+    let (dir, name) = path.rsplit_once('/').unwrap_or((".", path));
+    (if dir.is_empty() { "/" } else { dir }, name)
 }
 
 async fn run_steps(
     session: &Session,
+    plan: &Plan,
+    destination: &str,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<(), Error> {
+    run_script(session, script(plan), plan, destination, progress).await
+}
+
+async fn run_script(
+    session: &Session,
+    text: String,
     plan: &Plan,
     destination: &str,
     progress: &(dyn Fn(String) + Send + Sync),
@@ -227,7 +290,6 @@ async fn run_steps(
         .spawn()
         .await
         .map_err(|e| spawn_err(chain(&e)))?;
-    let text = script(plan);
     let stdin = child.stdin().take();
     let stdout = child.stdout().take();
     let feed = async move {
@@ -267,7 +329,7 @@ async fn run_steps(
         _ => status_detail(&out),
     };
     Err(match current.and_then(|i| plan.steps.get(i)) {
-        Some(Step::Copy { path, .. }) => Error::Copy {
+        Some(Step::Copy { path, .. } | Step::Hosts { path, .. }) => Error::Copy {
             destination: destination.to_string(),
             path: path.clone(),
             detail,
@@ -372,6 +434,7 @@ mod tests {
                     content: b"secret".to_vec(),
                     mode: 0o600,
                     secret: true,
+                    owner: None,
                 },
                 Step::Exec {
                     command: "docker rm --force istio-proxy".into(),

@@ -61,6 +61,7 @@ fn material(runtime: Runtime, remote_root: &str) -> Material {
         remote_root: remote_root.into(),
         runtime,
         start: true,
+        ingress_ip: None,
     }
 }
 
@@ -353,5 +354,119 @@ async fn hung_hosts_fail_within_the_connect_timeout_while_the_others_finish() {
         started.elapsed() < Duration::from_secs(20),
         "{:?}",
         started.elapsed()
+    );
+}
+
+/// Makes `id` on `vm` answer for `istio-proxy` with uid and gid 4242 (Istio's package would
+/// have created the user); any other question goes to the real `id`.
+fn fake_proxy_user(vm: &Vm) {
+    let id = vm.root.join("bin/id");
+    std::fs::write(
+        &id,
+        "#!/bin/sh\nif [ \"$2\" = istio-proxy ]; then echo 4242; exit 0; fi\nexec /usr/bin/id \"$@\"\n",
+    )
+    .expect("id");
+    std::fs::set_permissions(&id, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+fn owner(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).expect("stat");
+    (m.uid(), m.gid())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_files_belong_to_istio_proxy_and_hosts_keeps_one_block() {
+    if !nix_is_root() {
+        eprintln!("skipped: chown to another user needs root");
+        return;
+    }
+    let fleet = Fleet::start(1).expect("fleet");
+    let vm = &fleet.vms[0];
+    fake_proxy_user(vm);
+    let root = vm.root.join("root");
+    std::fs::create_dir_all(root.join("etc")).expect("etc");
+    let hosts = root.join("etc/hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n::1 localhost\n").expect("hosts");
+    std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let push = |ip: &str| {
+        let mut m = material(Runtime::Systemd, &root.display().to_string());
+        m.ingress_ip = Some(ip.parse().expect("ip"));
+        let jobs = jobs(&[entry(vm, "ratings-vm")], &Overrides::default(), &m, &|_| {
+            Ok(Token::new(TOKEN.to_vec()))
+        });
+        let opts = options(&fleet);
+        async move { fleet::run(jobs, &opts, Arc::new(Recorder::default())).await }
+    };
+    let block = |ip: &str| {
+        format!(
+            "127.0.0.1 localhost\n::1 localhost\n# BEGIN gangplank sidecar-bootstrap\n{ip} istiod.istio-system.svc\n# END gangplank sidecar-bootstrap\n"
+        )
+    };
+    for _ in 0..2 {
+        let outcomes = push("203.0.113.10").await;
+        assert!(outcomes[0].ok, "{outcomes:?}");
+        assert_eq!(
+            std::fs::read_to_string(&hosts).expect("hosts"),
+            block("203.0.113.10"),
+            "appended once, whatever the number of pushes"
+        );
+    }
+    assert_eq!(mode(&hosts), 0o644, "the hosts file keeps its mode");
+    assert_eq!(owner(&hosts), (0, 0), "and its owner");
+    let outcomes = push("203.0.113.77").await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    assert_eq!(
+        std::fs::read_to_string(&hosts).expect("hosts"),
+        block("203.0.113.77"),
+        "a new gateway replaces the old entry"
+    );
+
+    for file in [
+        "var/lib/istio/envoy/cluster.env",
+        "etc/istio/config/mesh",
+        "etc/certs/root-cert.pem",
+        "var/run/secrets/tokens/istio-token",
+    ] {
+        let path = root.join(file);
+        assert_eq!(owner(&path), (4242, 4242), "{file}");
+        assert_eq!(
+            owner(path.parent().expect("dir")),
+            (4242, 4242),
+            "{file}'s folder"
+        );
+    }
+    assert_eq!(mode(&root.join("var/run/secrets/tokens/istio-token")), 0o600);
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_files_stay_with_the_ssh_user_without_istio_proxy() {
+    let fleet = Fleet::start(1).expect("fleet");
+    let vm = &fleet.vms[0];
+    let root = vm.root.join("root");
+    let jobs = jobs(
+        &[entry(vm, "ratings-vm")],
+        &Overrides::default(),
+        &material(Runtime::Systemd, &root.display().to_string()),
+        &|_| Ok(Token::new(TOKEN.to_vec())),
+    );
+    let outcomes = fleet::run(jobs, &options(&fleet), Arc::new(Recorder::default())).await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    let me = owner(&fleet.dir().to_path_buf());
+    assert_eq!(owner(&root.join("var/run/secrets/tokens/istio-token")), me);
+    assert!(
+        !root.join("etc/hosts").exists(),
+        "no --ingress-ip: the hosts file is left alone"
     );
 }
