@@ -211,7 +211,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             .unwrap_or_else(|| cluster.default_namespace().to_string());
         selection.namespace = Some(namespace.clone());
         let entries = selection.choose(cluster.entries(&namespace).await?)?;
-        let mesh_config = cluster.mesh_config(&args.revision).await?;
+        let mesh_config = cluster
+            .expanded_mesh_config(cluster.mesh_config(&args.revision).await?)
+            .await?;
         let root_cert = cluster.root_cert().await?;
         let mut tokens = BTreeMap::new();
         let accounts: BTreeSet<(String, String)> = entries.iter().map(sa_key).collect();

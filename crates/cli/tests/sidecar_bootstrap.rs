@@ -473,3 +473,58 @@ fn a_hung_host_fails_at_the_default_connect_timeout_not_the_step_timeout() {
     assert!(elapsed < std::time::Duration::from_secs(30), "{elapsed:?}");
     assert!(fleet.vms[0].root.join("etc/istio-proxy/istio-token").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_expansion_configmap_of_the_istio_namespace_applies_to_every_vm() {
+    let fleet = Fleet::start(1).expect("fleet");
+    let vm = &fleet.vms[0];
+    let api = kube_api::Server::start().await.expect("kube stand-in");
+    api.install_istio_crds(&["v1"]).expect("crds");
+    api.seed(entry(vm, "ratings-vm")).expect("entry");
+    api.seed(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "bookinfo-ratings", "namespace": "bookinfo"}}))
+        .expect("sa");
+    api.seed(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "istio-system",
+            "annotations": {"sidecar-bootstrap.istio.io/mesh-expansion-configmap": "vm-proxies"}}}))
+        .expect("namespace");
+    api.seed(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "vm-proxies", "namespace": "istio-system"},
+        "data": {"PROXY_CONFIG": "discoveryAddress: istiod.mesh.example.com:15012\nproxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"}}))
+        .expect("expansion");
+    api.seed(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio-ca-root-cert", "namespace": "istio-system"},
+        "data": {"root-cert.pem": ROOT_CERT}}))
+        .expect("root cert");
+    api.seed(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio", "namespace": "istio-system"},
+        "data": {"mesh": "trustDomain: cluster.local\ndefaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\n"}}))
+        .expect("mesh");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
+    let ssh_config = fleet.ssh_config();
+    let out = tokio::task::spawn_blocking(move || {
+        gangplank_command(&[])
+            .env("KUBECONFIG", kubeconfig)
+            .args(["sidecar-bootstrap", "--all", "-n", "bookinfo"])
+            .arg("--ssh-config")
+            .arg(ssh_config)
+            .output()
+            .expect("run gangplank")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let env = std::fs::read_to_string(vm.root.join("etc/istio-proxy/sidecar.env")).expect("env");
+    assert!(env.contains("\nCA_ADDR=istiod.mesh.example.com:15012\n"), "{env}");
+    assert!(env.lines().any(|l| l == "ISTIO_META_DNS_CAPTURE=true"), "{env}");
+    assert!(
+        env.contains("\"discoveryAddress\":\"istiod.mesh.example.com:15012\""),
+        "{env}"
+    );
+}

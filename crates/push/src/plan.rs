@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use gangplank_api::istio::{GroupMetadata, WorkloadEntry, WorkloadGroup, WorkloadGroupSpec};
 use gangplank_api::meta::ObjectMeta;
-use gangplank_bootstrap::docker::{self, CONTAINER};
+use gangplank_bootstrap::docker;
 use gangplank_bootstrap::{DockerInputs, Inputs, InstanceIp, MeshConfig, TOKEN_MODE, layout};
 
 use crate::target::{Target, annotation, is_plain_abs_path};
@@ -403,14 +403,14 @@ fn docker_steps(
             return Err(Error::BadImage { entry: id, image });
         }
         steps.push(Step::Exec {
-            command: format!("docker {}", docker::remove_args(CONTAINER).join(" ")),
+            command: format!("docker {}", docker::remove_args(&target.container).join(" ")),
             ignore_failure: true,
         });
         // The agent's recipe: the token's directory (this bundle's) is mounted, so a token
         // pushed again without restarting the container reaches the running proxy. Every
         // part is a plain path or a checked image reference: no shell quoting needed.
         let run = docker::run_args(&docker::Run {
-            name: CONTAINER,
+            name: &target.container,
             image: &image,
             root_cert: &format!("{dir}/istio-ca.pem"),
             token_dir: dir,

@@ -171,7 +171,7 @@ const MARK: &str = "@@gangplank-step ";
 pub fn script(plan: &Plan) -> String {
     let mut script = Script::new();
     for (i, step) in plan.steps.iter().enumerate() {
-        script.step(i, step);
+        script.step(i, step, None);
     }
     script.finish()
 }
@@ -184,8 +184,9 @@ impl Script {
         Self(String::from("set -e\numask 077\nt=\ntrap 'rm -f \"$t\"' EXIT\n"))
     }
 
-    /// Step `i`.
-    fn step(&mut self, i: usize, step: &Step) {
+    /// Step `i`; a copy whose content is already on the VM at `uploaded` (by scp) is only
+    /// put in place.
+    fn step(&mut self, i: usize, step: &Step, uploaded: Option<&str>) {
         use base64::Engine;
         let out = &mut self.0;
         out.push_str(&format!("echo '{MARK}{i}'\n"));
@@ -207,13 +208,18 @@ impl Script {
                 owner,
                 ..
             } => {
-                let (dir, name) = split_path(path);
-                let b64 = base64::engine::general_purpose::STANDARD.encode(content);
-                out.push_str(&format!(
-                    "t=$(mktemp {dir}/.{name}.XXXXXX)\nbase64 -d > \"$t\" <<'GANGPLANK_EOF'\n"
-                ));
-                push_base64(out, &b64);
-                out.push_str("GANGPLANK_EOF\n");
+                match uploaded {
+                    Some(tmp) => out.push_str(&format!("t={tmp}\n")),
+                    None => {
+                        let (dir, name) = split_path(path);
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(content);
+                        out.push_str(&format!(
+                            "t=$(mktemp {dir}/.{name}.XXXXXX)\nbase64 -d > \"$t\" <<'GANGPLANK_EOF'\n"
+                        ));
+                        push_base64(out, &b64);
+                        out.push_str("GANGPLANK_EOF\n");
+                    }
+                }
                 out.push_str(&format!("chmod {mode:04o} \"$t\"\n"));
                 if let Some(user) = owner {
                     out.push_str(&format!(
@@ -260,13 +266,128 @@ fn split_path(path: &str) -> (&str, &str) {
     (if dir.is_empty() { "/" } else { dir }, name)
 }
 
+/// Runs the plan: as one script, or, when the target names an scp binary, each file copied
+/// with it (to a temporary name) between scripts that run the other steps and put the files
+/// in place, in the plan's order.
 async fn run_steps(
     session: &Session,
     plan: &Plan,
     destination: &str,
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> Result<(), Error> {
-    run_script(session, script(plan), plan, destination, progress).await
+    let Some(scp) = &plan.target.scp_path else {
+        return run_script(session, script(plan), plan, destination, &[], progress).await;
+    };
+    let mut pending = Script::new();
+    // Whether `pending` has a step other than putting copied files in place.
+    let mut commands = false;
+    let mut announced = Vec::new();
+    for (i, step) in plan.steps.iter().enumerate() {
+        let Step::Copy {
+            path, content, mode, ..
+        } = step
+        else {
+            pending.step(i, step, None);
+            commands = true;
+            continue;
+        };
+        // The folder may be made by an earlier step: run what came before first.
+        if commands {
+            let text = std::mem::replace(&mut pending, Script::new()).finish();
+            run_script(session, text, plan, destination, &announced, progress).await?;
+            commands = false;
+        }
+        progress(step.headline(Tense::Present));
+        announced.push(i);
+        let (dir, name) = split_path(path);
+        let tmp_name = format!(".{name}.gangplank-{}", unique());
+        scp_upload(session, scp, dir, &tmp_name, content, *mode)
+            .await
+            .map_err(|detail| Error::Copy {
+                destination: destination.to_string(),
+                path: path.clone(),
+                detail: format!("{scp}: {detail}"),
+            })?;
+        pending.step(
+            i,
+            step,
+            Some(&format!("{}/{tmp_name}", dir.trim_end_matches('/'))),
+        );
+    }
+    run_script(session, pending.finish(), plan, destination, &announced, progress).await
+}
+
+/// A name part no other push running now uses (process id and clock).
+fn unique() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff)
+}
+
+/// Copies `content` into `dir/name` on the VM with the remote `scp -t` (the SCP protocol's
+/// receiving side: a `C<mode> <size> <name>` line, the bytes, a zero byte, each answered by
+/// a zero byte, or 1/2 and a message).
+async fn scp_upload(
+    session: &Session,
+    scp: &str,
+    dir: &str,
+    name: &str,
+    content: &[u8],
+    mode: u32,
+) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let mut child = session
+        .raw_command(format!("{scp} -qt {dir}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .await
+        .map_err(|e| chain(&e))?;
+    let (Some(mut stdin), Some(mut stdout)) = (child.stdin().take(), child.stdout().take()) else {
+        return Err("no pipes to scp".into());
+    };
+    let talk = async {
+        async fn ack(stdout: &mut (impl AsyncReadExt + Unpin)) -> Result<(), String> {
+            let mut byte = [0u8; 1];
+            stdout
+                .read_exact(&mut byte)
+                .await
+                .map_err(|e| format!("no answer ({e})"))?;
+            if byte[0] == 0 {
+                return Ok(());
+            }
+            let mut message = Vec::new();
+            let mut c = [0u8; 1];
+            while message.len() < 1024 && stdout.read_exact(&mut c).await.is_ok() && c[0] != b'\n' {
+                message.push(c[0]);
+            }
+            Err(String::from_utf8_lossy(&message).trim().to_string())
+        }
+        let io = |e: std::io::Error| e.to_string();
+        ack(&mut stdout).await?;
+        stdin
+            .write_all(format!("C{mode:04o} {} {name}\n", content.len()).as_bytes())
+            .await
+            .map_err(io)?;
+        ack(&mut stdout).await?;
+        stdin.write_all(content).await.map_err(io)?;
+        stdin.write_all(&[0]).await.map_err(io)?;
+        ack(&mut stdout).await?;
+        stdin.shutdown().await.map_err(io)?;
+        Ok::<(), String>(())
+    };
+    let talked = talk.await;
+    drop(stdin);
+    let out = child.wait_with_output().await.map_err(|e| chain(&e))?;
+    match talked {
+        Ok(()) if out.status.success() => Ok(()),
+        Ok(()) => Err(status_detail(&out)),
+        Err(e) if e.is_empty() || e.starts_with("no answer") => Err(format!("{e} {}", status_detail(&out))),
+        Err(e) => Err(e),
+    }
 }
 
 async fn run_script(
@@ -274,6 +395,7 @@ async fn run_script(
     text: String,
     plan: &Plan,
     destination: &str,
+    announced: &[usize],
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> Result<(), Error> {
     use tokio::io::{AsyncBufReadExt, BufReader};
@@ -309,7 +431,10 @@ async fn run_script(
                     Some("done") => finished = true,
                     Some(n) => {
                         current = n.parse().ok();
-                        if let Some(step) = current.and_then(|i| plan.steps.get(i)) {
+                        // A copied file's step was announced when its upload began.
+                        if let Some(i) = current.filter(|i| !announced.contains(i))
+                            && let Some(step) = plan.steps.get(i)
+                        {
                             progress(step.headline(Tense::Present));
                         }
                     }
@@ -422,6 +547,8 @@ mod tests {
                 config_dir: "/etc/istio-proxy".into(),
                 image_hub: None,
                 image: None,
+                container: "istio-proxy".into(),
+                scp_path: None,
                 instance_ip: None,
             },
             steps: vec![

@@ -470,3 +470,95 @@ async fn systemd_files_stay_with_the_ssh_user_without_istio_proxy() {
         "no --ingress-ip: the hosts file is left alone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_container_name_annotation_names_the_container() {
+    let fleet = Fleet::start(1).expect("fleet");
+    let vm = &fleet.vms[0];
+    let mut e = entry(vm, "second-proxy");
+    e.metadata.annotations.as_mut().expect("annotations").insert(
+        annotation::PROXY_CONTAINER_NAME.to_string(),
+        "istio-proxy-payments".to_string(),
+    );
+    let outcomes = fleet::run(jobs_for(&[e]), &options(&fleet), Arc::new(Recorder::default())).await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    let cmds = vm.commands();
+    assert_eq!(cmds[0], argv("docker rm --force istio-proxy-payments"));
+    assert_eq!(&cmds[1][..4], &argv("docker run -d --name")[..]);
+    assert_eq!(cmds[1][4], "istio-proxy-payments");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scp_path_annotation_copies_the_files_with_that_scp() {
+    let fleet = Fleet::start(2).expect("fleet");
+    let mut entries = Vec::new();
+    for (i, vm) in fleet.vms.iter().enumerate() {
+        // A recording scp at a path of the VM's own (`/usr/bin/scp` is what it runs).
+        let scp = vm.root.join("bin/my-scp");
+        std::fs::write(
+            &scp,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> '{}/scp.log'\nexec /usr/bin/scp \"$@\"\n",
+                vm.root.display()
+            ),
+        )
+        .expect("scp");
+        std::fs::set_permissions(&scp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut e = entry(vm, &format!("vm-{i}"));
+        let path = if i == 0 {
+            scp.display().to_string()
+        } else {
+            "/nonexistent/scp".to_string()
+        };
+        e.metadata
+            .annotations
+            .as_mut()
+            .expect("annotations")
+            .insert(annotation::SCP_PATH.to_string(), path);
+        entries.push(e);
+    }
+    let recorder = Arc::new(Recorder::default());
+    let outcomes = fleet::run(jobs_for(&entries), &options(&fleet), recorder.clone()).await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    let vm = &fleet.vms[0];
+    let dir = vm.root.join("etc/istio-proxy");
+    assert_eq!(std::fs::read(dir.join("istio-token")).expect("token"), TOKEN);
+    assert_eq!(mode(&dir.join("istio-token")), 0o600);
+    assert_eq!(mode(&dir.join("sidecar.env")), 0o644);
+    assert_eq!(std::fs::read(dir.join("istio-ca.pem")).expect("ca"), ROOT_CERT);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["istio-ca.pem", "istio-token", "sidecar.env"],
+        "no temporaries"
+    );
+    let log = std::fs::read_to_string(vm.root.join("scp.log")).expect("scp was used");
+    assert_eq!(log.lines().count(), 3, "one scp per file:\n{log}");
+    assert!(
+        log.lines().all(|l| l == format!("-qt {}", dir.display())),
+        "{log}"
+    );
+    assert_eq!(vm.commands().len(), 2, "then docker rm and run");
+    assert_eq!(vm.logins(), 1, "still one SSH connection");
+    let lines = recorder.0.lock().expect("lines").clone();
+    let copies = lines
+        .iter()
+        .filter(|l| l.starts_with("bookinfo/vm-0: ") && l.contains("copying into a remote file"))
+        .count();
+    assert_eq!(copies, 3, "each copy announced once: {lines:?}");
+
+    assert!(!outcomes[1].ok);
+    let err = outcomes[1].error.clone().unwrap_or_default();
+    assert!(
+        err.contains("/nonexistent/scp") && err.contains("sidecar.env"),
+        "the scp and the file are named: {err}"
+    );
+    assert!(
+        fleet.vms[1].commands().is_empty(),
+        "nothing run after a failed copy"
+    );
+}
