@@ -21,22 +21,63 @@ use gangplank_push::target::Overrides;
 use gangplank_push::{jobs, ssh};
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Push the Istio sidecar's bootstrap (token, CA certificate, sidecar config) to VMs over SSH.
-///
-/// VMs are described by WorkloadEntries with `sidecar-bootstrap.istio.io/*` annotations:
-/// ssh-host (default: spec.address), ssh-user, ssh-port, proxy-config-dir (default
-/// /etc/istio-proxy), proxy-image-hub, proxy-instance-ip (default: spec.address). Flags
-/// override annotations.
-///
-/// Entries come from the cluster (kubeconfig, like kubectl: token by TokenRequest, root cert
-/// from ConfigMap istio-ca-root-cert, mesh config from ConfigMap istio), or, with
-/// `-f FILE_OR_DIR`, from YAML files — then no cluster is needed and the token, root
-/// certificate and mesh config come from --token, --root-cert and --mesh-config.
-///
-/// SSH goes through the system OpenSSH client: ~/.ssh/config, ssh-agent and known_hosts
-/// apply; host keys are verified; it never prompts.
+/// What `sidecar-bootstrap --help` says before the options (`-h` shows the first line only).
+pub const LONG_ABOUT: &str = "\
+Push the Istio sidecar's bootstrap (token, CA certificate, sidecar config) to VMs over SSH.
+
+VMs are described by WorkloadEntries with sidecar-bootstrap.istio.io/* annotations (listed
+below); flags override annotations.
+
+Entries come from the cluster (kubeconfig, like kubectl: a token per service account by
+TokenRequest, the root certificate from ConfigMap istio-ca-root-cert, the mesh config from
+ConfigMap istio[-<revision>]), or, with -f FILE_OR_DIR, from YAML files: then no cluster is
+needed and the token, root certificate and mesh config come from --token, --root-cert and
+--mesh-config.
+
+SSH goes through the system OpenSSH client: ~/.ssh/config, ssh-agent and known_hosts apply;
+host keys are verified; it never prompts. A host costs one SSH connection (the steps run as
+one script). Up to --concurrency hosts at once; a host not reached within --connect-timeout,
+or whose steps take longer than --timeout, fails alone.
+
+Runtimes (--proxy-runtime):
+  docker   into proxy-config-dir: sidecar.env and istio-ca.pem (0644), istio-token (0600);
+           --start-istio-proxy: docker rm --force <container>, docker run <container>
+  systemd  Istio's .deb/.rpm layout under --remote-root: cluster.env, mesh, root-cert.pem
+           (0644), istio-token (0600), owned by istio-proxy when that user exists;
+           --ingress-ip: the istiod entry in /etc/hosts (one marked block, replaced on each
+           push); --start-istio-proxy: systemctl restart istio
+
+Exit status: 0 every host succeeded, 1 a host failed, 2 bad usage or input.";
+
+/// What `sidecar-bootstrap --help` says after the options: every annotation with its
+/// default, and examples.
+pub fn after_long_help() -> String {
+    let mut out = String::from("Annotations (on the WorkloadEntry unless said otherwise):\n");
+    for a in gangplank_push::target::annotation::ALL {
+        out.push_str(&format!(
+            "  {}\n      {}\n      default: {}\n",
+            a.name, a.meaning, a.default
+        ));
+    }
+    out.push_str(
+        "\nExamples:
+  # Print every step, file and mode per VM, token redacted; touches no host
+  gangplank sidecar-bootstrap --all -n bookinfo --start-istio-proxy --proxy-tag 1.27.1 --dry-run
+
+  # One VM from the cluster, JSON summary
+  gangplank sidecar-bootstrap ratings-vm.bookinfo --start-istio-proxy --proxy-tag 1.27.1 -o json
+
+  # A fleet from a directory of entries, no cluster; Istio's package on the VMs
+  gangplank sidecar-bootstrap --all -f entries/ --token token --root-cert root-cert.pem \\
+    --proxy-runtime systemd --ingress-ip 203.0.113.10 --start-istio-proxy
+
+  # Only the VMs labelled tier=db, 200 at once, fail fast on dead hosts
+  gangplank sidecar-bootstrap -l tier=db -n shop --concurrency 200 --connect-timeout 5s",
+    );
+    out
+}
+
 #[derive(Debug, clap::Args)]
-#[command(verbatim_doc_comment)]
 pub struct Args {
     /// The WorkloadEntry, as NAME or NAME.NAMESPACE.
     name: Option<String>,

@@ -395,6 +395,46 @@ fn dry_run_of_the_systemd_runtime_shows_modes_owner_and_the_hosts_block() {
     );
 }
 
+#[test]
+fn help_lists_every_annotation_with_its_default_and_examples() {
+    let out = gangplank_command(&[])
+        .args(["sidecar-bootstrap", "--help"])
+        .output()
+        .expect("run gangplank");
+    let help = text(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    for a in gangplank_push::target::annotation::ALL {
+        assert!(help.contains(a.name), "annotation {} missing:\n{help}", a.name);
+        assert!(
+            help.contains(&format!("default: {}", a.default)),
+            "default of {} missing:\n{help}",
+            a.name
+        );
+    }
+    for want in [
+        "Examples:",
+        "gangplank sidecar-bootstrap --all -n bookinfo",
+        "--connect-timeout <DURATION>",
+        "[default: 10s]",
+        "[default: 1m]",
+        "--concurrency <N>",
+        "[default: 64]",
+        "mode",
+        "Exit status",
+    ] {
+        assert!(help.contains(want), "{want:?} missing:\n{help}");
+    }
+
+    let out = gangplank_command(&[])
+        .args(["sidecar-bootstrap", "-h"])
+        .output()
+        .expect("run gangplank");
+    let short = text(&out.stdout);
+    assert!(out.status.success());
+    assert!(!short.contains("Annotations"), "-h stays short:\n{short}");
+    assert!(short.lines().count() * 2 < help.lines().count(), "{short}");
+}
+
 /// Accepts TCP connections on loopback and never says anything (a hung host); stops when
 /// dropped, or after a minute.
 struct SilentHost {
