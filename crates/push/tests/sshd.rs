@@ -463,7 +463,7 @@ async fn systemd_files_stay_with_the_ssh_user_without_istio_proxy() {
     );
     let outcomes = fleet::run(jobs, &options(&fleet), Arc::new(Recorder::default())).await;
     assert!(outcomes[0].ok, "{outcomes:?}");
-    let me = owner(&fleet.dir().to_path_buf());
+    let me = owner(fleet.dir());
     assert_eq!(owner(&root.join("var/run/secrets/tokens/istio-token")), me);
     assert!(
         !root.join("etc/hosts").exists(),
