@@ -126,10 +126,11 @@ pub async fn execute(
         builder.config_file(config);
     }
     if let Some(t) = options.connect_timeout {
-        // ssh's own limit covers the TCP connection and the banner; it also ends an ssh
-        // left behind when the limit below gives up on it (whole seconds, at least 1).
-        let secs = t.as_secs() + u64::from(t.subsec_nanos() > 0);
-        builder.connect_timeout(Duration::from_secs(secs.max(1)));
+        // ssh's own limit (TCP connection and banner) ends an ssh left behind when the limit
+        // below gives up on it; a second later, so that the limit below, which also covers
+        // key exchange and login, is the one that reports.
+        let secs = t.as_secs() + u64::from(t.subsec_nanos() > 0) + 1;
+        builder.connect_timeout(Duration::from_secs(secs));
     }
     let connect = builder.connect(&target.host);
     let connected = match options.connect_timeout {
