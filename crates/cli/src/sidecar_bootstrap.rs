@@ -47,7 +47,8 @@ Runtimes (--proxy-runtime):
            --ingress-ip: the istiod entry in /etc/hosts (one marked block, replaced on each
            push); --start-istio-proxy: systemctl restart istio
 
-Exit status: 0 every host succeeded, 1 a host failed, 2 bad usage or input.";
+Exit status: 0 every host succeeded; 1 a host failed, or an input (entries, token, cluster)
+could not be used; 2 a flag is unknown or its value invalid.";
 
 /// What `sidecar-bootstrap --help` says after the options: every annotation with its
 /// default, and examples.

@@ -10,7 +10,7 @@ use std::process::Output;
 use gangplank_testkit::kube_api;
 use gangplank_testkit::sshd::{Fleet, Vm};
 use serde_json::{Value, json};
-use support::{gangplank_command, text};
+use support::{gangplank, gangplank_command, text};
 
 const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2Vu.sig";
 const ROOT_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
@@ -432,6 +432,14 @@ fn help_lists_every_annotation_with_its_default_and_examples() {
     let short = text(&out.stdout);
     assert!(out.status.success());
     assert!(!short.contains("Annotations"), "-h stays short:\n{short}");
+
+    // What the help says of exit statuses.
+    let out = gangplank(&["sidecar-bootstrap", "--all", "--concurrency", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = gangplank(&["sidecar-bootstrap", "--all", "--connect-timeout", "0s"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = gangplank(&["sidecar-bootstrap", "-f", "/nonexistent/entries", "--all"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(short.lines().count() * 2 < help.lines().count(), "{short}");
 }
 
