@@ -3,18 +3,26 @@
 # three file copies with the same modes, `docker rm --force` and `docker run`) over the same
 # SSH setup: N real sshd "VMs" on loopback from testkit::sshd (stand-in docker on their PATH).
 #
+# Also the floor: the same N hosts each doing one `ssh host true` (one handshake, one login,
+# no multiplexing), all N at once.
+#
 # Usage: bench/push-vs-ansible.sh [N]        (default N=50)
-# Env:   CARGO_TARGET_DIR (default target), CONCURRENCY (default 16, used by both tools),
+# Env:   CARGO_TARGET_DIR (default target);
+#        CONCURRENCY: gangplank's --concurrency and Ansible's forks (default: no flag, so
+#          gangplank's own default, and 64 forks);
+#        ANSIBLE=0 skips the Ansible half;
 #        ANSIBLE_VENV (default $CARGO_TARGET_DIR/bench-venv; ansible-core from PyPI is
-#        installed there if missing).
+#          installed there if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-50}
-CONCURRENCY=${CONCURRENCY:-16}
+CONCURRENCY=${CONCURRENCY:-}
+FORKS=${CONCURRENCY:-64}
+ANSIBLE=${ANSIBLE:-1}
 TARGET=${CARGO_TARGET_DIR:-target}
 VENV=${ANSIBLE_VENV:-$TARGET/bench-venv}
 
-if [ ! -x "$VENV/bin/ansible-playbook" ]; then
+if [ "$ANSIBLE" != 0 ] && [ ! -x "$VENV/bin/ansible-playbook" ]; then
   echo "--- installing ansible-core into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q ansible-core
@@ -40,15 +48,34 @@ echo "--- $N VMs up"
 
 now() { date +%s.%N; }
 
+# --- the floor: one plain SSH login per host, all at once
+tf0=$(now)
+awk '/ansible_host=/ { split($2, h, "="); split($3, p, "="); print h[2], p[2] }' "$WORK/inventory.ini" |
+  xargs -P "$N" -n 2 sh -c 'ssh -F "$0" -o ControlMaster=no -o ControlPath=none -p "$2" "root@$1" true' "$WORK/ssh_config"
+tf1=$(now)
+
 # --- gangplank
+concurrency_flag=()
+[ -n "$CONCURRENCY" ] && concurrency_flag=(--concurrency "$CONCURRENCY")
 t0=$(now)
 "$GANGPLANK" sidecar-bootstrap --all -f "$WORK/entries" --token "$WORK/token" \
   --root-cert "$WORK/root-cert.pem" --ssh-config "$WORK/ssh_config" \
-  --start-istio-proxy --proxy-tag 1.27.1 --concurrency "$CONCURRENCY" -o json \
+  --start-istio-proxy --proxy-tag 1.27.1 "${concurrency_flag[@]}" -o json \
   > "$WORK/gangplank.json" 2> "$WORK/gangplank.log"
 t1=$(now)
 ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["succeeded"])' "$WORK/gangplank.json")
 [ "$ok" = "$N" ] || { echo "gangplank: only $ok of $N hosts succeeded"; tail "$WORK/gangplank.log"; exit 1; }
+
+if [ "$ANSIBLE" = 0 ]; then
+  python3 - "$N" "${CONCURRENCY:-default}" "$tf0" "$tf1" "$t0" "$t1" <<'PY'
+import sys
+n, c, f0, f1, t0, t1 = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:])
+print(f"hosts: {n}, concurrency: {c}")
+print(f"floor (N x ssh true, all at once): {f1 - f0:.2f}s")
+print(f"gangplank sidecar-bootstrap:       {t1 - t0:.2f}s ({(t1 - t0) / (f1 - f0):.2f}x the floor)")
+PY
+  exit 0
+fi
 
 # --- ansible: same files (the sidecar.env of the first VM as a template), same commands
 first=$(head -1 "$WORK/vms.txt")
@@ -71,7 +98,7 @@ cat > "$WORK/playbook.yaml" <<YAML
 YAML
 cat > "$WORK/ansible.cfg" <<CFG
 [defaults]
-forks = $CONCURRENCY
+forks = $FORKS
 host_key_checking = True
 interpreter_python = /usr/bin/python3
 stdout_callback = default
@@ -85,11 +112,12 @@ ANSIBLE_CONFIG="$WORK/ansible.cfg" "$VENV/bin/ansible-playbook" -i "$WORK/invent
 t3=$(now)
 grep -q "failed=0" "$WORK/ansible.log" || { tail -30 "$WORK/ansible.log"; exit 1; }
 
-python3 - "$N" "$CONCURRENCY" "$t0" "$t1" "$t2" "$t3" <<'PY'
+python3 - "$N" "${CONCURRENCY:-default}" "$tf0" "$tf1" "$t0" "$t1" "$t2" "$t3" <<'PY'
 import sys
-n, c, t0, t1, t2, t3 = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:])
+n, c, f0, f1, t0, t1, t2, t3 = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:])
 g, a = t1 - t0, t3 - t2
-print(f"hosts: {n}, concurrency: {c}")
+print(f"hosts: {n}, concurrency: {c} (Ansible forks: {c if c != 'default' else 64})")
+print(f"floor (N x ssh true, all at once): {f1 - f0:.2f}s")
 print(f"gangplank sidecar-bootstrap: {g:.2f}s")
 print(f"ansible-playbook:            {a:.2f}s")
 print(f"ratio (ansible / gangplank): {a / g:.1f}x")

@@ -49,6 +49,11 @@ enum Command {
     /// user data for a launch template.
     Agent(agent::Args),
     /// Push the sidecar's bootstrap to VMs over SSH, from annotated WorkloadEntries.
+    // The variant's attributes win over the Args struct's: the long text must be set here.
+    #[command(
+        long_about = sidecar_bootstrap::LONG_ABOUT,
+        after_long_help = sidecar_bootstrap::after_long_help()
+    )]
     SidecarBootstrap(sidecar_bootstrap::Args),
     /// The quickstart's stand-in sidecar (started by the quickstart's agent).
     #[command(hide = true)]

@@ -21,22 +21,64 @@ use gangplank_push::target::Overrides;
 use gangplank_push::{jobs, ssh};
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Push the Istio sidecar's bootstrap (token, CA certificate, sidecar config) to VMs over SSH.
-///
-/// VMs are described by WorkloadEntries with `sidecar-bootstrap.istio.io/*` annotations:
-/// ssh-host (default: spec.address), ssh-user, ssh-port, proxy-config-dir (default
-/// /etc/istio-proxy), proxy-image-hub, proxy-instance-ip (default: spec.address). Flags
-/// override annotations.
-///
-/// Entries come from the cluster (kubeconfig, like kubectl: token by TokenRequest, root cert
-/// from ConfigMap istio-ca-root-cert, mesh config from ConfigMap istio), or, with
-/// `-f FILE_OR_DIR`, from YAML files — then no cluster is needed and the token, root
-/// certificate and mesh config come from --token, --root-cert and --mesh-config.
-///
-/// SSH goes through the system OpenSSH client: ~/.ssh/config, ssh-agent and known_hosts
-/// apply; host keys are verified; it never prompts.
+/// What `sidecar-bootstrap --help` says before the options (`-h` shows the first line only).
+pub const LONG_ABOUT: &str = "\
+Push the Istio sidecar's bootstrap (token, CA certificate, sidecar config) to VMs over SSH.
+
+VMs are described by WorkloadEntries with sidecar-bootstrap.istio.io/* annotations (listed
+below); flags override annotations.
+
+Entries come from the cluster (kubeconfig, like kubectl: a token per service account by
+TokenRequest, the root certificate from ConfigMap istio-ca-root-cert, the mesh config from
+ConfigMap istio[-<revision>]), or, with -f FILE_OR_DIR, from YAML files: then no cluster is
+needed and the token, root certificate and mesh config come from --token, --root-cert and
+--mesh-config.
+
+SSH goes through the system OpenSSH client: ~/.ssh/config, ssh-agent and known_hosts apply;
+host keys are verified; it never prompts. A host costs one SSH connection (the steps run as
+one script). Up to --concurrency hosts at once; a host not reached within --connect-timeout,
+or whose steps take longer than --timeout, fails alone.
+
+Runtimes (--proxy-runtime):
+  docker   into proxy-config-dir: sidecar.env and istio-ca.pem (0644), istio-token (0600);
+           --start-istio-proxy: docker rm --force <container>, docker run <container>
+  systemd  Istio's .deb/.rpm layout under --remote-root: cluster.env, mesh, root-cert.pem
+           (0644), istio-token (0600), owned by istio-proxy when that user exists;
+           --ingress-ip: the istiod entry in /etc/hosts (one marked block, replaced on each
+           push); --start-istio-proxy: systemctl restart istio
+
+Exit status: 0 every host succeeded; 1 a host failed, or an input (entries, token, cluster)
+could not be used; 2 a flag is unknown or its value invalid.";
+
+/// What `sidecar-bootstrap --help` says after the options: every annotation with its
+/// default, and examples.
+pub fn after_long_help() -> String {
+    let mut out = String::from("Annotations (on the WorkloadEntry unless said otherwise):\n");
+    for a in gangplank_push::target::annotation::ALL {
+        out.push_str(&format!(
+            "  {}\n      {}\n      default: {}\n",
+            a.name, a.meaning, a.default
+        ));
+    }
+    out.push_str(
+        "\nExamples:
+  # Print every step, file and mode per VM, token redacted; touches no host
+  gangplank sidecar-bootstrap --all -n bookinfo --start-istio-proxy --proxy-tag 1.27.1 --dry-run
+
+  # One VM from the cluster, JSON summary
+  gangplank sidecar-bootstrap ratings-vm.bookinfo --start-istio-proxy --proxy-tag 1.27.1 -o json
+
+  # A fleet from a directory of entries, no cluster; Istio's package on the VMs
+  gangplank sidecar-bootstrap --all -f entries/ --token token --root-cert root-cert.pem \\
+    --proxy-runtime systemd --ingress-ip 203.0.113.10 --start-istio-proxy
+
+  # Only the VMs labelled tier=db, 200 at once, fail fast on dead hosts
+  gangplank sidecar-bootstrap -l tier=db -n shop --concurrency 200 --connect-timeout 5s",
+    );
+    out
+}
+
 #[derive(Debug, clap::Args)]
-#[command(verbatim_doc_comment)]
 pub struct Args {
     /// The WorkloadEntry, as NAME or NAME.NAMESPACE.
     name: Option<String>,
@@ -72,7 +114,7 @@ pub struct Args {
     cluster_id: String,
     /// Lifetime of the requested tokens (cluster mode).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    duration: Duration,
+    duration: humantime::Duration,
     /// Also (re)start the sidecar: `docker run` istio-proxy, or `systemctl restart istio`.
     #[arg(long)]
     start_istio_proxy: bool,
@@ -109,12 +151,19 @@ pub struct Args {
     /// systemd runtime: prefix of Istio's native file layout on the VMs.
     #[arg(long, default_value = "/")]
     remote_root: String,
-    /// Time limit per host, connection included.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    timeout: Duration,
-    /// Hosts in parallel.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    concurrency: u32,
+    /// systemd runtime: the gateway IP the VMs reach istiod through; its entry
+    /// (`IP istiod.<istio-namespace>.svc`) goes into the VMs' /etc/hosts.
+    #[arg(long, value_name = "IP")]
+    ingress_ip: Option<std::net::IpAddr>,
+    /// Time limit for the steps on one host, once connected.
+    #[arg(long, value_name = "DURATION", default_value_t = fleet::DEFAULT_TIMEOUT.into(), value_parser = parse_duration)]
+    timeout: humantime::Duration,
+    /// Time limit for reaching one host: TCP connection, SSH banner, key exchange and login.
+    #[arg(long, value_name = "DURATION", default_value_t = fleet::DEFAULT_CONNECT_TIMEOUT.into(), value_parser = parse_duration)]
+    connect_timeout: humantime::Duration,
+    /// Hosts in parallel (1-4096).
+    #[arg(long, value_name = "N", default_value_t = fleet::DEFAULT_CONCURRENCY, value_parser = parse_concurrency)]
+    concurrency: usize,
     /// Accept any host key (StrictHostKeyChecking=no, UserKnownHostsFile=/dev/null). Unsafe.
     #[arg(long)]
     ignore_host_keys: bool,
@@ -135,12 +184,19 @@ enum Format {
     Json,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+fn parse_duration(s: &str) -> Result<humantime::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 5m, 24h)"))?;
     if d.is_zero() {
         return Err("must be more than zero".into());
     }
-    Ok(d)
+    Ok(d.into())
+}
+
+fn parse_concurrency(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=4096) => Ok(n),
+        _ => Err("must be a number of hosts from 1 to 4096".into()),
+    }
 }
 
 /// Runs the command. The exit code is 0 only if every host succeeded.
@@ -154,6 +210,11 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     };
     if selection.name.is_none() && !selection.all && selection.selector.is_none() {
         bail!(source::Error::NoSelection);
+    }
+    if args.ingress_ip.is_some() && matches!(args.proxy_runtime, RuntimeArg::Docker) {
+        bail!(
+            "--ingress-ip is for --proxy-runtime systemd (the hosts file of Istio's package); the docker runtime does not use it"
+        );
     }
 
     let (entries, mesh_config, root_cert, tokens) = if let Some(path) = &args.file {
@@ -192,13 +253,15 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             .unwrap_or_else(|| cluster.default_namespace().to_string());
         selection.namespace = Some(namespace.clone());
         let entries = selection.choose(cluster.entries(&namespace).await?)?;
-        let mesh_config = cluster.mesh_config(&args.revision).await?;
+        let mesh_config = cluster
+            .expanded_mesh_config(cluster.mesh_config(&args.revision).await?)
+            .await?;
         let root_cert = cluster.root_cert().await?;
         let mut tokens = BTreeMap::new();
         let accounts: BTreeSet<(String, String)> = entries.iter().map(sa_key).collect();
         for (ns, sa) in accounts {
             let token = cluster
-                .token(&ns, &sa, args.duration)
+                .token(&ns, &sa, *args.duration)
                 .await
                 .map_err(|e| e.to_string());
             tokens.insert((ns, sa), token);
@@ -219,6 +282,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             RuntimeArg::Systemd => Runtime::Systemd,
         },
         start: args.start_istio_proxy,
+        ingress_ip: args.ingress_ip,
     };
     let overrides = Overrides {
         ssh_user: args.ssh_user.clone(),
@@ -239,13 +303,13 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     }
 
     let options = fleet::Options {
-        concurrency: usize::try_from(args.concurrency).unwrap_or(16),
-        timeout: args.timeout,
+        concurrency: args.concurrency,
+        timeout: *args.timeout,
         ssh: ssh::Options {
             key: args.ssh_key.clone(),
             config_file: args.ssh_config.clone(),
             ignore_host_keys: args.ignore_host_keys,
-            connect_timeout: Some(args.timeout),
+            connect_timeout: Some(*args.connect_timeout),
         },
     };
     let observer: Arc<dyn Observer> = if std::io::stderr().is_terminal() && args.output == Format::Text {

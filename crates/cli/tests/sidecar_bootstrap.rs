@@ -10,7 +10,7 @@ use std::process::Output;
 use gangplank_testkit::kube_api;
 use gangplank_testkit::sshd::{Fleet, Vm};
 use serde_json::{Value, json};
-use support::{gangplank_command, text};
+use support::{gangplank, gangplank_command, text};
 
 const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2Vu.sig";
 const ROOT_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
@@ -97,10 +97,10 @@ fn dry_run_prints_every_step_in_order_and_touches_no_host() {
         format!("[SSH client] going to connect to root@{}", vm.endpoint()),
         format!("[SSH client] going to execute a command remotely: mkdir -p {d}"),
         format!(
-            "[SSH client] going to copy into a remote file: {d}/sidecar.env\nJWT_POLICY=third-party-jwt\n"
+            "[SSH client] going to copy into a remote file: {d}/sidecar.env (mode 0644)\nJWT_POLICY=third-party-jwt\n"
         ),
-        format!("[SSH client] going to copy into a remote file: {d}/istio-ca.pem\n{ROOT_CERT}"),
-        format!("[SSH client] going to copy into a remote file: {d}/istio-token\n<redacted"),
+        format!("[SSH client] going to copy into a remote file: {d}/istio-ca.pem (mode 0644)\n{ROOT_CERT}"),
+        format!("[SSH client] going to copy into a remote file: {d}/istio-token (mode 0600)\n<redacted"),
         "[SSH client] going to execute a command remotely: docker rm --force istio-proxy".to_string(),
         format!(
             "[SSH client] going to execute a command remotely: docker run -d --name istio-proxy --restart unless-stopped --network host -v {d}/istio-ca.pem:/var/run/secrets/istio/root-cert.pem"
@@ -139,7 +139,7 @@ fn dry_run_prints_every_step_in_order_and_touches_no_host() {
     let stdout = text(&out.stdout);
     assert!(out.status.success());
     assert!(
-        stdout.contains(&format!("{d}/istio-token\n{TOKEN}\n")),
+        stdout.contains(&format!("{d}/istio-token (mode 0600)\n{TOKEN}\n")),
         "{stdout}"
     );
     assert!(!stdout.contains("ratings-b"), "only the named entry: {stdout}");
@@ -340,4 +340,239 @@ async fn entries_token_and_certificate_from_the_cluster() {
     assert!(env.contains("\nCA_ADDR=istiod.istio-system.svc:15012\n"), "{env}");
     assert!(env.ends_with("\nISTIO_META_MESH_ID=cluster.local"), "{env}");
     assert!(vm.commands().is_empty(), "no --start-istio-proxy, no commands");
+}
+
+#[test]
+fn dry_run_of_the_systemd_runtime_shows_modes_owner_and_the_hosts_block() {
+    let fleet = Fleet::start(1).expect("fleet");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_inputs(dir.path(), &[entry(&fleet.vms[0], "ratings-a")]);
+    let out = push_from_files(
+        &fleet,
+        dir.path(),
+        &[
+            "--all",
+            "--dry-run",
+            "--proxy-runtime",
+            "systemd",
+            "--ingress-ip",
+            "203.0.113.10",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for (path, mode) in [
+        ("/var/lib/istio/envoy/cluster.env", "0644"),
+        ("/etc/istio/config/mesh", "0644"),
+        ("/etc/certs/root-cert.pem", "0644"),
+        ("/var/run/secrets/tokens/istio-token", "0600"),
+    ] {
+        let line = format!(
+            "[SSH client] going to copy into a remote file: {path} (mode {mode}, owner istio-proxy if that user exists)\n"
+        );
+        assert!(stdout.contains(&line), "missing {line:?} in:\n{stdout}");
+    }
+    assert!(
+        stdout.contains(
+            "block of a remote file: /etc/hosts\n# BEGIN gangplank sidecar-bootstrap\n203.0.113.10 istiod.istio-system.svc\n# END gangplank sidecar-bootstrap\n"
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(TOKEN), "token still redacted:\n{stdout}");
+    assert_eq!(fleet.vms[0].connections(), 0);
+
+    // The docker runtime has no hosts file to write: said, not ignored.
+    let out = push_from_files(
+        &fleet,
+        dir.path(),
+        &["--all", "--dry-run", "--ingress-ip", "203.0.113.10"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--proxy-runtime systemd"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn help_lists_every_annotation_with_its_default_and_examples() {
+    let out = gangplank_command(&[])
+        .args(["sidecar-bootstrap", "--help"])
+        .output()
+        .expect("run gangplank");
+    let help = text(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    for a in gangplank_push::target::annotation::ALL {
+        assert!(help.contains(a.name), "annotation {} missing:\n{help}", a.name);
+        assert!(
+            help.contains(&format!("default: {}", a.default)),
+            "default of {} missing:\n{help}",
+            a.name
+        );
+    }
+    for want in [
+        "Examples:",
+        "gangplank sidecar-bootstrap --all -n bookinfo",
+        "--connect-timeout <DURATION>",
+        "[default: 10s]",
+        "[default: 1m]",
+        "--concurrency <N>",
+        "[default: 64]",
+        "mode",
+        "Exit status",
+    ] {
+        assert!(help.contains(want), "{want:?} missing:\n{help}");
+    }
+
+    let out = gangplank_command(&[])
+        .args(["sidecar-bootstrap", "-h"])
+        .output()
+        .expect("run gangplank");
+    let short = text(&out.stdout);
+    assert!(out.status.success());
+    assert!(!short.contains("Annotations"), "-h stays short:\n{short}");
+
+    // What the help says of exit statuses.
+    let out = gangplank(&["sidecar-bootstrap", "--all", "--concurrency", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = gangplank(&["sidecar-bootstrap", "--all", "--connect-timeout", "0s"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = gangplank(&["sidecar-bootstrap", "-f", "/nonexistent/entries", "--all"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(short.lines().count() * 2 < help.lines().count(), "{short}");
+}
+
+/// Accepts TCP connections on loopback and never says anything (a hung host); stops when
+/// dropped, or after a minute.
+struct SilentHost {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilentHost {
+    fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for _ in 0..6_000 {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok((stream, _)) = listener.accept() {
+                    held.push(stream);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+        Self { port, stop }
+    }
+}
+
+impl Drop for SilentHost {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_hung_host_fails_at_the_default_connect_timeout_not_the_step_timeout() {
+    let fleet = Fleet::start(1).expect("fleet");
+    let silent = SilentHost::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut hung = entry(&fleet.vms[0], "b-hung");
+    hung["metadata"]["annotations"]["sidecar-bootstrap.istio.io/ssh-host"] = json!("127.0.0.1");
+    hung["metadata"]["annotations"]["sidecar-bootstrap.istio.io/ssh-port"] = json!(silent.port.to_string());
+    write_inputs(dir.path(), &[entry(&fleet.vms[0], "a-good"), hung]);
+
+    let started = std::time::Instant::now();
+    // Defaults: --timeout 60s, --connect-timeout 10s.
+    let out = gangplank_command(&[])
+        .arg("sidecar-bootstrap")
+        .arg("-f")
+        .arg(dir.path().join("entries"))
+        .arg("--token")
+        .arg(dir.path().join("token"))
+        .arg("--root-cert")
+        .arg(dir.path().join("root-cert.pem"))
+        .arg("--ssh-config")
+        .arg(fleet.ssh_config())
+        .args(["--all", "-o", "json"])
+        .output()
+        .expect("run gangplank");
+    let elapsed = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["succeeded"], 1, "{report}");
+    let hosts = report["hosts"].as_array().expect("hosts");
+    assert_eq!(hosts[1]["entry"], "bookinfo/b-hung");
+    let err = hosts[1]["error"].as_str().expect("error");
+    assert!(err.contains("no SSH session within 10s"), "{err}");
+    let ms = hosts[1]["durationMs"].as_u64().expect("duration");
+    assert!(
+        (9_000..16_000).contains(&ms),
+        "failed after {ms} ms; the connect timeout is 10 s"
+    );
+    assert!(elapsed < std::time::Duration::from_secs(30), "{elapsed:?}");
+    assert!(fleet.vms[0].root.join("etc/istio-proxy/istio-token").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_expansion_configmap_of_the_istio_namespace_applies_to_every_vm() {
+    let fleet = Fleet::start(1).expect("fleet");
+    let vm = &fleet.vms[0];
+    let api = kube_api::Server::start().await.expect("kube stand-in");
+    api.install_istio_crds(&["v1"]).expect("crds");
+    api.seed(entry(vm, "ratings-vm")).expect("entry");
+    api.seed(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "bookinfo-ratings", "namespace": "bookinfo"}}))
+        .expect("sa");
+    api.seed(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "istio-system",
+            "annotations": {"sidecar-bootstrap.istio.io/mesh-expansion-configmap": "vm-proxies"}}}))
+        .expect("namespace");
+    api.seed(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "vm-proxies", "namespace": "istio-system"},
+        "data": {"PROXY_CONFIG": "discoveryAddress: istiod.mesh.example.com:15012\nproxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"}}))
+        .expect("expansion");
+    api.seed(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio-ca-root-cert", "namespace": "istio-system"},
+        "data": {"root-cert.pem": ROOT_CERT}}))
+        .expect("root cert");
+    api.seed(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio", "namespace": "istio-system"},
+        "data": {"mesh": "trustDomain: cluster.local\ndefaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\n"}}))
+        .expect("mesh");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
+    let ssh_config = fleet.ssh_config();
+    let out = tokio::task::spawn_blocking(move || {
+        gangplank_command(&[])
+            .env("KUBECONFIG", kubeconfig)
+            .args(["sidecar-bootstrap", "--all", "-n", "bookinfo"])
+            .arg("--ssh-config")
+            .arg(ssh_config)
+            .output()
+            .expect("run gangplank")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let env = std::fs::read_to_string(vm.root.join("etc/istio-proxy/sidecar.env")).expect("env");
+    assert!(env.contains("\nCA_ADDR=istiod.mesh.example.com:15012\n"), "{env}");
+    assert!(env.lines().any(|l| l == "ISTIO_META_DNS_CAPTURE=true"), "{env}");
+    assert!(
+        env.contains("\"discoveryAddress\":\"istiod.mesh.example.com:15012\""),
+        "{env}"
+    );
 }

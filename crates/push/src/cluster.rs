@@ -8,11 +8,12 @@ use std::time::Duration;
 use gangplank_api::istio::WorkloadEntry;
 use gangplank_bootstrap::MeshConfig;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 
 use crate::plan::Token;
+use crate::target::annotation;
 
 /// The audience istiod accepts.
 pub const AUDIENCE: &str = "istio-ca";
@@ -64,6 +65,19 @@ pub enum Error {
         name: String,
         /// What is wrong.
         source: serde_json::Error,
+    },
+    /// The mesh-expansion ConfigMap's `PROXY_CONFIG` is not a ProxyConfig mapping.
+    #[error(
+        "ConfigMap {namespace}/{name} (named by the annotation {} on namespace {namespace}): key PROXY_CONFIG {problem}: fix it, or remove the annotation",
+        annotation::MESH_EXPANSION_CONFIGMAP
+    )]
+    Expansion {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// What is wrong.
+        problem: String,
     },
     /// The TokenRequest returned no token.
     #[error("the TokenRequest for service account {0} returned no token")]
@@ -168,6 +182,61 @@ impl Cluster {
             .into_bytes())
     }
 
+    /// The mesh-expansion ProxyConfig (Tetrate's): the `PROXY_CONFIG` key of the ConfigMap
+    /// that the Istio namespace's [`annotation::MESH_EXPANSION_CONFIGMAP`] names, if any.
+    pub async fn expansion_proxy_config(&self) -> Result<Option<(String, String)>, Error> {
+        let ns = &self.istio_namespace;
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        // No namespace object (a partial install) means no annotation.
+        let Some(namespace) = api.get_opt(ns).await.map_err(|source| Error::Api {
+            what: format!(
+                "reading namespace {ns} (for its annotation {}; the user needs `get` on namespaces)",
+                annotation::MESH_EXPANSION_CONFIGMAP
+            ),
+            source,
+        })?
+        else {
+            return Ok(None);
+        };
+        let Some(name) = namespace
+            .metadata
+            .annotations
+            .and_then(|mut a| a.remove(annotation::MESH_EXPANSION_CONFIGMAP))
+            .filter(|n| !n.trim().is_empty())
+        else {
+            return Ok(None);
+        };
+        let name = name.trim().to_string();
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let cm = api.get(&name).await.map_err(|source| Error::Api {
+            what: format!(
+                "reading ConfigMap {ns}/{name}, named by the annotation {} on namespace {ns}",
+                annotation::MESH_EXPANSION_CONFIGMAP
+            ),
+            source,
+        })?;
+        Ok(cm
+            .data
+            .and_then(|mut d| d.remove("PROXY_CONFIG"))
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| (name, v)))
+    }
+
+    /// The mesh config with the mesh-expansion ProxyConfig (if the Istio namespace names
+    /// one) applied over its `defaultConfig`: each field replaces the mesh's, `proxyMetadata`
+    /// entries are merged, as `proxy.istio.io/config` is applied after it.
+    pub async fn expanded_mesh_config(&self, mesh: MeshConfig) -> Result<MeshConfig, Error> {
+        let Some((name, text)) = self.expansion_proxy_config().await? else {
+            return Ok(mesh);
+        };
+        let bad = |problem: String| Error::Expansion {
+            namespace: self.istio_namespace.clone(),
+            name: name.clone(),
+            problem,
+        };
+        expand(&mesh, &text).map_err(bad)
+    }
+
     /// The mesh config (`istio[-<revision>]`, key `mesh`).
     pub async fn mesh_config(&self, revision: &str) -> Result<MeshConfig, Error> {
         let name = if gangplank_bootstrap::is_revisioned(revision) {
@@ -213,5 +282,73 @@ impl Cluster {
             .filter(|t| !t.is_empty())
             .ok_or(Error::EmptyToken(id))?;
         Ok(Token::new(token.into_bytes()))
+    }
+}
+
+/// `mesh` with the ProxyConfig YAML `overlay` applied over its `defaultConfig` (each field
+/// replaces the mesh's; `proxyMetadata` entries are merged).
+pub fn expand(mesh: &MeshConfig, overlay: &str) -> Result<MeshConfig, String> {
+    use serde_json::Value;
+    let overlay: Value = serde_saphyr::from_str(overlay).map_err(|e| format!("is not valid YAML ({e})"))?;
+    let overlay = match overlay {
+        Value::Null => return Ok(mesh.clone()),
+        Value::Object(m) => m,
+        _ => return Err("is not a mapping of ProxyConfig fields".into()),
+    };
+    let mut raw = mesh.as_map().clone();
+    let default_config = raw
+        .entry("defaultConfig")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if default_config.is_null() {
+        *default_config = Value::Object(Default::default());
+    }
+    let Some(config) = default_config.as_object_mut() else {
+        return Err("cannot apply: the mesh's defaultConfig is not a mapping".into());
+    };
+    for (key, value) in overlay {
+        match (key.as_str(), value, config.get_mut("proxyMetadata")) {
+            (_, Value::Null, _) => {}
+            ("proxyMetadata", Value::Object(extra), Some(Value::Object(current))) => {
+                current.extend(extra);
+            }
+            (_, value, _) => {
+                config.insert(key, value);
+            }
+        }
+    }
+    MeshConfig::from_value(Value::Object(raw)).map_err(|e| format!("cannot apply: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expansion_replaces_fields_and_merges_proxy_metadata() {
+        let mesh = MeshConfig::from_yaml(
+            "trustDomain: cluster.local\ndefaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\n  concurrency: 2\n  proxyMetadata: {A: a, B: b}\n",
+        )
+        .expect("mesh");
+        let expanded = expand(
+            &mesh,
+            "discoveryAddress: gw.example.com:15012\nproxyMetadata: {B: x, C: c}\n",
+        )
+        .expect("expand");
+        let config = expanded.default_config().expect("defaultConfig");
+        assert_eq!(config["discoveryAddress"], "gw.example.com:15012");
+        assert_eq!(config["concurrency"], 2);
+        assert_eq!(
+            config["proxyMetadata"],
+            serde_json::json!({"A": "a", "B": "x", "C": "c"})
+        );
+        assert_eq!(expanded.trust_domain(), "cluster.local");
+        assert!(expand(&mesh, "[1, 2]").is_err());
+        assert_eq!(
+            expand(&MeshConfig::default(), "concurrency: 1")
+                .expect("empty mesh")
+                .default_config()
+                .expect("dc")["concurrency"],
+            1
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Pushing to many VMs at once: up to `concurrency` hosts in parallel (tokio tasks and a
-//! semaphore), a timeout per host, and one [`Outcome`] per host whatever happens to the
-//! others. A host whose plan could not even be made (a missing annotation) is reported
+//! semaphore), a connect timeout and a step timeout per host, and one [`Outcome`] per host
+//! whatever happens to the others. A host whose plan could not even be made (a missing annotation) is reported
 //! like any other failure, without being contacted.
 
 use std::sync::Arc;
@@ -23,15 +23,38 @@ pub struct Job {
     pub plan: Result<Plan, String>,
 }
 
+/// Hosts pushed to in parallel unless told otherwise. A host costs one SSH handshake and
+/// one short script, and the client waits on the network most of that time, so a fleet is
+/// best served with many at once (BENCHMARKS.md, "Push").
+pub const DEFAULT_CONCURRENCY: usize = 64;
+/// Limit for reaching one host (TCP, SSH banner, key exchange, login).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limit for the steps on one host once connected.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How the fleet runs.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Hosts in parallel (at least 1).
     pub concurrency: usize,
-    /// Limit for one host, connection included.
+    /// Limit for the steps on one host once connected; reaching it is limited by
+    /// [`ssh::Options::connect_timeout`].
     pub timeout: Duration,
     /// SSH settings.
     pub ssh: ssh::Options,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            concurrency: DEFAULT_CONCURRENCY,
+            timeout: DEFAULT_TIMEOUT,
+            ssh: ssh::Options {
+                connect_timeout: Some(DEFAULT_CONNECT_TIMEOUT),
+                ..Default::default()
+            },
+        }
+    }
 }
 
 /// How one host went.
@@ -95,17 +118,8 @@ pub async fn run(jobs: Vec<Job>, options: &Options, observer: Arc<dyn Observer>)
                 let entry = entry.clone();
                 move |line: String| observer.line(&entry, &line)
             };
-            let result =
-                tokio::time::timeout(options.timeout, ssh::execute(&plan, &options.ssh, &progress)).await;
-            let error = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!(
-                    "timed out after {}: raise --timeout, or check that {} answers",
-                    humantime::format_duration(options.timeout),
-                    plan.target.destination()
-                )),
-            };
+            let result = ssh::execute(&plan, &options.ssh, options.timeout, &progress).await;
+            let error = result.err().map(|e| e.to_string());
             let outcome = Outcome {
                 entry,
                 host,

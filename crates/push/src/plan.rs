@@ -4,16 +4,26 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 
 use gangplank_api::istio::{GroupMetadata, WorkloadEntry, WorkloadGroup, WorkloadGroupSpec};
 use gangplank_api::meta::ObjectMeta;
-use gangplank_bootstrap::docker::{self, CONTAINER};
+use gangplank_bootstrap::docker;
 use gangplank_bootstrap::{DockerInputs, Inputs, InstanceIp, MeshConfig, TOKEN_MODE, layout};
 
 use crate::target::{Target, annotation, is_plain_abs_path};
 
 /// Mode of every file but the token.
 pub const FILE_MODE: u32 = 0o644;
+
+/// The user the systemd runtime's files belong to, when the VM has it (Istio's package
+/// creates it and runs the proxy as it; the token is 0600, so it must own it).
+pub const PROXY_USER: &str = "istio-proxy";
+
+/// First line of the push's block in the VM's hosts file (systemd runtime).
+pub const HOSTS_BEGIN: &str = "# BEGIN gangplank sidecar-bootstrap";
+/// Last line of the push's block in the VM's hosts file.
+pub const HOSTS_END: &str = "# END gangplank sidecar-bootstrap";
 
 /// How the sidecar runs on the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -86,6 +96,9 @@ pub struct Material {
     pub runtime: Runtime,
     /// Whether to (re)start the sidecar after copying.
     pub start: bool,
+    /// The gateway address the VMs reach istiod through (systemd runtime: the `hosts`
+    /// entries); `None` leaves the hosts file alone.
+    pub ingress_ip: Option<IpAddr>,
 }
 
 impl fmt::Debug for Material {
@@ -131,7 +144,7 @@ pub enum Step {
         /// Whether a non-zero exit is tolerated (`docker rm --force` of a missing container).
         ignore_failure: bool,
     },
-    /// Write a file atomically (temp name in the same directory, chmod, rename).
+    /// Write a file atomically (temp name in the same directory, chmod, chown, rename).
     Copy {
         /// Absolute remote path.
         path: String,
@@ -141,6 +154,17 @@ pub enum Step {
         mode: u32,
         /// Whether the content is a secret (redacted when printed).
         secret: bool,
+        /// A user to give the file to, when the VM has that user (its primary group too).
+        owner: Option<String>,
+    },
+    /// Make `entries` the push's marked block in a hosts file: the old block is taken out
+    /// and the new one appended, so pushing again changes nothing; the file's other lines,
+    /// owner and mode stay.
+    Hosts {
+        /// Absolute remote path of the hosts file.
+        path: String,
+        /// The lines, each `IP NAME...`.
+        entries: String,
     },
 }
 
@@ -153,6 +177,7 @@ impl fmt::Debug for Step {
             } => {
                 write!(f, "Copy({path}, {mode:o}, {} bytes)", content.len())
             }
+            Step::Hosts { path, entries } => write!(f, "Hosts({path}, {entries:?})"),
         }
     }
 }
@@ -177,11 +202,39 @@ impl Step {
                 format!("[SSH client] executing a command remotely: {command}")
             }
             (Step::Copy { path, .. }, Tense::Future) => {
-                format!("[SSH client] going to copy into a remote file: {path}")
+                format!(
+                    "[SSH client] going to copy into a remote file: {path} ({})",
+                    self.attributes()
+                )
             }
             (Step::Copy { path, .. }, Tense::Present) => {
-                format!("[SSH client] copying into a remote file: {path}")
+                format!(
+                    "[SSH client] copying into a remote file: {path} ({})",
+                    self.attributes()
+                )
             }
+            (Step::Hosts { path, .. }, Tense::Future) => {
+                format!("[SSH client] going to update the {HOSTS_BEGIN:?} block of a remote file: {path}")
+            }
+            (Step::Hosts { path, .. }, Tense::Present) => {
+                format!("[SSH client] updating the {HOSTS_BEGIN:?} block of a remote file: {path}")
+            }
+        }
+    }
+
+    /// A copy's mode and owner as printed (`mode 0600, owner istio-proxy if that user
+    /// exists`); empty for other steps.
+    fn attributes(&self) -> String {
+        match self {
+            Step::Copy {
+                mode, owner: None, ..
+            } => format!("mode {mode:04o}"),
+            Step::Copy {
+                mode,
+                owner: Some(user),
+                ..
+            } => format!("mode {mode:04o}, owner {user} if that user exists"),
+            _ => String::new(),
         }
     }
 }
@@ -243,19 +296,29 @@ impl Plan {
             out.push('\n');
             out.push_str(&step.headline(tense));
             out.push('\n');
-            if let Step::Copy { content, secret, .. } = step {
-                if *secret && !show_secrets {
-                    out.push_str(&format!(
-                        "<redacted: {} bytes; pass --show-secrets to print>\n",
-                        content.len()
-                    ));
-                } else {
-                    let text = String::from_utf8_lossy(content);
-                    out.push_str(&text);
-                    if !text.ends_with('\n') {
-                        out.push('\n');
+            match step {
+                Step::Copy { content, secret, .. } => {
+                    if *secret && !show_secrets {
+                        out.push_str(&format!(
+                            "<redacted: {} bytes; pass --show-secrets to print>\n",
+                            content.len()
+                        ));
+                    } else {
+                        let text = String::from_utf8_lossy(content);
+                        out.push_str(&text);
+                        if !text.ends_with('\n') {
+                            out.push('\n');
+                        }
                     }
                 }
+                Step::Hosts { entries, .. } => {
+                    out.push_str(&format!("{HOSTS_BEGIN}\n{entries}"));
+                    if !entries.ends_with('\n') {
+                        out.push('\n');
+                    }
+                    out.push_str(&format!("{HOSTS_END}\n"));
+                }
+                Step::Exec { .. } => {}
             }
         }
         out.push('\n');
@@ -303,18 +366,21 @@ fn docker_steps(
             content: env.into_bytes(),
             mode: FILE_MODE,
             secret: false,
+            owner: None,
         },
         Step::Copy {
             path: format!("{dir}/istio-ca.pem"),
             content: material.root_cert.clone(),
             mode: FILE_MODE,
             secret: false,
+            owner: None,
         },
         Step::Copy {
             path: format!("{dir}/istio-token"),
             content: token.expose().to_vec(),
             mode: TOKEN_MODE,
             secret: true,
+            owner: None,
         },
     ];
     if material.start {
@@ -337,14 +403,14 @@ fn docker_steps(
             return Err(Error::BadImage { entry: id, image });
         }
         steps.push(Step::Exec {
-            command: format!("docker {}", docker::remove_args(CONTAINER).join(" ")),
+            command: format!("docker {}", docker::remove_args(&target.container).join(" ")),
             ignore_failure: true,
         });
         // The agent's recipe: the token's directory (this bundle's) is mounted, so a token
         // pushed again without restarting the container reaches the running proxy. Every
         // part is a plain path or a checked image reference: no shell quoting needed.
         let run = docker::run_args(&docker::Run {
-            name: CONTAINER,
+            name: &target.container,
             image: &image,
             root_cert: &format!("{dir}/istio-ca.pem"),
             token_dir: dir,
@@ -402,6 +468,7 @@ fn systemd_steps(
     inputs.revision = material.revision.clone();
     inputs.istio_namespace = material.istio_namespace.clone();
     inputs.instance_ip = target.instance_ip.map(InstanceIp::Internal);
+    inputs.ingress_ip = material.ingress_ip;
     inputs.workload_entry = entry.metadata.name.clone();
     let files = gangplank_bootstrap::render(&inputs).map_err(|source| Error::Render {
         entry: id,
@@ -418,36 +485,45 @@ fn systemd_steps(
     .iter()
     .map(|p| path(p.rsplit_once('/').map_or("", |(d, _)| d)))
     .collect();
+    let owner = Some(PROXY_USER.to_string());
+    let copy = |abs: &str, content: Vec<u8>, mode: u32, secret: bool| Step::Copy {
+        path: path(abs),
+        content,
+        mode,
+        secret,
+        owner: owner.clone(),
+    };
     let mut steps = vec![
         Step::Exec {
             command: format!("mkdir -p {}", dirs.join(" ")),
             ignore_failure: false,
         },
-        Step::Copy {
-            path: path(layout::CLUSTER_ENV),
-            content: files.cluster_env.into_bytes(),
-            mode: FILE_MODE,
-            secret: false,
+        // Istio's guide gives these folders to the proxy's user too (it writes its
+        // certificates into /etc/certs); numeric ids, so a user without a group of its own
+        // name works.
+        Step::Exec {
+            command: format!(
+                "if o=$(id -u {PROXY_USER} 2>/dev/null):$(id -g {PROXY_USER} 2>/dev/null); then chown \"$o\" {}; fi",
+                dirs.join(" ")
+            ),
+            ignore_failure: false,
         },
-        Step::Copy {
-            path: path(layout::MESH),
-            content: files.mesh_yaml.into_bytes(),
-            mode: FILE_MODE,
-            secret: false,
-        },
-        Step::Copy {
-            path: path(layout::ROOT_CERT),
-            content: files.root_cert,
-            mode: FILE_MODE,
-            secret: false,
-        },
-        Step::Copy {
-            path: path(layout::TOKEN),
-            content: files.istio_token,
-            mode: TOKEN_MODE,
-            secret: true,
-        },
+        copy(
+            layout::CLUSTER_ENV,
+            files.cluster_env.into_bytes(),
+            FILE_MODE,
+            false,
+        ),
+        copy(layout::MESH, files.mesh_yaml.into_bytes(), FILE_MODE, false),
+        copy(layout::ROOT_CERT, files.root_cert, FILE_MODE, false),
+        copy(layout::TOKEN, files.istio_token, TOKEN_MODE, true),
     ];
+    if !files.hosts.trim().is_empty() {
+        steps.push(Step::Hosts {
+            path: path(layout::HOSTS),
+            entries: files.hosts,
+        });
+    }
     if material.start {
         steps.push(Step::Exec {
             command: "systemctl restart istio".into(),

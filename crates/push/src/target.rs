@@ -7,7 +7,8 @@ use std::net::IpAddr;
 use gangplank_api::NamespacedName;
 use gangplank_api::istio::WorkloadEntry;
 
-/// The annotations read from a WorkloadEntry.
+/// The annotations read from a WorkloadEntry (Tetrate's `sidecar-bootstrap` names), and
+/// [`ALL`](annotation::ALL), their one description (`--help` prints it).
 pub mod annotation {
     /// Where to SSH (default: `spec.address`).
     pub const SSH_HOST: &str = "sidecar-bootstrap.istio.io/ssh-host";
@@ -15,19 +16,101 @@ pub mod annotation {
     pub const SSH_USER: &str = "sidecar-bootstrap.istio.io/ssh-user";
     /// The SSH port (default: `--ssh-port`, else the SSH client's own default, 22).
     pub const SSH_PORT: &str = "sidecar-bootstrap.istio.io/ssh-port";
+    /// The `scp` binary on the VM; when set, files are copied with it (SCP protocol).
+    pub const SCP_PATH: &str = "sidecar-bootstrap.istio.io/scp-path";
     /// The remote directory for the Docker bundle (default [`super::DEFAULT_CONFIG_DIR`]).
     pub const PROXY_CONFIG_DIR: &str = "sidecar-bootstrap.istio.io/proxy-config-dir";
     /// The registry the `proxyv2` image comes from (`<hub>/proxyv2:<tag>`).
     pub const PROXY_IMAGE_HUB: &str = "sidecar-bootstrap.istio.io/proxy-image-hub";
+    /// The name of the proxy's container (default `istio-proxy`).
+    pub const PROXY_CONTAINER_NAME: &str = "sidecar-bootstrap.istio.io/proxy-container-name";
     /// The IP the proxy binds its inbound listeners to (default: `spec.address`).
     pub const PROXY_INSTANCE_IP: &str = "sidecar-bootstrap.istio.io/proxy-instance-ip";
+    /// On the Istio namespace: a ConfigMap whose `PROXY_CONFIG` key (ProxyConfig YAML) is
+    /// applied over the mesh's `defaultConfig` for every VM (cluster mode).
+    pub const MESH_EXPANSION_CONFIGMAP: &str = "sidecar-bootstrap.istio.io/mesh-expansion-configmap";
     /// A full proxy image, overriding hub and tag (standard Istio annotation).
     pub const PROXY_IMAGE: &str = "sidecar.istio.io/proxyImage";
+    /// ProxyConfig overrides for this VM (standard Istio annotation).
+    pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
+
+    /// One annotation as `--help` describes it.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Doc {
+        /// The annotation.
+        pub name: &'static str,
+        /// What it does.
+        pub meaning: &'static str,
+        /// What applies when it is absent.
+        pub default: &'static str,
+    }
+
+    /// Every annotation `sidecar-bootstrap` reads, in the order `--help` lists them.
+    pub const ALL: &[Doc] = &[
+        Doc {
+            name: SSH_HOST,
+            meaning: "host name or IP to SSH to (e.g. the VM's public IP when spec.address is its private one)",
+            default: "spec.address",
+        },
+        Doc {
+            name: SSH_PORT,
+            meaning: "SSH port (--ssh-port overrides)",
+            default: "the ssh config's Port, else 22",
+        },
+        Doc {
+            name: SSH_USER,
+            meaning: "SSH user; it must be able to write the files and run docker/systemctl (--ssh-user overrides)",
+            default: "the ssh config's User, else the local user",
+        },
+        Doc {
+            name: SCP_PATH,
+            meaning: "scp binary on the VM: files are copied with it (SCP protocol) instead of inside the step script",
+            default: "none: files travel inside the step script (sh, base64 and mktemp on the VM)",
+        },
+        Doc {
+            name: PROXY_CONFIG_DIR,
+            meaning: "docker runtime: directory for sidecar.env, istio-ca.pem and istio-token (--proxy-config-dir overrides)",
+            default: super::DEFAULT_CONFIG_DIR,
+        },
+        Doc {
+            name: PROXY_IMAGE_HUB,
+            meaning: "docker runtime: registry of the image, <hub>/proxyv2:<--proxy-tag> (--proxy-image-hub overrides)",
+            default: "--proxy-image-hub",
+        },
+        Doc {
+            name: PROXY_CONTAINER_NAME,
+            meaning: "docker runtime: name of the proxy container (unique per proxy when a VM runs several)",
+            default: super::DEFAULT_CONTAINER,
+        },
+        Doc {
+            name: PROXY_INSTANCE_IP,
+            meaning: "IP the proxy binds inbound listeners to (INSTANCE_IP / ISTIO_SVC_IP), e.g. the private IP on EC2",
+            default: "spec.address, when it is an IP",
+        },
+        Doc {
+            name: PROXY_IMAGE,
+            meaning: "docker runtime: the full proxy image, instead of hub and tag",
+            default: "<hub>/proxyv2:<--proxy-tag>",
+        },
+        Doc {
+            name: PROXY_CONFIG,
+            meaning: "ProxyConfig YAML applied over the mesh's defaultConfig for this VM",
+            default: "the mesh's defaultConfig",
+        },
+        Doc {
+            name: MESH_EXPANSION_CONFIGMAP,
+            meaning: "on the Istio namespace (cluster mode): ConfigMap whose PROXY_CONFIG key is applied over defaultConfig for every VM, before proxy.istio.io/config",
+            default: "none",
+        },
+    ];
 }
 
 /// The remote directory for the Docker bundle when neither flag nor annotation names one
 /// (the directory the TSB guide creates).
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/istio-proxy";
+
+/// The proxy container's name when the annotation names none (Tetrate's).
+pub const DEFAULT_CONTAINER: &str = gangplank_bootstrap::docker::CONTAINER;
 
 /// Why a WorkloadEntry does not say enough to reach its VM.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +170,28 @@ pub enum Error {
         /// The value.
         value: String,
     },
+    /// A container name docker would refuse (or the shell would read).
+    #[error(
+        "workload entry {entry}: proxy container name {value:?} is not a valid container name (a letter or digit, then letters, digits and _.-): fix the annotation {}",
+        annotation::PROXY_CONTAINER_NAME
+    )]
+    BadContainerName {
+        /// `namespace/name`.
+        entry: String,
+        /// The value.
+        value: String,
+    },
+    /// The scp path is not a plain absolute path.
+    #[error(
+        "workload entry {entry}: scp path {value:?} must be an absolute path of letters, digits and ._-/ : fix the annotation {}",
+        annotation::SCP_PATH
+    )]
+    BadScpPath {
+        /// `namespace/name`.
+        entry: String,
+        /// The value.
+        value: String,
+    },
     /// A value would be read by ssh as an option or is empty.
     #[error("workload entry {entry}: {what} {value:?} is not a valid SSH {what}: fix the annotation or flag")]
     BadSshValue {
@@ -129,6 +234,10 @@ pub struct Target {
     pub image_hub: Option<String>,
     /// A full image from `sidecar.istio.io/proxyImage`, if set.
     pub image: Option<String>,
+    /// The proxy container's name (docker runtime).
+    pub container: String,
+    /// The `scp` binary on the VM, when files are to be copied with it.
+    pub scp_path: Option<String>,
     /// The IP the proxy binds to, if the entry gives one.
     pub instance_ip: Option<IpAddr>,
 }
@@ -203,6 +312,27 @@ impl Target {
             })?),
             None => address.parse().ok(),
         };
+        let container =
+            get(annotation::PROXY_CONTAINER_NAME).unwrap_or_else(|| DEFAULT_CONTAINER.to_string());
+        let container_ok = container.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && container
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !container_ok {
+            return Err(Error::BadContainerName {
+                entry: id,
+                value: container,
+            });
+        }
+        let scp_path = get(annotation::SCP_PATH);
+        if let Some(p) = &scp_path
+            && !is_plain_abs_path(p)
+        {
+            return Err(Error::BadScpPath {
+                entry: id,
+                value: p.clone(),
+            });
+        }
         Ok(Self {
             entry: key,
             host,
@@ -214,6 +344,8 @@ impl Target {
                 .clone()
                 .or_else(|| get(annotation::PROXY_IMAGE_HUB)),
             image: get(annotation::PROXY_IMAGE),
+            container,
+            scp_path,
             instance_ip,
         })
     }
@@ -346,5 +478,21 @@ mod tests {
         let err =
             Target::resolve(&entry("unix:///run/vm.sock", &[]), &Overrides::default()).expect_err("unix");
         assert!(matches!(err, Error::UnreachableAddress { .. }));
+        for bad in ["-rm", "istio proxy", "a;reboot", "_x"] {
+            let err = Target::resolve(
+                &entry("vm.example", &[(annotation::PROXY_CONTAINER_NAME, bad)]),
+                &Overrides::default(),
+            )
+            .expect_err("bad container name");
+            assert!(matches!(err, Error::BadContainerName { .. }), "{bad}: {err}");
+        }
+        let err = Target::resolve(
+            &entry("vm.example", &[(annotation::SCP_PATH, "scp; reboot")]),
+            &Overrides::default(),
+        )
+        .expect_err("bad scp path");
+        assert!(err.to_string().contains(annotation::SCP_PATH), "{err}");
+        let t = Target::resolve(&entry("vm.example", &[]), &Overrides::default()).expect("defaults");
+        assert_eq!((t.container.as_str(), t.scp_path), (DEFAULT_CONTAINER, None));
     }
 }

@@ -61,6 +61,7 @@ fn material(runtime: Runtime, remote_root: &str) -> Material {
         remote_root: remote_root.into(),
         runtime,
         start: true,
+        ingress_ip: None,
     }
 }
 
@@ -266,4 +267,298 @@ async fn failing_command_fails_only_its_host() {
 
 fn argv(line: &str) -> Vec<String> {
     line.split_whitespace().map(str::to_string).collect()
+}
+
+/// A host on loopback that accepts TCP connections and holds them: silent, or sending an SSH
+/// banner and then nothing (stalled in the key exchange). Stops when dropped, or after 60 s.
+struct HungHost {
+    port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HungHost {
+    fn start(banner: bool) -> Self {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            // 6,000 × 10 ms: never longer than a minute.
+            for _ in 0..6_000 {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok((mut stream, _)) = listener.accept() {
+                    if banner {
+                        let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n");
+                    }
+                    held.push(stream);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Self { port, stop }
+    }
+}
+
+impl Drop for HungHost {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn hung_entry(vm: &Vm, name: &str, port: u16) -> WorkloadEntry {
+    let mut e = entry(vm, name);
+    let annotations = e.metadata.annotations.as_mut().expect("annotations");
+    annotations.insert(annotation::SSH_HOST.to_string(), "127.0.0.1".to_string());
+    annotations.insert(annotation::SSH_PORT.to_string(), port.to_string());
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_hosts_fail_within_the_connect_timeout_while_the_others_finish() {
+    let fleet = Fleet::start(2).expect("fleet");
+    let silent = HungHost::start(false);
+    let stalled = HungHost::start(true);
+    let entries = vec![
+        entry(&fleet.vms[0], "a-good"),
+        hung_entry(&fleet.vms[1], "b-silent", silent.port),
+        hung_entry(&fleet.vms[1], "c-stalled-after-banner", stalled.port),
+        entry(&fleet.vms[1], "d-good"),
+    ];
+    let mut opts = options(&fleet);
+    opts.timeout = Duration::from_secs(60);
+    opts.ssh.connect_timeout = Some(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let outcomes = fleet::run(jobs_for(&entries), &opts, Arc::new(Recorder::default())).await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    assert!(outcomes[3].ok, "{outcomes:?}");
+    for hung in &outcomes[1..3] {
+        assert!(!hung.ok);
+        let err = hung.error.clone().unwrap_or_default();
+        assert!(
+            err.contains("no SSH session within 2s") && err.contains("--connect-timeout"),
+            "{err}"
+        );
+        assert!(
+            hung.duration < Duration::from_secs(6),
+            "{} took {:?}, the connect timeout is 2 s",
+            hung.entry,
+            hung.duration
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Makes `id` on `vm` answer for `istio-proxy` with uid and gid 4242 (Istio's package would
+/// have created the user); any other question goes to the real `id`.
+fn fake_proxy_user(vm: &Vm) {
+    let id = vm.root.join("bin/id");
+    std::fs::write(
+        &id,
+        "#!/bin/sh\nif [ \"$2\" = istio-proxy ]; then echo 4242; exit 0; fi\nexec /usr/bin/id \"$@\"\n",
+    )
+    .expect("id");
+    std::fs::set_permissions(&id, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+fn owner(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).expect("stat");
+    (m.uid(), m.gid())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_files_belong_to_istio_proxy_and_hosts_keeps_one_block() {
+    if !nix_is_root() {
+        eprintln!("skipped: chown to another user needs root");
+        return;
+    }
+    let fleet = Fleet::start(1).expect("fleet");
+    let vm = &fleet.vms[0];
+    fake_proxy_user(vm);
+    let root = vm.root.join("root");
+    std::fs::create_dir_all(root.join("etc")).expect("etc");
+    let hosts = root.join("etc/hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n::1 localhost\n").expect("hosts");
+    std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let push = |ip: &str| {
+        let mut m = material(Runtime::Systemd, &root.display().to_string());
+        m.ingress_ip = Some(ip.parse().expect("ip"));
+        let jobs = jobs(&[entry(vm, "ratings-vm")], &Overrides::default(), &m, &|_| {
+            Ok(Token::new(TOKEN.to_vec()))
+        });
+        let opts = options(&fleet);
+        async move { fleet::run(jobs, &opts, Arc::new(Recorder::default())).await }
+    };
+    let block = |ip: &str| {
+        format!(
+            "127.0.0.1 localhost\n::1 localhost\n# BEGIN gangplank sidecar-bootstrap\n{ip} istiod.istio-system.svc\n# END gangplank sidecar-bootstrap\n"
+        )
+    };
+    for _ in 0..2 {
+        let outcomes = push("203.0.113.10").await;
+        assert!(outcomes[0].ok, "{outcomes:?}");
+        assert_eq!(
+            std::fs::read_to_string(&hosts).expect("hosts"),
+            block("203.0.113.10"),
+            "appended once, whatever the number of pushes"
+        );
+    }
+    assert_eq!(mode(&hosts), 0o644, "the hosts file keeps its mode");
+    assert_eq!(owner(&hosts), (0, 0), "and its owner");
+    let outcomes = push("203.0.113.77").await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    assert_eq!(
+        std::fs::read_to_string(&hosts).expect("hosts"),
+        block("203.0.113.77"),
+        "a new gateway replaces the old entry"
+    );
+
+    for file in [
+        "var/lib/istio/envoy/cluster.env",
+        "etc/istio/config/mesh",
+        "etc/certs/root-cert.pem",
+        "var/run/secrets/tokens/istio-token",
+    ] {
+        let path = root.join(file);
+        assert_eq!(owner(&path), (4242, 4242), "{file}");
+        assert_eq!(
+            owner(path.parent().expect("dir")),
+            (4242, 4242),
+            "{file}'s folder"
+        );
+    }
+    assert_eq!(mode(&root.join("var/run/secrets/tokens/istio-token")), 0o600);
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_files_stay_with_the_ssh_user_without_istio_proxy() {
+    let fleet = Fleet::start(1).expect("fleet");
+    let vm = &fleet.vms[0];
+    let root = vm.root.join("root");
+    let jobs = jobs(
+        &[entry(vm, "ratings-vm")],
+        &Overrides::default(),
+        &material(Runtime::Systemd, &root.display().to_string()),
+        &|_| Ok(Token::new(TOKEN.to_vec())),
+    );
+    let outcomes = fleet::run(jobs, &options(&fleet), Arc::new(Recorder::default())).await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    let me = owner(fleet.dir());
+    assert_eq!(owner(&root.join("var/run/secrets/tokens/istio-token")), me);
+    assert!(
+        !root.join("etc/hosts").exists(),
+        "no --ingress-ip: the hosts file is left alone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_container_name_annotation_names_the_container() {
+    let fleet = Fleet::start(1).expect("fleet");
+    let vm = &fleet.vms[0];
+    let mut e = entry(vm, "second-proxy");
+    e.metadata.annotations.as_mut().expect("annotations").insert(
+        annotation::PROXY_CONTAINER_NAME.to_string(),
+        "istio-proxy-payments".to_string(),
+    );
+    let outcomes = fleet::run(jobs_for(&[e]), &options(&fleet), Arc::new(Recorder::default())).await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    let cmds = vm.commands();
+    assert_eq!(cmds[0], argv("docker rm --force istio-proxy-payments"));
+    assert_eq!(&cmds[1][..4], &argv("docker run -d --name")[..]);
+    assert_eq!(cmds[1][4], "istio-proxy-payments");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scp_path_annotation_copies_the_files_with_that_scp() {
+    let fleet = Fleet::start(2).expect("fleet");
+    let mut entries = Vec::new();
+    for (i, vm) in fleet.vms.iter().enumerate() {
+        // A recording scp at a path of the VM's own (`/usr/bin/scp` is what it runs).
+        let scp = vm.root.join("bin/my-scp");
+        std::fs::write(
+            &scp,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> '{}/scp.log'\nexec /usr/bin/scp \"$@\"\n",
+                vm.root.display()
+            ),
+        )
+        .expect("scp");
+        std::fs::set_permissions(&scp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut e = entry(vm, &format!("vm-{i}"));
+        let path = if i == 0 {
+            scp.display().to_string()
+        } else {
+            "/nonexistent/scp".to_string()
+        };
+        e.metadata
+            .annotations
+            .as_mut()
+            .expect("annotations")
+            .insert(annotation::SCP_PATH.to_string(), path);
+        entries.push(e);
+    }
+    let recorder = Arc::new(Recorder::default());
+    let outcomes = fleet::run(jobs_for(&entries), &options(&fleet), recorder.clone()).await;
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    let vm = &fleet.vms[0];
+    let dir = vm.root.join("etc/istio-proxy");
+    assert_eq!(std::fs::read(dir.join("istio-token")).expect("token"), TOKEN);
+    assert_eq!(mode(&dir.join("istio-token")), 0o600);
+    assert_eq!(mode(&dir.join("sidecar.env")), 0o644);
+    assert_eq!(std::fs::read(dir.join("istio-ca.pem")).expect("ca"), ROOT_CERT);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["istio-ca.pem", "istio-token", "sidecar.env"],
+        "no temporaries"
+    );
+    let log = std::fs::read_to_string(vm.root.join("scp.log")).expect("scp was used");
+    assert_eq!(log.lines().count(), 3, "one scp per file:\n{log}");
+    assert!(
+        log.lines().all(|l| l == format!("-qt {}", dir.display())),
+        "{log}"
+    );
+    assert_eq!(vm.commands().len(), 2, "then docker rm and run");
+    assert_eq!(vm.logins(), 1, "still one SSH connection");
+    let lines = recorder.0.lock().expect("lines").clone();
+    let copies = lines
+        .iter()
+        .filter(|l| l.starts_with("bookinfo/vm-0: ") && l.contains("copying into a remote file"))
+        .count();
+    assert_eq!(copies, 3, "each copy announced once: {lines:?}");
+
+    assert!(!outcomes[1].ok);
+    let err = outcomes[1].error.clone().unwrap_or_default();
+    assert!(
+        err.contains("/nonexistent/scp") && err.contains("sidecar.env"),
+        "the scp and the file are named: {err}"
+    );
+    assert!(
+        fleet.vms[1].commands().is_empty(),
+        "nothing run after a failed copy"
+    );
 }
