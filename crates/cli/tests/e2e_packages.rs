@@ -22,6 +22,8 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use gangplank_testkit::docker::{docker, docker_ok};
 use std::time::Duration;
 
 use gangplank_api::NamespacedName;
@@ -42,25 +44,6 @@ fn endpoint_image() -> String {
 
 /// The idle window over which the agent's CPU is read (it heartbeats, nothing else).
 const IDLE: Duration = Duration::from_secs(20);
-
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .output()
-        .expect("docker runs (is the Docker Engine installed?)")
-}
-
-/// `docker args…`, which must succeed; its stdout.
-fn docker_ok(args: &[&str]) -> String {
-    let out = docker(args);
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
 
 /// Containers and the network of one test, removed when it ends (also on failure).
 struct Lab {

@@ -10,9 +10,10 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use gangplank_testkit::docker::{docker, docker_ok};
 use gangplank_testkit::kube_api::Server;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
@@ -21,24 +22,6 @@ use serde_json::{Value, json};
 fn image() -> String {
     std::env::var("GANGPLANK_TEST_OPERATOR_IMAGE")
         .unwrap_or_else(|_| format!("gangplank-operator:{}", env!("CARGO_PKG_VERSION")))
-}
-
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .output()
-        .expect("docker runs (is the Docker Engine installed?)")
-}
-
-fn docker_ok(args: &[&str]) -> String {
-    let out = docker(args);
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `GET path` on 127.0.0.1:`port`: (status, body), or `None` when nothing answers.

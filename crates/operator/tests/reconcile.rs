@@ -80,15 +80,7 @@ impl Env {
         )
         .await
         .expect("installing the OnboardingPlane CRD");
-        eventually("the CRD is established", || async {
-            let crd = crds.get("onboardingplanes.onboarding.gangplank.dev").await.ok()?;
-            crd.status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-        })
-        .await;
+        established(&crds, "onboardingplanes.onboarding.gangplank.dev").await;
         Api::<Secret>::namespaced(client.clone(), &ns)
             .patch(
                 "mesh-tls",
@@ -227,6 +219,19 @@ impl Env {
             .await
             .expect("writing the Deployment's status");
     }
+}
+
+/// Waits until the CRD `name` is established.
+async fn established(crds: &Api<CustomResourceDefinition>, name: &str) {
+    eventually(&format!("CRD {name} established"), || async {
+        let crd = crds.get(name).await.ok()?;
+        crd.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+            .then_some(())
+    })
+    .await;
 }
 
 /// Polls `f` until it returns `Some`, for at most [`CATCH_UP`].
@@ -990,15 +995,7 @@ async fn a_cert_manager_certificate_is_requested(env: &Env) {
         )
         .await
         .expect("installing the Certificate CRD");
-        eventually("the Certificate CRD established", || async {
-            let crd = crds.get("certificates.cert-manager.io").await.ok()?;
-            crd.status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-        })
-        .await;
+        established(&crds, "certificates.cert-manager.io").await;
         // A change of the plane wakes the operator at once (otherwise: its 30 s recheck).
         env.planes()
             .patch(

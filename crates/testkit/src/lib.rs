@@ -2,6 +2,7 @@
 
 pub mod cloud;
 pub mod crd;
+pub mod docker;
 pub mod kube_api;
 pub mod oidc;
 pub mod probe;
