@@ -62,7 +62,7 @@ fn the_image_is_non_root_static_labelled_and_small() {
     }
     let size = config[0]["Size"].as_u64().expect("size");
     assert!(size < 40_000_000, "the image is {size} bytes");
-    // Nothing but the binary, passwd/group and an empty /tmp.
+    // Nothing but the binary, CA certificates, passwd/group and an empty /tmp.
     let id = docker_ok(&["create", &image()]).trim().to_owned();
     let tar = Command::new("docker")
         .args(["export", &id])
@@ -89,10 +89,18 @@ fn the_image_is_non_root_static_labelled_and_small() {
     files.retain(|f| {
         !matches!(
             f.as_str(),
-            ".dockerenv" | "etc/hostname" | "etc/hosts" | "etc/resolv.conf"
+            ".dockerenv" | "dev/console" | "etc/mtab" | "etc/hostname" | "etc/hosts" | "etc/resolv.conf"
         )
     });
-    assert_eq!(files, ["etc/group", "etc/passwd", "usr/bin/gangplank-operator"]);
+    assert_eq!(
+        files,
+        [
+            "etc/group",
+            "etc/passwd",
+            "etc/ssl/certs/ca-certificates.crt",
+            "usr/bin/gangplank-operator"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
