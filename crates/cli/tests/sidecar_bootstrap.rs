@@ -443,47 +443,10 @@ fn help_lists_every_annotation_with_its_default_and_examples() {
     assert!(short.lines().count() * 2 < help.lines().count(), "{short}");
 }
 
-/// Accepts TCP connections on loopback and never says anything (a hung host); stops when
-/// dropped, or after a minute.
-struct SilentHost {
-    port: u16,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl SilentHost {
-    fn start() -> Self {
-        use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let port = listener.local_addr().expect("addr").port();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = std::sync::Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for _ in 0..6_000 {
-                if flag.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Ok((stream, _)) = listener.accept() {
-                    held.push(stream);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-        });
-        Self { port, stop }
-    }
-}
-
-impl Drop for SilentHost {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 #[test]
 fn a_hung_host_fails_at_the_default_connect_timeout_not_the_step_timeout() {
     let fleet = Fleet::start(1).expect("fleet");
-    let silent = SilentHost::start();
+    let silent = gangplank_testkit::sshd::HungHost::start(false);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut hung = entry(&fleet.vms[0], "b-hung");
     hung["metadata"]["annotations"]["sidecar-bootstrap.istio.io/ssh-host"] = json!("127.0.0.1");

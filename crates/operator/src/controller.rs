@@ -59,7 +59,7 @@ pub enum Error {
     Finalizer(String),
 }
 
-fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+pub(crate) fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let what = what.into();
     move |source| Error::Kube { what, source }
 }
@@ -121,12 +121,7 @@ pub async fn run(
         planes
             .state()
             .into_iter()
-            .filter(|p| {
-                p.namespace() == ns
-                    && p.spec
-                        .validate()
-                        .is_ok_and(|v| crate::tls::secret_name(&p.name_any(), &v.tls) == name)
-            })
+            .filter(|p| p.namespace() == ns && crate::tls::served_from(p) == name)
             .map(|p| ObjectRef::from_obj(&*p))
             .collect::<Vec<_>>()
     };
@@ -244,7 +239,7 @@ where
         )))
 }
 
-fn is_not_found(e: &kube::Error) -> bool {
+pub(crate) fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 

@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::controller::{Error, MANAGER};
+use crate::controller::{Error, MANAGER, is_not_found, kube_err};
 use crate::plane::{IssuerRef, OnboardingPlane, TlsSource, Valid};
 use crate::render;
 
@@ -68,20 +68,18 @@ pub fn names(plane: &str) -> (String, String) {
     (format!("{plane}-endpoint-tls"), format!("{plane}-endpoint-ca"))
 }
 
-/// The Secret the endpoint serves from, for a spec.
-pub fn secret_name(plane: &str, source: &TlsSource) -> String {
-    match source {
-        TlsSource::Secret(s) => s.clone(),
-        _ => names(plane).0,
-    }
+/// The Secret a plane's endpoint serves from, as its spec names it (valid or not).
+pub fn served_from(plane: &OnboardingPlane) -> String {
+    plane
+        .spec
+        .tls
+        .secret_name
+        .clone()
+        .unwrap_or_else(|| names(&plane.name_any()).0)
 }
 
 fn sha256(b: &[u8]) -> String {
     Sha256::digest(b).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn kube_err(what: String) -> impl FnOnce(kube::Error) -> Error {
-    move |source| Error::Kube { what, source }
 }
 
 fn data<'a>(s: &'a Secret, key: &str) -> Option<&'a [u8]> {
@@ -98,7 +96,7 @@ pub async fn ensure(plane: &OnboardingPlane, valid: &Valid, client: &Client) -> 
     let ns = plane.namespace().unwrap_or_default();
     let name = plane.name_any();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let secret_name = secret_name(&name, &valid.tls);
+    let secret_name = served_from(plane);
     let read = |n: String| {
         let secrets = secrets.clone();
         let ns = ns.clone();
@@ -169,18 +167,17 @@ pub async fn ensure(plane: &OnboardingPlane, valid: &Valid, client: &Client) -> 
                 .as_ref()
                 .and_then(|s| still_good(s, &valid.spec.hosts, &ca_cert))
                 .map(|not_after| not_after - *renew_before);
-            let renew_at = match renew_at {
-                Some(at) if at > now => at,
+            let (renew_at, secret) = match renew_at {
+                Some(at) if at > now => (at, current),
                 _ => {
-                    let not_after =
+                    let (not_after, written) =
                         issue(plane, valid, &secret_name, &ca_cert, &ca_key, *validity, client).await?;
                     tracing::info!(plane = %name, namespace = %ns, secret = %secret_name, %not_after, "serving certificate issued");
-                    not_after - *renew_before
+                    (not_after - *renew_before, Some(written))
                 }
             };
             let wait = (renew_at - now).max(time::Duration::ZERO);
             serving.recheck = Some(Duration::try_from(wait).unwrap_or(Duration::from_secs(300)));
-            let secret = read(secret_name.clone()).await?;
             check_secret(
                 &ns,
                 secret.as_ref(),
@@ -309,7 +306,8 @@ async fn ensure_ca(plane: &OnboardingPlane, client: &Client) -> Result<(String, 
     }
 }
 
-/// Issues a serving certificate for the hosts into `secret_name`; returns when it expires.
+/// Issues a serving certificate for the hosts into `secret_name`; returns when it expires,
+/// and the Secret as written.
 async fn issue(
     plane: &OnboardingPlane,
     valid: &Valid,
@@ -318,7 +316,7 @@ async fn issue(
     ca_key: &str,
     validity: Duration,
     client: &Client,
-) -> Result<OffsetDateTime, Error> {
+) -> Result<(OffsetDateTime, Secret), Error> {
     let ns = plane.namespace().unwrap_or_default();
     let name = plane.name_any();
     let hosts = &valid.spec.hosts;
@@ -357,7 +355,7 @@ async fn issue(
                  "ca.crt": ByteString(ca_cert.as_bytes().to_vec())},
     }))
     .map_err(|e| Error::Certificate(e.to_string()))?;
-    Api::<Secret>::namespaced(client.clone(), &ns)
+    let written = Api::<Secret>::namespaced(client.clone(), &ns)
         .patch(
             secret_name,
             &PatchParams::apply(MANAGER).force(),
@@ -365,7 +363,7 @@ async fn issue(
         )
         .await
         .map_err(kube_err(format!("applying Secret {ns}/{secret_name}")))?;
-    Ok(not_after)
+    Ok((not_after, written))
 }
 
 /// Publishes `ca` (PEM) in ConfigMap `<plane>-endpoint-ca` under `ca.crt`; returns its name.
@@ -399,7 +397,7 @@ async fn remove_certificate(plane: &OnboardingPlane, client: &Client) -> Result<
             tracing::info!(plane = %plane.name_any(), namespace = %ns, "cert-manager Certificate of a former spec.tls removed");
             Ok(())
         }
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(kube_err(format!("deleting Certificate {ns}/{name}"))(e)),
     }
 }

@@ -13,7 +13,7 @@ use gangplank_push::fleet::{self, Observer, Outcome};
 use gangplank_push::plan::{Material, Runtime, Token};
 use gangplank_push::target::{Overrides, annotation};
 use gangplank_push::{jobs, ssh};
-use gangplank_testkit::sshd::{Fleet, Vm};
+use gangplank_testkit::sshd::{Fleet, HungHost, Vm};
 
 const TOKEN: &[u8] = b"eyJhbGciOiJSUzI1NiJ9.secret-token.sig";
 const ROOT_CERT: &[u8] = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
@@ -267,47 +267,6 @@ async fn failing_command_fails_only_its_host() {
 
 fn argv(line: &str) -> Vec<String> {
     line.split_whitespace().map(str::to_string).collect()
-}
-
-/// A host on loopback that accepts TCP connections and holds them: silent, or sending an SSH
-/// banner and then nothing (stalled in the key exchange). Stops when dropped, or after 60 s.
-struct HungHost {
-    port: u16,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl HungHost {
-    fn start(banner: bool) -> Self {
-        use std::io::Write;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let port = listener.local_addr().expect("addr").port();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            // 6,000 × 10 ms: never longer than a minute.
-            for _ in 0..6_000 {
-                if flag.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                if let Ok((mut stream, _)) = listener.accept() {
-                    if banner {
-                        let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n");
-                    }
-                    held.push(stream);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        Self { port, stop }
-    }
-}
-
-impl Drop for HungHost {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 fn hung_entry(vm: &Vm, name: &str, port: u16) -> WorkloadEntry {

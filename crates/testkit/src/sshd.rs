@@ -359,3 +359,50 @@ fn nix_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A host on loopback that accepts TCP connections and holds them: silent (a hung host), or
+/// sending an SSH banner and then nothing (stalled in the key exchange). Stops when dropped,
+/// or after a minute.
+#[derive(Debug)]
+pub struct HungHost {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HungHost {
+    /// Starts one; `banner`: send an SSH banner on each connection first.
+    pub fn start(banner: bool) -> Self {
+        use std::io::Write;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            // Polled (the listener is non-blocking, so the thread can see `stop`):
+            // 6,000 × 10 ms, never longer than a minute.
+            for _ in 0..6_000 {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok((mut stream, _)) = listener.accept() {
+                    if banner {
+                        let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n");
+                    }
+                    held.push(stream);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+        Self { port, stop }
+    }
+}
+
+impl Drop for HungHost {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
